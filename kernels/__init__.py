@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``nerco_dist.kernels``). They know nothing of the trainer or the data."""

@@ -1,0 +1,119 @@
+"""Figures of the NerCo paper: F1 against sentence length (Figure 3) and t-SNE of token representations.
+
+matplotlib and scikit-learn are optional (``nerco-dist[plots]``) and imported only when a plot is drawn.
+Figures are built on the Agg canvas directly, not through pyplot, so plotting never touches a global
+backend or leaks open figures in a long training process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from nerco_dist.data.tags import OUTSIDE, split_tag
+from nerco_dist.eval._atomic import atomic_path
+from nerco_dist.eval.metrics import LengthRow
+
+_INSTALL_HINT = "pip install nerco-dist[plots]"
+_MARKERS = {"B": "^", "I": "o", "M": "s", "E": "v", "S": "*"}
+
+
+def _new_figure(figsize: tuple[float, float]):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError(f"plotting needs matplotlib: {_INSTALL_HINT}") from exc
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path_png: str | os.PathLike) -> None:
+    with atomic_path(path_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+
+
+def plot_f1_by_length(rows_by_system: dict[str, Sequence[LengthRow]], path_png: str | os.PathLike) -> None:
+    """One F1 line per system over the length buckets, sentence counts as grey bars on a second axis.
+
+    All systems must share buckets and sentence counts: comparing F1 over different test sets would mislead.
+    """
+    if not rows_by_system:
+        raise ValueError("no systems to plot")
+    systems = list(rows_by_system)
+    first = rows_by_system[systems[0]]
+    layout = [(r.bucket, r.sentences) for r in first]
+    for name in systems[1:]:
+        if [(r.bucket, r.sentences) for r in rows_by_system[name]] != layout:
+            raise ValueError(f"system {name!r} has other buckets or sentence counts than {systems[0]!r}")
+
+    fig = _new_figure((7.0, 4.5))
+    ax = fig.add_subplot()
+    counts_ax = ax.twinx()
+    x = np.arange(len(first))
+    counts_ax.bar(x, [r.sentences for r in first], width=0.6, color="0.85", label="sentences")
+    counts_ax.set_ylabel("sentences")
+    ax.set_zorder(counts_ax.get_zorder() + 1)  # lines above the bars
+    ax.patch.set_visible(False)
+    for name in systems:
+        ax.plot(x, [100 * r.f1 for r in rows_by_system[name]], marker="o", label=name)
+    ax.set_xticks(x, [r.bucket for r in first])
+    ax.set_xlabel("sentence length (characters)")
+    ax.set_ylabel("F1 (%)")
+    ax.grid(axis="y", alpha=0.3)
+    lines, names = ax.get_legend_handles_labels()
+    bars, bar_names = counts_ax.get_legend_handles_labels()
+    ax.legend(lines + bars, names + bar_names, loc="lower left")
+    _save_png(fig, path_png)
+
+
+def plot_tsne(
+    features: np.ndarray,
+    labels: Sequence[str],
+    path_png: str | os.PathLike,
+    title: str,
+    seed: int = 0,
+) -> None:
+    """2-D t-SNE of token representations; one hue per entity type, one marker per tag position (B/I).
+
+    Shows whether contrastive training pulls tokens of one type together (NerCo paper, t-SNE figure).
+    """
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] != len(labels):
+        raise ValueError(f"features of shape {features.shape} do not match {len(labels)} labels")
+    if features.shape[0] < 4:
+        raise ValueError(f"t-SNE needs at least 4 points, got {features.shape[0]}")
+    parsed = [split_tag(t) for t in labels]
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError as exc:
+        raise ImportError(f"t-SNE plots need scikit-learn: {_INSTALL_HINT}") from exc
+    fig = _new_figure((7.0, 6.0))  # fails early, before the costly embedding, if matplotlib is missing
+
+    perplexity = min(30.0, (features.shape[0] - 1) / 3)  # sklearn requires perplexity < n_samples
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        features.astype(np.float64)
+    )
+
+    from matplotlib import colormaps
+
+    types = sorted({etype for _, etype in parsed if etype is not None})
+    palette = colormaps["tab10" if len(types) <= 10 else "tab20"]
+    hue = {etype: palette(k % palette.N) for k, etype in enumerate(types)}
+    ax = fig.add_subplot()
+    groups = sorted({(etype or "", prefix) for prefix, etype in parsed})
+    for etype, prefix in groups:
+        idx = [i for i, (p, t) in enumerate(parsed) if p == prefix and (t or "") == etype]
+        if prefix == OUTSIDE:
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=6, c="0.7", marker=".", label=OUTSIDE)
+        else:
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=18, color=hue[etype], marker=_MARKERS[prefix],
+                       label=f"{prefix}-{etype}")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    _save_png(fig, path_png)

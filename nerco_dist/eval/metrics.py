@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 
 from nerco_dist.data.tags import entities
 from nerco_dist.errors import InputError
-from nerco_dist.eval._atomic import atomic_path
+from nerco_dist.atomic import atomic_path
 
 # Length buckets in characters: [0,20), [20,40), ..., [100, inf). Chinese NER test sentences mostly fall
 # under 100 characters; the open last bucket keeps the long tail from producing noisy near-empty points.

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from nerco_dist.data.tags import OUTSIDE, split_tag
-from nerco_dist.eval._atomic import atomic_path
+from nerco_dist.atomic import atomic_path
 from nerco_dist.eval.metrics import LengthRow
 
 _INSTALL_HINT = "pip install nerco-dist[plots]"

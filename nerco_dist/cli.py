@@ -1,0 +1,100 @@
+"""``nerco``: train, evaluate and predict from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger("nerco_dist")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import data_root, load_config
+    from .train.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    results = train(cfg, data_root(args.data_root))
+    if "test" in results:
+        t = results["test"]
+        print(f"test P {100 * t['precision']:.2f} R {100 * t['recall']:.2f} F1 {100 * t['f1']:.2f} "
+              f"(best dev epoch {results['best_epoch']}, {results['wall_time_s']:.0f} s)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train.trainer import evaluate_checkpoint, write_json
+
+    report = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.batch_size, args.device, args.format)
+    print(report.format_table())
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
+    write_json(out, dict(checkpoint=str(args.checkpoint), data=str(args.data), **report.to_dict()))
+    print(f"wrote {out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .data.readers import Sentence
+    from .data.tags import entities
+    from .train.trainer import load_for_inference
+
+    task, model = load_for_inference(Path(args.checkpoint), args.device)
+    device = next(model.parameters()).device
+    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    with stream:
+        lines = [line.rstrip("\r\n") for line in stream]
+    texts = [t for t in lines if t.strip()]
+    sentences = [Sentence(list(t), ["O"] * len(t)) for t in texts]
+    for text, tags in zip(texts, task.predict_tags(model, sentences, args.batch_size, device)):
+        found = [dict(start=e.start, end=e.end, type=e.type, mention=text[e.start : e.end]) for e in entities(tags)]
+        print(json.dumps(dict(text=text, entities=found), ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nerco", description="NerCo Chinese NER: FLAT (+BERT) + CRF")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a tagger from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=5")
+    p.add_argument("--data-root", help="root of the corpus paths in the config (default $NERCO_DATA_ROOT or data/)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a labelled corpus file")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="labelled corpus file (CoNLL, Weibo or CLUENER JSON lines)")
+    p.add_argument("--format", default="auto", help="corpus format: auto, conll, weibo, cluener")
+    p.add_argument("--output", help="JSON report path (default: CHECKPOINT.eval.json)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="tag raw text, one sentence per line; prints JSON lines")
+    p.add_argument("checkpoint")
+    p.add_argument("input", nargs="?", default="-", help="text file, or - for standard input (default)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (InputError, FileNotFoundError, ValueError) as err:
+        print(f"nerco: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""From sentences to padded lattice batches.
+
+A sentence of n characters becomes a flat lattice: the n characters (head = tail = position) followed by
+every lexicon word it contains (head, tail = the word's first and last character). Long sentences are cut
+into pieces of at most ``max_len`` characters; each piece remembers where it came from so predictions on
+the pieces can be joined back into whole sentences.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .lexicon import Lexicon
+from .readers import Sentence
+from .tags import OUTSIDE, Entity, entities, semantic_class
+from .vocab import Vocabulary
+
+SENTENCE_ENDS = "。！？!?"
+CLAUSE_ENDS = "，；,;"
+END_BIGRAM = "</s>"
+
+
+def split_points(chars: Sequence[str], max_len: int, protected: Sequence[Entity] = ()) -> list[tuple[int, int]]:
+    """Cut a sentence into ``[start, end)`` pieces of at most ``max_len`` characters.
+
+    Cuts go after a sentence end (。！？) if the window has one, else after a clause end (，；), else at the
+    last allowed position; never inside a ``protected`` span (training passes the gold entities). If a
+    protected span leaves no allowed cut in the window, the piece runs past ``max_len`` to the next one.
+    """
+    n = len(chars)
+    inside = [False] * (n + 1)
+    for s, e, _ in protected:
+        for c in range(s + 1, e):
+            inside[c] = True
+    pieces, start = [], 0
+    while n - start > max_len:
+        window = [c for c in range(start + 1, start + max_len + 1) if not inside[c]]
+        cut = None
+        for ends in (SENTENCE_ENDS, CLAUSE_ENDS):
+            hits = [c for c in window if chars[c - 1] in ends]
+            if hits:
+                cut = hits[-1]
+                break
+        if cut is None:
+            cut = window[-1] if window else next((c for c in range(start + max_len + 1, n) if not inside[c]), n)
+        pieces.append((start, cut))
+        start = cut
+    if start < n:
+        pieces.append((start, n))
+    return pieces
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """BIO labels (``O`` first) and the semantic classes they map to (``O`` = class 0)."""
+
+    labels: tuple[str, ...]
+
+    @classmethod
+    def from_sentences(cls, sentences: Sequence[Sentence]) -> "LabelSet":
+        types = sorted({semantic_class(t) for s in sentences for t in s.tags} - {OUTSIDE})
+        return cls((OUTSIDE,) + tuple(f"{p}-{t}" for t in types for p in "BI"))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return (OUTSIDE,) + tuple(sorted({semantic_class(t) for t in self.labels} - {OUTSIDE}))
+
+    def label_to_class(self) -> list[int]:
+        """For each label id, its semantic class id."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return [index[semantic_class(t)] for t in self.labels]
+
+    def ids(self, tags: Sequence[str], where: str = "") -> list[int]:
+        index = {t: i for i, t in enumerate(self.labels)}
+        try:
+            return [index[t] for t in tags]
+        except KeyError as err:
+            raise ValueError(f"{where}label {err.args[0]!r} is not in the training label set") from None
+
+
+@dataclass
+class Vocabs:
+    chars: Vocabulary
+    bigrams: Vocabulary
+    words: Vocabulary
+
+    @classmethod
+    def build(cls, sentences: Sequence[Sentence], lexicon: Lexicon, min_freq: int = 1) -> "Vocabs":
+        chars, bigrams, words = Counter(), Counter(), Counter()
+        for s in sentences:
+            chars.update(s.chars)
+            bigrams.update(char_bigrams(s.chars))
+            words.update(m.word for m in lexicon.match(s.chars))
+        return cls(Vocabulary.from_counts(chars, min_freq), Vocabulary.from_counts(bigrams, min_freq),
+                   Vocabulary.from_counts(words, 1))
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).state_dict() for k in ("chars", "bigrams", "words")}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Vocabs":
+        return cls(*(Vocabulary.from_state_dict(state[k]) for k in ("chars", "bigrams", "words")))
+
+
+def char_bigrams(chars: Sequence[str]) -> list[str]:
+    return [a + b for a, b in zip(chars, list(chars[1:]) + [END_BIGRAM])]
+
+
+@dataclass
+class Piece:
+    """One model input: characters ``start:end`` of sentence ``sentence``."""
+
+    sentence: int
+    start: int
+    char_ids: list[int]
+    bigram_ids: list[int]
+    word_ids: list[int]
+    word_heads: list[int]
+    word_tails: list[int]
+    label_ids: list[int] | None
+    bert_ids: list[int] | None
+
+    @property
+    def num_chars(self) -> int:
+        return len(self.char_ids)
+
+    @property
+    def lattice_len(self) -> int:
+        return len(self.char_ids) + len(self.word_ids)
+
+
+class LatticeEncoder:
+    """Turns characters (and tags) into :class:`Piece` ids; everything it needs is saved in checkpoints."""
+
+    def __init__(self, vocabs: Vocabs, lexicon: Lexicon, labels: LabelSet, max_len: int,
+                 bert_vocab: dict[str, int] | None = None):
+        self.vocabs, self.lexicon, self.labels, self.max_len = vocabs, lexicon, labels, max_len
+        self.bert_vocab = bert_vocab
+
+    def encode(self, sentences: Sequence[Sentence], with_labels: bool = True, split_on_entities: bool = False,
+               source: str = "") -> list[Piece]:
+        """Encode sentences into pieces. ``split_on_entities`` (training) keeps gold entities whole."""
+        pieces = []
+        for k, s in enumerate(sentences):
+            protected = entities(s.tags) if split_on_entities else ()
+            for start, end in split_points(s.chars, self.max_len, protected):
+                tags = s.tags[start:end] if with_labels else None
+                pieces.append(self._piece(k, start, s.chars[start:end], tags, f"{source}sentence {k + 1}: "))
+        return pieces
+
+    def _piece(self, index: int, start: int, chars: list[str], tags: list[str] | None, where: str) -> Piece:
+        matches = self.lexicon.match(chars)
+        bert_ids = None
+        if self.bert_vocab is not None:
+            unk = self.bert_vocab["[UNK]"]
+            bert_ids = ([self.bert_vocab["[CLS]"]]
+                        + [self.bert_vocab.get(c, self.bert_vocab.get(c.lower(), unk)) for c in chars]
+                        + [self.bert_vocab["[SEP]"]])
+        return Piece(
+            sentence=index,
+            start=start,
+            char_ids=self.vocabs.chars.lookup(chars),
+            bigram_ids=self.vocabs.bigrams.lookup(char_bigrams(chars)),
+            word_ids=self.vocabs.words.lookup(m.word for m in matches),
+            word_heads=[m.head for m in matches],
+            word_tails=[m.tail for m in matches],
+            label_ids=self.labels.ids(tags, where) if tags is not None else None,
+            bert_ids=bert_ids,
+        )
+
+
+def collate(pieces: Sequence[Piece], label_to_class: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch. Lattice tensors are (B, L) with each sample's characters first, then its words;
+    character tensors are (B, C). ``class_ids`` (semantic classes) come with labels when a map is given."""
+    B = len(pieces)
+    L = max(p.lattice_len for p in pieces)
+    C = max(p.num_chars for p in pieces)
+    char_ids = torch.zeros(B, L, dtype=torch.long)
+    bigram_ids = torch.zeros(B, L, dtype=torch.long)
+    word_ids = torch.zeros(B, L, dtype=torch.long)
+    heads = torch.zeros(B, L, dtype=torch.long)
+    tails = torch.zeros(B, L, dtype=torch.long)
+    lattice_mask = torch.zeros(B, L, dtype=torch.bool)
+    char_mask = torch.zeros(B, C, dtype=torch.bool)
+    labels = torch.zeros(B, C, dtype=torch.long)
+    for b, p in enumerate(pieces):
+        n, m = p.num_chars, len(p.word_ids)
+        char_ids[b, :n] = torch.tensor(p.char_ids)
+        bigram_ids[b, :n] = torch.tensor(p.bigram_ids)
+        word_ids[b, n : n + m] = torch.tensor(p.word_ids, dtype=torch.long)
+        heads[b, :n] = tails[b, :n] = torch.arange(n)
+        heads[b, n : n + m] = torch.tensor(p.word_heads, dtype=torch.long)
+        tails[b, n : n + m] = torch.tensor(p.word_tails, dtype=torch.long)
+        lattice_mask[b, : n + m] = True
+        char_mask[b, :n] = True
+        if p.label_ids is not None:
+            labels[b, :n] = torch.tensor(p.label_ids)
+    batch = dict(char_ids=char_ids, bigram_ids=bigram_ids, word_ids=word_ids, heads=heads, tails=tails,
+                 lattice_mask=lattice_mask, char_mask=char_mask, is_char=torch.zeros(B, L, dtype=torch.bool))
+    batch["is_char"][:, :C] = char_mask
+    if pieces[0].label_ids is not None:
+        batch["labels"] = labels
+        if label_to_class is not None:
+            batch["class_ids"] = torch.tensor(label_to_class)[labels].masked_fill(~char_mask, 0)
+    if pieces[0].bert_ids is not None:
+        bert_ids = torch.zeros(B, C + 2, dtype=torch.long)
+        for b, p in enumerate(pieces):
+            bert_ids[b, : len(p.bert_ids)] = torch.tensor(p.bert_ids)
+        batch["bert_ids"] = bert_ids
+        batch["bert_mask"] = bert_ids != 0
+    return batch
+
+
+class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of similar lattice length, so padding (which costs L^2 in FLAT) stays small.
+
+    Shuffling draws a pool of ``pool_batches`` batches at a time, sorts the pool by length, cuts it into
+    batches and shuffles the batches; the order is a function of (seed, epoch). ``rank``/``world_size``
+    give each process every world_size-th batch (padded by repeating batches so all ranks step together).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 pool_batches: int = 50, rank: int = 0, world_size: int = 1):
+        self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
+        self.pool = pool_batches * batch_size
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        if not self.shuffle:
+            order.sort(key=lambda i: self.lengths[i])
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        rng.shuffle(order)
+        batches = []
+        for p in range(0, len(order), self.pool):
+            pool = sorted(order[p : p + self.pool], key=lambda i: self.lengths[i])
+            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        if self.world_size > 1:
+            total = math.ceil(len(batches) / self.world_size) * self.world_size
+            batches = (batches + batches[: total - len(batches)])[self.rank :: self.world_size]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.world_size)
+
+    def __repr__(self) -> str:
+        return f"LengthBucketBatchSampler(n={len(self.lengths)}, batch_size={self.batch_size})"
+
+
+def holdout_split(sentences: Sequence[Sentence], fraction: float, seed: int) -> tuple[list[Sentence], list[Sentence]]:
+    """A seeded held-out slice of the training split, for corpora without a dev set (MSRA)."""
+    order = list(range(len(sentences)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, int(round(len(order) * fraction)))
+    held = set(order[:cut])
+    return ([s for i, s in enumerate(sentences) if i not in held], [sentences[i] for i in sorted(held)])

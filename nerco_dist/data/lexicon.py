@@ -1,0 +1,123 @@
+"""Lexicon for FLAT's flat lattice: a character trie over a word list, and word2vec text files.
+
+The trie is kept as a word set plus a set of proper prefixes (the trie's inner nodes), which is how a
+Python trie is smallest and fastest: matching walks forward from each character and stops at the first
+string that is neither a word nor a prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+from ..errors import InputError
+
+JIEBA = "jieba"  # the lexicon reference meaning "jieba's bundled dictionary"
+
+
+class Match(NamedTuple):
+    """A lexicon word found in a sentence, covering characters ``head..tail`` inclusive."""
+
+    head: int
+    tail: int
+    word: str
+
+
+class Lexicon:
+    """Words of two or more characters; :meth:`match` finds every occurrence in a sentence."""
+
+    def __init__(self, words: Iterable[str], source: str = ""):
+        self.words = {w for w in words if len(w) >= 2}
+        self.prefixes = {w[:i] for w in self.words for i in range(1, len(w))}
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def match(self, chars: list[str]) -> list[Match]:
+        """All lexicon words in ``chars``, ordered by head then tail."""
+        found = []
+        n = len(chars)
+        for head in range(n):
+            piece = chars[head]
+            for tail in range(head + 1, n):
+                piece += chars[tail]
+                if piece in self.words:
+                    found.append(Match(head, tail, piece))
+                if piece not in self.prefixes:
+                    break
+        return found
+
+    @classmethod
+    def load(cls, reference: str | None) -> "Lexicon":
+        """``None`` or ``'jieba'``: jieba's bundled dictionary; otherwise a file of one word per line or a
+        word2vec text file (the first field of each line is the word)."""
+        if reference in (None, JIEBA):
+            import jieba
+
+            path = Path(jieba.__file__).parent / "dict.txt"
+            return cls(_first_fields(path), source=JIEBA)
+        path = Path(reference)
+        return cls(_first_fields(path, skip_word2vec_header=True), source=str(path))
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the word list, stored in checkpoints to detect a changed lexicon file."""
+        digest = hashlib.sha1("\n".join(sorted(self.words)).encode("utf-8")).hexdigest()
+        return digest[:16]
+
+
+def _first_fields(path: Path, skip_word2vec_header: bool = False) -> Iterator[str]:
+    if not path.is_file():
+        raise InputError(path, "lexicon file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if lineno == 1 and skip_word2vec_header and len(fields) == 2 and all(x.isdigit() for x in fields):
+                    continue  # "count dim" header of a word2vec text file
+                yield fields[0]
+    except UnicodeDecodeError:
+        raise InputError(path, "not valid UTF-8") from None
+
+
+def read_word2vec(path: str | os.PathLike) -> tuple[dict[str, int], np.ndarray]:
+    """A word2vec text file as (token -> row, float32 matrix); a clear error on a ragged or bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "vector file not found")
+    index: dict[str, int] = {}
+    rows: list[np.ndarray] = []
+    dim = None
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                fields = line.rstrip("\n").split(" ")
+                fields = [x for x in fields if x]
+                if not fields:
+                    continue
+                if lineno == 1 and len(fields) == 2 and all(x.isdigit() for x in fields):
+                    continue
+                token, values = fields[0], fields[1:]
+                if dim is None:
+                    dim = len(values)
+                if len(values) != dim or dim == 0:
+                    raise InputError(path, f"expected {dim} values after the token, found {len(values)}", lineno)
+                try:
+                    vec = np.asarray(values, dtype=np.float32)
+                except ValueError:
+                    raise InputError(path, "a vector value is not a number", lineno) from None
+                if token not in index:
+                    index[token] = len(rows)
+                    rows.append(vec)
+        except UnicodeDecodeError:
+            raise InputError(path, "not valid UTF-8") from None
+    if not rows:
+        raise InputError(path, "empty vector file")
+    return index, np.stack(rows)

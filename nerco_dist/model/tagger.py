@@ -1,0 +1,98 @@
+"""The NER tagger: lattice embeddings (+ optional BERT) -> FLAT -> Linear -> CRF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .crf import build_crf
+from .flat import FlatEncoder
+
+
+def load_bert(path: str) -> nn.Module:
+    """A BERT from a local Hugging Face directory; never downloads."""
+    from transformers import AutoModel
+
+    directory = Path(path).expanduser()
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"BERT model {path!r} is not a local directory with config.json: download it first (for example "
+            f"bert-base-chinese with its config.json, weights and vocab.txt) and set model.bert to that directory")
+    return AutoModel.from_pretrained(str(directory), local_files_only=True, add_pooling_layer=False)
+
+
+class NerTagger(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_chars: int, num_bigrams: int, num_words: int, labels: Sequence[str],
+                 pretrained: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.labels = tuple(labels)
+        self.char_embed = nn.Embedding(num_chars, cfg.char_dim, padding_idx=0)
+        self.bigram_embed = nn.Embedding(num_bigrams, cfg.bigram_dim, padding_idx=0)
+        self.word_embed = nn.Embedding(num_words, cfg.word_dim, padding_idx=0)
+        for name, matrix in (pretrained or {}).items():
+            getattr(self, f"{name}_embed").weight.data.copy_(torch.from_numpy(matrix))
+        self.bert = load_bert(cfg.bert) if cfg.bert else None
+        bert_dim = self.bert.config.hidden_size if self.bert is not None else 0
+        self.char_proj = nn.Linear(cfg.char_dim + cfg.bigram_dim + bert_dim, cfg.hidden)
+        self.word_proj = nn.Linear(cfg.word_dim, cfg.hidden)
+        self.embed_dropout = nn.Dropout(cfg.embed_dropout)
+        self.encoder = FlatEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.head_dim, cfg.ff_ratio, cfg.attn_dropout,
+                                   cfg.ff_dropout, cfg.residual_dropout, cfg.position_fusion, cfg.attn_scaled)
+        self.output_dropout = nn.Dropout(cfg.output_dropout)
+        self.head = OutputHead(cfg.hidden, self.labels, cfg.crf_constraints)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Character representations (B, C, hidden) after the output dropout: the contrastive stage's features."""
+        chars = torch.cat([self.char_embed(batch["char_ids"]), self.bigram_embed(batch["bigram_ids"])], dim=-1)
+        if self.bert is not None:
+            chars = torch.cat([chars, self._bert_features(batch, chars.shape[1])], dim=-1)
+        chars = self.char_proj(self.embed_dropout(chars))
+        words = self.word_proj(self.embed_dropout(self.word_embed(batch["word_ids"])))
+        x = torch.where(batch["is_char"].unsqueeze(-1), chars, words)
+        h = self.encoder(x, batch["heads"], batch["tails"], batch["lattice_mask"])
+        return self.output_dropout(h[:, : batch["char_mask"].shape[1]])
+
+    def _bert_features(self, batch: dict[str, torch.Tensor], lattice_len: int) -> torch.Tensor:
+        """BERT's last layer at each character (dropping [CLS]/[SEP]), zero-padded to the lattice length."""
+        trainable = any(p.requires_grad for p in self.bert.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            out = self.bert(input_ids=batch["bert_ids"], attention_mask=batch["bert_mask"]).last_hidden_state
+        out = out[:, 1:-1]
+        return nn.functional.pad(out, (0, 0, 0, lattice_len - out.shape[1]))
+
+    def bert_parameters(self) -> list[nn.Parameter]:
+        return list(self.bert.parameters()) if self.bert is not None else []
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Everything but the output head (and BERT, listed by :meth:`bert_parameters`)."""
+        skip = {id(p) for p in self.bert_parameters()} | {id(p) for p in self.head.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean CRF negative log-likelihood over the batch's sentences."""
+        return self.head.nll(self.encode(batch), batch["labels"], batch["char_mask"])
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor]) -> list[list[int]]:
+        return self.head.decode(self.encode(batch), batch["char_mask"])
+
+
+class OutputHead(nn.Module):
+    """Linear emissions and a linear-chain CRF over BIO labels."""
+
+    def __init__(self, hidden: int, labels: Sequence[str], constraints: bool):
+        super().__init__()
+        self.emission = nn.Linear(hidden, len(labels))
+        self.crf = build_crf(len(labels))
+
+    def nll(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return -self.crf(self.emission(features), labels, mask, reduction="mean")
+
+    def decode(self, features: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        return self.crf.decode(self.emission(features), mask)

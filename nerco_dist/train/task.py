@@ -1,0 +1,135 @@
+"""Everything that turns text into model inputs and predictions back into text: built from the training
+split for a new run, restored from a checkpoint for ``eval`` and ``predict``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..config import Config, ModelConfig, resolve_data_path
+from ..data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split
+from ..data.lexicon import Lexicon
+from ..data.readers import Sentence, read_corpus
+from ..data.vocab import embedding_matrix
+from ..errors import InputError
+from ..model.tagger import NerTagger
+
+log = logging.getLogger("nerco_dist")
+
+
+def read_bert_vocab(bert_dir: str) -> dict[str, int]:
+    path = Path(bert_dir).expanduser() / "vocab.txt"
+    if not path.is_file():
+        raise InputError(path, "BERT vocab.txt not found: model.bert must be a local directory with vocab.txt")
+    with open(path, encoding="utf-8") as f:
+        return {line.rstrip("\n"): i for i, line in enumerate(f)}
+
+
+@dataclass
+class Splits:
+    train: list[Sentence]
+    dev: list[Sentence]
+    test: list[Sentence] | None
+
+
+def read_splits(cfg: Config, root: Path) -> Splits:
+    d = cfg.data
+    train = read_corpus(resolve_data_path(d.train, root), d.format).sentences
+    if d.dev:
+        dev = read_corpus(resolve_data_path(d.dev, root), d.format).sentences
+    else:
+        train, dev = holdout_split(train, d.dev_fraction, cfg.train.seed)
+        log.info("no dev split: holding out %d of the training sentences (seed %d)", len(dev), cfg.train.seed)
+    test = read_corpus(resolve_data_path(d.test, root), d.format).sentences if d.test else None
+    return Splits(train, dev, test)
+
+
+class Task:
+    def __init__(self, config: Config, encoder: LatticeEncoder):
+        self.config, self.encoder = config, encoder
+
+    @property
+    def labels(self) -> LabelSet:
+        return self.encoder.labels
+
+    @classmethod
+    def from_training_data(cls, cfg: Config, train: Sequence[Sentence], root: Path) -> "Task":
+        lexicon = Lexicon.load(str(resolve_data_path(cfg.data.lexicon, root)) if cfg.data.lexicon else None)
+        vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq)
+        labels = LabelSet.from_sentences(train)
+        bert_vocab = read_bert_vocab(cfg.model.bert) if cfg.model.bert else None
+        log.info("lexicon %s: %d words; vocab chars %d, bigrams %d, lattice words %d; labels %s",
+                 lexicon.source, len(lexicon), len(vocabs.chars), len(vocabs.bigrams), len(vocabs.words),
+                 " ".join(labels.labels))
+        return cls(cfg, LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab))
+
+    def state_dict(self) -> dict:
+        lex = self.encoder.lexicon
+        return dict(vocabs=self.encoder.vocabs.state_dict(), labels=list(self.labels.labels),
+                    lexicon=dict(source=lex.source, fingerprint=lex.fingerprint), config=self.config.to_dict())
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict) -> "Task":
+        cfg = Config.from_dict(payload["config"], "checkpoint config")
+        lex_ref = payload["lexicon"]
+        lexicon = Lexicon.load(lex_ref["source"])
+        if lexicon.fingerprint != lex_ref["fingerprint"]:
+            log.warning("lexicon %s differs from the one used in training (fingerprint %s, now %s)",
+                        lex_ref["source"], lex_ref["fingerprint"], lexicon.fingerprint)
+        bert_vocab = read_bert_vocab(cfg.model.bert) if cfg.model.bert else None
+        encoder = LatticeEncoder(Vocabs.from_state_dict(payload["vocabs"]), lexicon, LabelSet(tuple(payload["labels"])),
+                                 cfg.data.max_len, bert_vocab)
+        return cls(cfg, encoder)
+
+    def build_model(self, root: Path | None = None, seed: int = 0) -> NerTagger:
+        """A fresh tagger; embeddings from word2vec files where configured (and a data root is given)."""
+        m: ModelConfig = self.config.model
+        rng = np.random.default_rng(seed)
+        v = self.encoder.vocabs
+        pretrained = {}
+        for name, vocab, dim, vectors in (("char", v.chars, m.char_dim, self.config.data.char_vectors),
+                                          ("bigram", v.bigrams, m.bigram_dim, self.config.data.bigram_vectors),
+                                          ("word", v.words, m.word_dim, self.config.data.word_vectors)):
+            path = resolve_data_path(vectors, root) if (vectors and root is not None) else None
+            pretrained[name] = embedding_matrix(vocab, dim, str(path) if path else None, rng)
+        return NerTagger(m, len(v.chars), len(v.bigrams), len(v.words), self.labels.labels, pretrained)
+
+    def batches(self, pieces: Sequence[Piece], batch_sampler) -> "BatchIterable":
+        return BatchIterable(pieces, batch_sampler, self.labels.label_to_class())
+
+    @torch.no_grad()
+    def predict_tags(self, model: NerTagger, sentences: Sequence[Sentence], batch_size: int,
+                     device: torch.device) -> list[list[str]]:
+        """BIO predictions for whole sentences: long sentences are cut into pieces and joined back."""
+        pieces = self.encoder.encode(sentences, with_labels=False)
+        predicted = [["O"] * len(s) for s in sentences]
+        order = sorted(range(len(pieces)), key=lambda i: pieces[i].lattice_len)
+        was_training = model.training
+        model.eval()
+        for start in range(0, len(order), batch_size):
+            chunk = [pieces[i] for i in order[start : start + batch_size]]
+            batch = {k: t.to(device) for k, t in collate(chunk).items()}
+            for piece, label_ids in zip(chunk, model.predict(batch)):
+                predicted[piece.sentence][piece.start : piece.start + piece.num_chars] = [
+                    self.labels.labels[i] for i in label_ids]
+        model.train(was_training)
+        return predicted
+
+
+class BatchIterable:
+    """Re-iterable padded batches for a batch sampler (so ``len`` and ``set_epoch`` keep working)."""
+
+    def __init__(self, pieces: Sequence[Piece], sampler, label_to_class: list[int]):
+        self.pieces, self.sampler, self.label_to_class = pieces, sampler, label_to_class
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for indices in self.sampler:
+            yield collate([self.pieces[i] for i in indices], self.label_to_class)

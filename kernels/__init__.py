@@ -1,1 +1,2 @@
 """Triton kernels (installed as ``nerco_dist.kernels``). They know nothing of the trainer or the data."""
+from .infonce import semantic_infonce

@@ -1,0 +1,375 @@
+"""Fused semantic-class InfoNCE: loss, dL/dQ and dL/dK without a query x key matrix.
+
+For a query i of class c with weight w_c = 1/(|P_c|(|P_c|-1)) (class sizes counted over the keys):
+
+    L_i = w_c * sum_{j in P_c, j != self(i)} softplus(LSE_i - a_ij),   LSE_i = log sum_{n: class(n) != c} exp(a_in)
+
+with a = cos(q, k) / tau. Only queries of a qualifying class (|P_c| >= 2, at least one negative, not the
+non-entity class unless asked) are processed, and both sides are sorted by class so that each class's keys
+(queries) are one contiguous range: the positive sweep of a query block then costs its classes' range only,
+and the negative sweep skips key blocks made only of the block's own class.
+
+Forward: kernel 1 sweeps the negatives with an online log-sum-exp, kernel 2 the positives (loss and
+g_i = dL/dLSE_i = w_c sum_j sigmoid(LSE_i - a_ij)); only LSE and g (O(N)) are saved. Backward recomputes the
+logit tiles: dL/da_in = g_i softmax_n (negatives), dL/da_ij = -w_c sigmoid(LSE_i - a_ij) (positives), run once
+with queries as rows (dQ) and once with keys as rows (dK), so no atomics and a deterministic result.
+Cosine normalisation is fused: kernels read raw rows through index arrays (no sorted or normalised copies)
+and take inverse norms; the gradient through the normalisation is applied per row at the end of the sweep.
+Every sweep can be split over the column blocks (partials summed in torch) to fill the GPU when few row
+blocks exist. Logits are kept in base 2 (exp2/log2).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_EPS = 1e-12  # as F.normalize
+
+
+@triton.jit
+def _load_rows(X, idx, rows, n, stride, d, D_A: tl.constexpr, D_B: tl.constexpr):
+    """Rows idx[rows] of X as two power-of-two column pieces [0, D_A) and [D_A, D_A + D_B): d = 160 costs
+    128 + 32 columns instead of 256."""
+    mask = rows < n
+    src = tl.load(idx + rows, mask=mask, other=0).to(tl.int64) * stride
+    ca = tl.arange(0, D_A)
+    xa = tl.load(X + src[:, None] + ca[None, :], mask=mask[:, None] & (ca[None, :] < d), other=0.0)
+    if D_B > 0:
+        cb = D_A + tl.arange(0, D_B)
+        xb = tl.load(X + src[:, None] + cb[None, :], mask=mask[:, None] & (cb[None, :] < d), other=0.0)
+    else:
+        xb = xa
+    return xa, xb
+
+
+@triton.jit
+def _logits(xa, xb, ya, yb, rx, ry, D_B: tl.constexpr, PRECISION: tl.constexpr):
+    """Tile of logits between raw rows x and y: dot * rx * ry (rx carries the scale)."""
+    acc = tl.dot(xa, tl.trans(ya), input_precision=PRECISION)
+    if D_B > 0:
+        acc += tl.dot(xb, tl.trans(yb), input_precision=PRECISION)
+    return acc * rx[:, None] * ry[None, :]
+
+
+@triton.jit
+def _plan(row_cls, n_rows, start, end, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column blocks that this row block visits. Negatives: all but the blocks lying inside its own class's
+    range (only when the block holds one class, else each column is needed by some row). Positives: the
+    range of its classes. Returns (skip_at, skip_len, n_neg, pos_first, n_pos) in blocks."""
+    r0 = tl.program_id(0) * BLOCK_R
+    c_lo = tl.load(row_cls + r0)
+    c_hi = tl.load(row_cls + tl.minimum(r0 + BLOCK_R, n_rows) - 1)
+    lo = tl.load(start + c_lo)
+    hi = tl.load(end + c_hi)
+    skip_at = tl.cdiv(lo, BLOCK_C)
+    skip_end = tl.maximum(skip_at, tl.where(c_lo == c_hi, hi // BLOCK_C, skip_at))
+    n_neg = tl.cdiv(n_cols, BLOCK_C) - (skip_end - skip_at)
+    n_pos = tl.where(hi > lo, tl.cdiv(hi, BLOCK_C) - lo // BLOCK_C, 0)
+    return skip_at, skip_end - skip_at, n_neg, lo // BLOCK_C, n_pos
+
+
+@triton.jit
+def _split(n_iter):
+    """This program's share [t0, t1) of n_iter column blocks (axis 1 splits the sweep)."""
+    per = tl.cdiv(n_iter, tl.num_programs(1))
+    t0 = tl.program_id(1) * per
+    return t0, tl.minimum(t0 + per, n_iter)
+
+
+@triton.jit
+def _lse_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, LSE_PART,
+                n_q, n_k, d, stride_q, stride_k, scale2,
+                D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Base-2 log-sum-exp of each query's negative logits over this program's split of the key blocks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_q
+    cls = tl.load(q_cls + rows, mask=rmask, other=-1)
+    rq = tl.load(q_r + rows, mask=rmask, other=0.0) * scale2
+    qa, qb = _load_rows(Q, q_idx, rows, n_q, stride_q, d, D_A, D_B)
+    skip_at, skip_len, n_neg, _, _ = _plan(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
+    t0, t1 = _split(n_neg)
+    m = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a row with no negative in a tile stays NaN-free
+    l = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(t0, t1):
+        cols = (t + tl.where(t >= skip_at, skip_len, 0)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < n_k
+        kcls = tl.load(k_cls + cols, mask=cmask, other=-1)
+        rk = tl.load(k_r + cols, mask=cmask, other=0.0)
+        ka, kb = _load_rows(K, k_idx, cols, n_k, stride_k, d, D_A, D_B)
+        a = _logits(qa, qb, ka, kb, rq, rk, D_B, PRECISION)
+        a = tl.where((kcls[None, :] != cls[:, None]) & cmask[None, :], a, float("-inf"))
+        m_new = tl.maximum(m, tl.max(a, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(a - m_new[:, None]), 1)
+        m = m_new
+    # l >= 1 once a row has seen a negative; the floor only keeps empty splits and padding rows finite
+    tl.store(LSE_PART + tl.program_id(1) * n_q + rows, m + tl.log2(tl.maximum(l, 1e-30)), mask=rmask)
+
+
+@triton.jit
+def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_self, w_cls, LSE,
+                LOSS_PART, G_PART, n_q, n_k, d, stride_q, stride_k, scale2,
+                D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Per query, over its positives: w * sum softplus(LSE - a) (its loss) and w * sum sigmoid(LSE - a) (g)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_q
+    cls = tl.load(q_cls + rows, mask=rmask, other=-1)
+    rq = tl.load(q_r + rows, mask=rmask, other=0.0) * scale2
+    me = tl.load(q_self + rows, mask=rmask, other=-1)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    qa, qb = _load_rows(Q, q_idx, rows, n_q, stride_q, d, D_A, D_B)
+    _, _, _, pos_first, n_pos = _plan(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
+    t0, t1 = _split(n_pos)
+    sp = tl.zeros([BLOCK_M], tl.float32)
+    sg = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(t0, t1):
+        cols = (pos_first + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < n_k
+        kcls = tl.load(k_cls + cols, mask=cmask, other=-1)
+        rk = tl.load(k_r + cols, mask=cmask, other=0.0)
+        ka, kb = _load_rows(K, k_idx, cols, n_k, stride_k, d, D_A, D_B)
+        x = lse[:, None] - _logits(qa, qb, ka, kb, rq, rk, D_B, PRECISION)
+        e = tl.exp2(-tl.abs(x))  # stable softplus / sigmoid in base 2
+        pos = (kcls[None, :] == cls[:, None]) & (cols[None, :] != me[:, None]) & cmask[None, :]
+        sp += tl.sum(tl.where(pos, tl.maximum(x, 0.0) + tl.log2(1.0 + e), 0.0), 1)
+        sg += tl.sum(tl.where(pos, tl.where(x >= 0, 1.0, e) / (1.0 + e), 0.0), 1)
+    w = tl.load(w_cls + cls, mask=rmask, other=0.0)
+    part = tl.program_id(1) * n_q + rows
+    tl.store(LOSS_PART + part, w * sp * 0.6931471805599453, mask=rmask)
+    tl.store(G_PART + part, w * sg, mask=rmask)
+
+
+@triton.jit
+def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_self, LSE, G, w_cls, GO,
+                DX_PART, n_x, n_y, d, stride_x, stride_y, scale2, inv_tau,
+                QUERY_ROWS: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """dL/dX for a block of rows X (queries when QUERY_ROWS, else keys) against the columns Y (the other
+    side), over this program's split. coef = dL/da per pair; then, through the cosine,
+    dx = go/tau * r_x * (sum_y coef r_y y - r_x (sum_y coef s) x)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_x
+    xcls = tl.load(x_cls + rows, mask=rmask, other=-1)
+    rx = tl.load(x_r + rows, mask=rmask, other=0.0)
+    xa, xb = _load_rows(X, x_idx, rows, n_x, stride_x, d, D_A, D_B)
+    if QUERY_ROWS:
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)[:, None]
+        g = tl.load(G + rows, mask=rmask, other=0.0)[:, None]
+        w = tl.load(w_cls + xcls, mask=rmask, other=0.0)[:, None]
+        me = tl.load(q_self + rows, mask=rmask, other=-1)
+    skip_at, skip_len, n_neg, pos_first, n_pos = _plan(x_cls, n_x, y_start, y_end, n_y, BLOCK_R, BLOCK_C)
+    t0, t1 = _split(n_neg + n_pos)
+    acc_a = tl.zeros([BLOCK_R, D_A], tl.float32)
+    acc_b = tl.zeros(xb.shape, tl.float32)  # unused (and dropped) when D_B == 0
+    acc_s = tl.zeros([BLOCK_R], tl.float32)
+    for t in range(t0, t1):
+        neg = t < n_neg
+        cb = tl.where(neg, t + tl.where(t >= skip_at, skip_len, 0), pos_first + t - n_neg)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < n_y
+        ycls = tl.load(y_cls + cols, mask=cmask, other=-1)
+        ry = tl.load(y_r + cols, mask=cmask, other=0.0)
+        ya, yb = _load_rows(Y, y_idx, cols, n_y, stride_y, d, D_A, D_B)
+        a = _logits(xa, xb, ya, yb, rx * scale2, ry, D_B, PRECISION)
+        if QUERY_ROWS:
+            not_self = cols[None, :] != me[:, None]
+        else:
+            lse = tl.load(LSE + cols, mask=cmask, other=0.0)[None, :]
+            g = tl.load(G + cols, mask=cmask, other=0.0)[None, :]
+            w = tl.load(w_cls + ycls, mask=cmask, other=0.0)[None, :]
+            not_self = rows[:, None] != tl.load(q_self + cols, mask=cmask, other=-1)[None, :]
+        e = tl.exp2(a - lse)  # softmax weight of a negative; exp(a - LSE) for a positive (may be inf)
+        same = ycls[None, :] == xcls[:, None]
+        live = rmask[:, None] & cmask[None, :]
+        coef = tl.where(live & ~same & neg, g * e, tl.where(live & same & not_self & ~neg, -w / (1.0 + e), 0.0))
+        acc_s += tl.sum(coef * a, 1)
+        cw = (coef * ry[None, :]).to(ya.dtype)
+        acc_a = tl.dot(cw, ya, acc_a, input_precision=PRECISION)
+        if D_B > 0:
+            acc_b = tl.dot(cw, yb, acc_b, input_precision=PRECISION)
+    scale = tl.load(GO) * inv_tau * rx
+    shrink = (rx * acc_s / scale2)[:, None]
+    out = DX_PART + (tl.program_id(1) * n_x + rows.to(tl.int64))[:, None] * d
+    ca = tl.arange(0, D_A)
+    da = scale[:, None] * (acc_a - shrink * xa.to(tl.float32))
+    tl.store(out + ca[None, :], da.to(DX_PART.dtype.element_ty), mask=rmask[:, None] & (ca[None, :] < d))
+    if D_B > 0:
+        cb = D_A + tl.arange(0, D_B)
+        db = scale[:, None] * (acc_b - shrink * xb.to(tl.float32))
+        tl.store(out + cb[None, :], db.to(DX_PART.dtype.element_ty), mask=rmask[:, None] & (cb[None, :] < d))
+
+
+class _Plan(NamedTuple):
+    """Who is a query, the class-sorted order of both sides and per-class ranges and weights."""
+
+    q_idx: torch.Tensor  # (Ne,) int32: feature row of each selected query, sorted by class
+    q_cls: torch.Tensor  # (Ne,) int32: compact class of each selected query
+    q_self: torch.Tensor  # (Ne,) int32: position of the query's own row in the sorted keys, or -1
+    k_idx: torch.Tensor  # (Nk,) int32: key row at each sorted position
+    k_cls: torch.Tensor  # (Nk,) int32: compact class at each sorted position
+    k_start: torch.Tensor  # (C,) int32: sorted-key range of each class
+    k_end: torch.Tensor
+    q_start: torch.Tensor  # (C,) int32: sorted-query range of each class
+    q_end: torch.Tensor
+    w: torch.Tensor  # (C,) fp32: 1 / (|P_c| (|P_c| - 1)), 0 for classes that do not qualify
+
+
+def _plan_for(labels, key_labels, self_index, non_entity, non_entity_queries) -> _Plan:
+    """Cheap O(N log N) pre-pass in torch (two host syncs: the class count and the query count)."""
+    n_k = key_labels.numel()
+    classes, k_cls = torch.unique(key_labels, return_inverse=True)
+    counts = torch.bincount(k_cls, minlength=classes.numel())
+    ok = (counts >= 2) & (counts < n_k)
+    if not non_entity_queries:
+        ok &= classes != non_entity
+    c = torch.searchsorted(classes, labels).clamp_max(classes.numel() - 1)
+    rows = torch.nonzero((classes[c] == labels) & ok[c]).squeeze(1)
+    q_cls, order = torch.sort(c[rows], stable=True)
+    rows = rows[order]
+    k_cls, k_idx = torch.sort(k_cls, stable=True)
+    k_end = torch.cumsum(counts, 0)
+    q_counts = torch.bincount(q_cls, minlength=classes.numel())
+    q_end = torch.cumsum(q_counts, 0)
+    sorted_pos = torch.empty_like(k_idx)
+    sorted_pos[k_idx] = torch.arange(n_k, device=k_idx.device)
+    me = self_index[rows]
+    q_self = torch.where(me >= 0, sorted_pos[me.clamp_min(0)], -1)
+    w = torch.where(ok, 1.0 / (counts * (counts - 1)).clamp_min(1).double(), 0.0).float()
+    i32 = torch.int32
+    return _Plan(rows.to(i32), q_cls.to(i32), q_self.to(i32), k_idx.to(i32), k_cls.to(i32),
+                 (k_end - counts).to(i32), k_end.to(i32), (q_end - q_counts).to(i32), q_end.to(i32), w)
+
+
+def _config(d: int, interpret: bool):
+    """(D_A, D_B) column pieces, and (block_rows, block_cols, num_warps, num_stages) for the forward
+    and the backward sweeps (rows = the side whose gradient or statistics are produced)."""
+    d_a = max(16, 1 << (d.bit_length() - 1))
+    rest = d - d_a
+    d_b = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    if interpret:
+        return d_a, d_b, (16, 16, 4, 1), (16, 16, 4, 1)
+    width = d_a + d_b
+    if width <= 256:
+        return d_a, d_b, (128, 64, 8, 3), (64, 64, 8, 2)
+    if width <= 512:
+        return d_a, d_b, (64, 32, 8, 2), (32, 32, 8, 2)
+    return d_a, d_b, (32, 32, 8, 2), (16, 32, 8, 2)
+
+
+def _splits(n_row_blocks: int, n_col_blocks: int, device: torch.device, forced: int | None) -> int:
+    """Column splits per row block: enough programs for two waves on the GPU, at least 4 blocks each."""
+    if forced is not None:
+        return max(1, forced)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, n_row_blocks), n_col_blocks // 4))
+
+
+def _inv_norms(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(_EPS)
+
+
+class _SemanticInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, keys, plan: _Plan, temperature: float, precision: str, splits: int | None):
+        d = features.shape[1]
+        n_q, n_k = plan.q_idx.numel(), plan.k_idx.numel()
+        interpret = features.device.type != "cuda"
+        d_a, d_b, fwd, bwd = _config(d, interpret)
+        bm, bn, warps, stages = fwd
+        q_r = _inv_norms(features)[plan.q_idx.long()]
+        k_r = _inv_norms(keys)[plan.k_idx.long()]
+        scale2 = LOG2E / temperature
+        common = (features, keys, plan.q_idx, plan.k_idx, q_r, k_r, plan.q_cls, plan.k_cls, plan.k_start, plan.k_end)
+        sizes = (n_q, n_k, d, features.stride(0), keys.stride(0), scale2)
+        meta = dict(D_A=d_a, D_B=d_b, BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision, num_warps=warps, num_stages=stages)
+        n_qb, n_kb = triton.cdiv(n_q, bm), triton.cdiv(n_k, bn)
+
+        s = _splits(n_qb, n_kb, features.device, splits)
+        lse_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
+        _lse_kernel[(n_qb, s)](*common, lse_part, *sizes, **meta)
+        lse = torch.logsumexp(lse_part * LN2, 0) * LOG2E if s > 1 else lse_part[0]
+
+        loss_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
+        g_part = torch.empty_like(loss_part)
+        _pos_kernel[(n_qb, s)](*common, plan.q_self, plan.w, lse, loss_part, g_part, *sizes, **meta)
+
+        ctx.save_for_backward(features, keys, q_r, k_r, lse, g_part.sum(0))
+        ctx.plan, ctx.temperature, ctx.precision, ctx.splits = plan, temperature, precision, splits
+        return loss_part.sum()
+
+    @staticmethod
+    def backward(ctx, go):
+        features, keys, q_r, k_r, lse, g = ctx.saved_tensors
+        plan = ctx.plan
+        d = features.shape[1]
+        n_q, n_k = plan.q_idx.numel(), plan.k_idx.numel()
+        d_a, d_b, _, (br, bc, warps, stages) = _config(d, features.device.type != "cuda")
+        go = go.detach().to(torch.float32).reshape(1).contiguous()
+        stats = (plan.q_self, lse, g, plan.w, go)
+        meta = dict(D_A=d_a, D_B=d_b, BLOCK_R=br, BLOCK_C=bc, PRECISION=ctx.precision, num_warps=warps,
+                    num_stages=stages)
+        scalars = (LOG2E / ctx.temperature, 1.0 / ctx.temperature)
+
+        def sweep(x, y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, n_x, n_y, query_rows):
+            n_rb = triton.cdiv(n_x, br)
+            s = _splits(n_rb, triton.cdiv(n_y, bc), x.device, ctx.splits)
+            part = torch.empty((s, n_x, d), device=x.device, dtype=torch.float32 if s > 1 else x.dtype)
+            _bwd_kernel[(n_rb, s)](x, y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, *stats, part,
+                                   n_x, n_y, d, x.stride(0), y.stride(0), *scalars, QUERY_ROWS=query_rows, **meta)
+            return part[0] if s == 1 else part.sum(0).to(x.dtype)
+
+        dq = dk = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.zeros_like(features)
+            dq[plan.q_idx.long()] = sweep(features, keys, plan.q_idx, plan.k_idx, q_r, k_r, plan.q_cls, plan.k_cls,
+                                          plan.k_start, plan.k_end, n_q, n_k, True)
+        if ctx.needs_input_grad[1]:
+            dk = torch.empty_like(keys)
+            dk[plan.k_idx.long()] = sweep(keys, features, plan.k_idx, plan.q_idx, k_r, q_r, plan.k_cls, plan.q_cls,
+                                          plan.q_start, plan.q_end, n_k, n_q, False)
+        return dq, dk, None, None, None, None
+
+
+def semantic_infonce(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07, non_entity: int = 0,
+                     keys: torch.Tensor | None = None, key_labels: torch.Tensor | None = None,
+                     self_index: torch.Tensor | None = None, non_entity_queries: bool = False, *,
+                     input_precision: str | None = None, splits: int | None = None) -> torch.Tensor:
+    """Semantic-class InfoNCE of queries ``features`` (N, d) against ``keys`` (default: the features).
+
+    ``self_index[i]`` is the key row of query i (excluded from its positives; its key label must equal
+    ``labels[i]``) or -1; it defaults to ``arange(N)`` without keys and to all -1 with keys. Returns an fp32
+    scalar (0, still connected to the inputs, when no class qualifies). ``input_precision`` for fp32 inputs:
+    "ieee" or "tf32" (default: follows ``torch.backends.cuda.matmul.allow_tf32``). ``splits`` forces the
+    number of column splits per row block (default: enough to fill the GPU).
+    """
+    if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"semantic_infonce: unsupported dtype {features.dtype}")
+    if features.shape[1] > 1024:
+        raise ValueError(f"semantic_infonce: feature dim {features.shape[1]} > 1024")
+    if keys is None:
+        keys, key_labels = features, labels
+        if self_index is None:
+            self_index = torch.arange(labels.numel(), device=labels.device)
+    elif self_index is None:
+        self_index = torch.full_like(labels, -1)
+    features = features.contiguous()
+    keys = features if keys is features else keys.to(features.dtype).contiguous()
+    if features.dtype != torch.float32:
+        input_precision = "tf32"  # Triton's default; only fp32 operands look at it
+    elif input_precision is None:
+        input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if labels.numel() == 0 or key_labels.numel() == 0:
+        return (features[:0].sum() + keys[:0].sum()).float()
+    plan = _plan_for(labels, key_labels, self_index.long(), non_entity, non_entity_queries)
+    if plan.q_idx.numel() == 0:
+        return (features[:0].sum() + keys[:0].sum()).float()
+    return _SemanticInfoNCE.apply(features, keys, plan, float(temperature), input_precision, splits)

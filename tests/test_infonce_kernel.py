@@ -1,0 +1,152 @@
+"""Fused InfoNCE kernel (Triton interpreter on CPU) against the float64 dense path.
+
+The dense path is itself checked against a literal transcription of the formula in test_losses.py.
+Interpreter blocks are 16 x 16, so the sizes below cover partial tiles, classes spanning several blocks
+(the negative sweep's skip) and blocks holding several classes.
+"""
+
+import pytest
+import torch
+
+from nerco_dist.kernels import semantic_infonce
+from nerco_dist.losses import semantic_class_infonce, torch_infonce
+
+F64 = torch.float64
+
+
+def batch(n, d, n_classes, o_frac, seed, big_class=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * (1 + 3 * torch.rand(n, 1, generator=g))  # norms vary
+    labels = torch.randint(1, n_classes + 1, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < big_class] = 1
+    labels[torch.rand(n, generator=g) < o_frac] = 0
+    return x, labels
+
+
+def run(fn, queries, keys, go):
+    """Loss and gradients of queries and keys (keys None: the queries are the keys)."""
+    q = queries.clone().requires_grad_()
+    k = None if keys is None else keys.clone().requires_grad_()
+    loss = fn(q, k)
+    loss.backward(go)
+    return loss.detach(), q.grad, None if k is None else k.grad
+
+
+def compare(labels, queries, keys=None, key_labels=None, self_index=None, ablation=False, tau=0.07,
+            splits=None, dtype=torch.float32, seed=0):
+    """Kernel in ``dtype`` vs float64 dense on the same (rounded) inputs; for half precision the kernel's
+    error must stay within 2x that of the dense torch path run in the same dtype (plus a small atol)."""
+    go = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=F64) * 3 + 0.1
+    queries = queries.to(dtype)
+    keys = None if keys is None else keys.to(dtype)
+    extra = dict(keys=keys, key_labels=key_labels, self_index=self_index, non_entity_queries=ablation)
+
+    def kernel(q, k):
+        return semantic_infonce(q, labels, tau, 0, k, key_labels, self_index, ablation,
+                                input_precision="ieee", splits=splits)
+
+    def dense(compute_dtype):
+        return lambda q, k: torch_infonce(q, labels, tau, **{**extra, "keys": k}, compute_dtype=compute_dtype)
+
+    out = run(kernel, queries, keys, go.float())
+    ref = run(dense(F64), queries.double(), None if keys is None else keys.double(), go)
+    assert out[0].dtype == torch.float32 and out[1].dtype == dtype
+    if dtype == torch.float32:
+        base = [torch.zeros(()) for _ in out]
+        rtol, atol = 2e-5, 2e-5
+    else:
+        same = run(dense(dtype), queries, keys, go.to(dtype))
+        base = [None if s is None else (s.double() - r).abs().max() for s, r in zip(same, ref)]
+        rtol, atol = 0.0, 1e-3
+    for name, o, r, b in zip(("loss", "dq", "dk"), out, ref, base):
+        if r is None:
+            continue
+        err = (o.double() - r).abs().max()
+        bound = 2 * b + atol + rtol * r.abs().max()
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (dense same-dtype error {b:.3g})"
+    return out
+
+
+@pytest.mark.parametrize("n,d,n_classes,o_frac,big_class,splits,seed", [
+    (37, 24, 4, 0.5, 0.0, None, 0),  # d = 16 + 8 (second column piece, masked)
+    (70, 40, 5, 0.6, 0.3, 3, 1),  # split sweeps, a class spanning blocks
+    (50, 16, 2, 0.2, 0.5, 2, 2),  # d a power of two: one column piece
+    (33, 5, 3, 0.3, 0.0, None, 3),  # d < 16
+    (21, 300, 3, 0.4, 0.0, 4, 4),  # d = 256 + 44, more splits than column blocks
+    (64, 32, 1, 0.5, 0.0, None, 5),  # one entity class filling whole blocks, sizes multiples of 16
+])
+def test_fp32(n, d, n_classes, o_frac, big_class, splits, seed):
+    x, labels = batch(n, d, n_classes, o_frac, seed, big_class)
+    compare(labels, x, splits=splits, seed=seed)
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_keys_distinct_from_queries(splits):
+    keys, key_labels = batch(83, 20, 4, 0.5, 6, big_class=0.3)
+    rows = torch.randperm(83, generator=torch.Generator().manual_seed(6))[:29]
+    # not parallel to their own key rows, so that leaving the self pair out changes the gradients
+    queries = keys[rows] * 1.5 + torch.randn(29, 20, generator=torch.Generator().manual_seed(7))
+    self_index = rows.clone()
+    self_index[[2, 7]] = -1  # queries whose own row is not among the keys
+    out = compare(key_labels[rows], queries, keys, key_labels, self_index, splits=splits, seed=7)
+    assert out[2].abs().max() > 0
+
+
+def test_keys_without_self_rows():
+    keys, key_labels = batch(45, 12, 3, 0.4, 8)
+    queries, labels = batch(19, 12, 3, 0.4, 9)
+    compare(labels, queries, keys, key_labels)
+
+
+@pytest.mark.parametrize("splits", [None, 2])
+def test_non_entity_queries_ablation(splits):
+    x, labels = batch(90, 24, 3, 0.7, 10)  # O spans several whole key blocks: the negative sweep skips them
+    out = compare(labels, x, ablation=True, splits=splits, seed=10)
+    assert out[0] > compare(labels, x, seed=10)[0]
+
+
+def test_singletons_and_absent_classes():
+    x, _ = batch(40, 10, 1, 0.0, 11)
+    labels = torch.tensor([0] * 20 + [3, 3, 3, 7, 9, 9, 12, 3, 0, 0] + [0] * 9 + [5])  # 7, 12, 5 singletons
+    compare(labels, x, tau=0.2)
+
+
+@pytest.mark.parametrize("labels", [
+    torch.zeros(40, dtype=torch.long),  # all non-entity
+    torch.full((40,), 4),  # one entity class, no negatives
+    torch.tensor([0] * 39 + [2]),  # one entity token
+    torch.arange(40),  # every class a singleton
+])
+@pytest.mark.parametrize("ablation", [False, True])
+def test_no_qualifying_class(labels, ablation):
+    x = torch.randn(40, 8, requires_grad=True)
+    loss = semantic_infonce(x, labels, non_entity_queries=ablation)
+    if ablation and labels[-1] == 2:  # O queries qualify, with the entity token as negative
+        assert loss.item() > 0
+        return
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("case", ["batch", "keys", "ablation"])
+def test_fp16_within_torch_error(case):
+    x, labels = batch(56, 40, 4, 0.5, 12, big_class=0.2)
+    if case == "keys":
+        rows = torch.arange(3, 56, 2)
+        compare(labels[rows], x[rows] * 0.5, x, labels, rows, dtype=torch.float16, seed=12)
+    else:
+        compare(labels, x, ablation=case == "ablation", dtype=torch.float16, seed=13)
+
+
+def test_dispatch_forces_kernel_on_cpu():
+    x, labels = batch(30, 16, 3, 0.4, 14)
+    torch.testing.assert_close(semantic_class_infonce(x, labels, backend="triton"),
+                               semantic_class_infonce(x, labels, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_unsupported_inputs():
+    with pytest.raises(TypeError):
+        semantic_infonce(torch.randn(4, 3, dtype=F64), torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(ValueError):
+        semantic_infonce(torch.randn(4, 1025), torch.tensor([0, 1, 1, 0]))

@@ -25,7 +25,9 @@ log = logging.getLogger("nerco_dist")
 def read_bert_vocab(bert_dir: str) -> dict[str, int]:
     path = Path(bert_dir).expanduser() / "vocab.txt"
     if not path.is_file():
-        raise InputError(path, "BERT vocab.txt not found: model.bert must be a local directory with vocab.txt")
+        raise InputError(path, f"model.bert={bert_dir!r} is not a local directory with vocab.txt: download the "
+                               "model first (e.g. bert-base-chinese: config.json, weights, vocab.txt) and point "
+                               "model.bert at that directory; nothing is downloaded at run time")
     with open(path, encoding="utf-8") as f:
         return {line.rstrip("\n"): i for i, line in enumerate(f)}
 

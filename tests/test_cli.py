@@ -1,0 +1,131 @@
+"""End to end through the ``nerco`` CLI: train a tiny model on real data, checkpoint round trip, eval,
+predict, and clean failures on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nerco_dist.cli import main
+from nerco_dist.config import load_config
+from nerco_dist.data.readers import read_corpus
+from nerco_dist.data.tags import entities
+from nerco_dist.eval.metrics import evaluate
+from nerco_dist.train.trainer import load_for_inference
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("tiny")
+    code = main(["train", str(TINY), "--data-root", str(data_root), "--set", f"train.out_dir={out}",
+                 "--set", "train.epochs=2"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_checkpoints_results_and_tensorboard(trained):
+    results = json.loads((trained / "results.json").read_text())
+    assert results["epochs_run"] == 2 and 0.0 < results["test"]["f1"] <= 1.0
+    assert (trained / "best.pt").is_file() and (trained / "last.pt").is_file()
+    assert any((trained / "tensorboard").iterdir())
+    assert not list(trained.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(trained, data_root, tmp_path):
+    """Load best.pt twice (fresh process state each time): identical predictions, equal to results.json."""
+    sentences = read_corpus(data_root / "resume/dev.char.bmes").sentences
+    preds = []
+    for _ in range(2):
+        task, model = load_for_inference(trained / "best.pt", "cpu")
+        preds.append(task.predict_tags(model, sentences, 64, torch.device("cpu")))
+    assert preds[0] == preds[1]
+    report = evaluate([s.tags for s in sentences], preds[0])
+    assert report.f1 == pytest.approx(json.loads((trained / "results.json").read_text())["test"]["f1"], abs=1e-12)
+
+
+def test_eval_prints_table_and_writes_json(trained, data_root, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["eval", str(trained / "best.pt"), "--data", str(data_root / "resume/dev.char.bmes"),
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "micro" in printed and "Type Acc" in printed
+    report = json.loads(out.read_text())
+    assert report["f1"] == pytest.approx(json.loads((trained / "results.json").read_text())["test"]["f1"])
+
+
+def test_predict_raw_text_json_lines(trained, tmp_path):
+    text = tmp_path / "raw.txt"
+    lines = ["高勇，男，中国国籍，无境外居留权。", "", "1966年出生，汉族，中共党员，本科学历，工程师。"]
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), str(text)],
+                          capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["text"] for r in rows] == [lines[0], lines[2]]  # blank lines skipped
+    task, model = load_for_inference(trained / "best.pt", "cpu")
+    from nerco_dist.data.readers import Sentence
+
+    expected = task.predict_tags(model, [Sentence(list(lines[0]), ["O"] * len(lines[0]))], 8, torch.device("cpu"))
+    assert [(e["start"], e["end"], e["type"]) for e in rows[0]["entities"]] == [tuple(e) for e in entities(expected[0])]
+    for r in rows:
+        for e in r["entities"]:
+            assert r["text"][e["start"]:e["end"]] == e["mention"]
+
+
+def test_long_sentences_are_evaluated_whole(trained, tmp_path):
+    """A sentence longer than max_len (60 in tiny.yaml) is cut into pieces and joined back: one prediction of full
+    length per input sentence."""
+    task, model = load_for_inference(trained / "best.pt", "cpu")
+    from nerco_dist.data.readers import Sentence
+
+    long = Sentence(list("高勇，男，中国国籍，无境外居留权。" * 9), ["O"] * 153)
+    pred = task.predict_tags(model, [long], 8, torch.device("cpu"))
+    assert len(pred) == 1 and len(pred[0]) == 153
+    assert len(task.encoder.encode([long], with_labels=False)) > 1
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nerco_dist.cli", *args], capture_output=True, text=True)
+
+
+def test_bad_corpus_exits_nonzero_with_file_and_line(tmp_path, data_root):
+    bad = tmp_path / "bad.bmes"
+    bad.write_text("中 B-ORG\n国 Q-ORG\n", encoding="utf-8")
+    proc = run_cli("train", str(TINY), "--data-root", str(data_root), "--set", f"data.train={bad}",
+                   "--set", f"train.out_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert f"{bad}:2" in proc.stderr and "ill-formed tag" in proc.stderr
+    assert not (tmp_path / "out" / "best.pt").exists()
+
+
+def test_bad_config_and_checkpoint(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.1\n  epochz: 3\n")
+    proc = run_cli("train", str(cfg))
+    assert proc.returncode == 2 and "epochz" in proc.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    proc = run_cli("predict", str(junk))
+    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
+
+
+def test_bert_name_that_is_not_a_directory_is_refused(tmp_path, data_root):
+    proc = run_cli("train", str(TINY), "--data-root", str(data_root), "--set", "model.bert=bert-base-chinese",
+                   "--set", f"train.out_dir={tmp_path}")
+    assert proc.returncode == 2 and "download" in proc.stderr
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY, ["train.lr=0.5", "model.bert=null", "data.max_len=7"])
+    assert cfg.train.lr == 0.5 and cfg.model.bert is None and cfg.data.max_len == 7
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_help_on_every_subcommand(command):
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0 and "usage" in proc.stdout

@@ -1,0 +1,248 @@
+"""Readers, tag schemes, lexicon matching, sentence splitting and batching."""
+
+import logging
+import random
+
+import pytest
+import torch
+
+from nerco_dist.data.dataset import (LabelSet, LatticeEncoder, LengthBucketBatchSampler, Vocabs, char_bigrams,
+                                     collate, holdout_split, split_points)
+from nerco_dist.data.lexicon import Lexicon, read_word2vec
+from nerco_dist.data.readers import Sentence, read_corpus
+from nerco_dist.data.tags import Entity, convert, detect_scheme, entities, semantic_class, to_bio
+from nerco_dist.errors import InputError
+
+# --- real corpora, published counts -------------------------------------------------------------------
+
+PUBLISHED = [
+    ("resume/train.char.bmes", 3821, "BMES"), ("resume/dev.char.bmes", 463, "BMES"),
+    ("resume/test.char.bmes", 477, "BMES"),
+    ("weibo/weiboNER_2nd_conll.train", 1350, "BIO"), ("weibo/weiboNER_2nd_conll.dev", 270, "BIO"),
+    ("weibo/weiboNER_2nd_conll.test", 270, "BIO"),
+    ("msra/train.char.bmes", 46364, "BMES"), ("msra/test.char.bmes", 4365, "BMES"),
+]
+
+
+@pytest.mark.parametrize("relpath,count,scheme", PUBLISHED)
+def test_real_corpora_have_published_counts(data_root, relpath, count, scheme):
+    corpus = read_corpus(data_root / relpath)
+    assert len(corpus) == count
+    assert corpus.source_scheme == scheme
+    for s in corpus.sentences:
+        assert len(s.chars) == len(s.tags) > 0
+        assert all(t == "O" or t[:2] in ("B-", "I-") for t in s.tags)
+
+
+def test_weibo_characters_and_orphan_inside_entities(data_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="nerco_dist"):
+        train = read_corpus(data_root / "weibo/weiboNER_2nd_conll.train")
+        test = read_corpus(data_root / "weibo/weiboNER_2nd_conll.test")
+    assert (train.orphan_inside, test.orphan_inside) == (10, 4)  # the published quirk: 14 in all
+    assert sum("begin with I-" in r.getMessage() for r in caplog.records) == 2  # once per file
+    raw = (data_root / "weibo/weiboNER_2nd_conll.train").read_text(encoding="utf-8").split("\n")[0].split("\t")[0]
+    assert train.sentences[0].chars[0] == raw[:-1]  # the token minus its position digit
+    assert all(c[-1] not in "0123456789" or len(c) == 1 for s in train.sentences for c in s.chars)
+
+
+def test_msra_longest_test_sentence_is_kept_whole(data_root):
+    test = read_corpus(data_root / "msra/test.char.bmes")
+    assert max(len(s) for s in test.sentences) == 1475
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+def write(tmp_path, name, content, binary=False):
+    p = tmp_path / name
+    p.write_bytes(content) if binary else p.write_text(content, encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("content,line,problem", [
+    ("中 B-ORG\n国 I-ORG\n\n人 O extra\n", 4, "malformed line"),
+    ("中 B-ORG\n国\n", 2, "malformed line"),
+    ("中 B-ORG\n国 X-ORG\n", 2, "ill-formed tag"),
+    ("中 B-ORG\n国 I_ORG\n", 2, "ill-formed tag"),
+    ("中 B-ORG\n国 B-\n", 2, "ill-formed tag"),
+    ("中国 B-ORG\n", 1, "not a single character"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, content, line, problem):
+    p = write(tmp_path, "bad.bmes", content)
+    with pytest.raises(InputError) as err:
+        read_corpus(p)
+    assert err.value.line == line and problem in str(err.value) and str(p) in str(err.value)
+
+
+def test_empty_file(tmp_path):
+    for content in ("", "\n\n  \n"):
+        with pytest.raises(InputError, match="empty file"):
+            read_corpus(write(tmp_path, "empty.bmes", content))
+
+
+def test_not_utf8_names_line(tmp_path):
+    p = write(tmp_path, "gbk.bmes", "中 O\n".encode("utf-8") + "国 O\n".encode("gbk"), binary=True)
+    with pytest.raises(InputError, match="not valid UTF-8") as err:
+        read_corpus(p)
+    assert err.value.line == 2
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="file not found"):
+        read_corpus(tmp_path / "nope.bmes")
+
+
+def test_mixed_schemes_rejected(tmp_path):
+    with pytest.raises(InputError, match="mix"):
+        read_corpus(write(tmp_path, "mix.bmes", "中 B-ORG\n国 M-ORG\n\n人 B-PER\n民 I-PER\n"))
+
+
+def test_bad_weibo_token(tmp_path):
+    p = write(tmp_path, "w.conll", "科0\tO\n技\tO\n")
+    with pytest.raises(InputError, match="position digits") as err:
+        read_corpus(p, "weibo")
+    assert err.value.line == 2
+
+
+def test_cluener_reader(tmp_path):
+    p = write(tmp_path, "c.json", '{"text": "浙商银行企业信贷部叶老桂", "label": {"name": {"叶老桂": [[9, 11]]}, '
+                                  '"company": {"浙商银行": [[0, 3]]}}}\n')
+    s = read_corpus(p).sentences[0]
+    assert entities(s.tags) == [Entity(0, 4, "company"), Entity(9, 12, "name")]
+    bad = write(tmp_path, "bad.json", '{"text": "abc"}\n{"text": "浙商", "label": {"x": {"浙江": [[0, 1]]}}}\n')
+    with pytest.raises(InputError, match="does not match") as err:
+        read_corpus(bad)
+    assert err.value.line == 2
+
+
+# --- tag schemes ------------------------------------------------------------------------------------
+
+
+def random_entities(rng, n):
+    spans, i = [], 0
+    while i < n:
+        if rng.random() < 0.3:
+            length = rng.randint(1, 4)
+            if i + length <= n:
+                spans.append(Entity(i, i + length, rng.choice(["PER", "LOC", "ORG"])))
+                i += length
+                continue
+        i += 1
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_scheme_round_trips(seed):
+    rng = random.Random(seed)
+    from nerco_dist.data.tags import from_entities
+
+    n = rng.randint(1, 30)
+    spans = random_entities(rng, n)
+    bio = from_entities(n, spans, "BIO")
+    for scheme in ("BIOES", "BMES"):
+        other = convert(bio, scheme)
+        assert entities(other) == spans
+        assert convert(other, "BIO") == bio
+        assert to_bio(other) == bio  # the direct prefix map (S->B, M/E->I) agrees
+    assert entities(bio) == spans
+
+
+def test_scheme_detection_and_semantic_class():
+    assert detect_scheme(["O", "B-PER", "I-PER"]) == "BIO"
+    assert detect_scheme(["S-PER", "B-LOC", "I-LOC", "E-LOC"]) == "BIOES"
+    assert detect_scheme(["B-LOC", "M-LOC", "E-LOC"]) == "BMES"
+    assert [semantic_class(t) for t in ("B-PER", "I-PER", "M-PER", "E-PER", "S-PER", "O")] == ["PER"] * 5 + ["O"]
+    # conlleval reading: an I- that does not continue its own type starts an entity
+    assert entities(["O", "I-PER", "I-PER", "I-LOC", "B-LOC", "I-LOC"]) == [
+        Entity(1, 3, "PER"), Entity(3, 4, "LOC"), Entity(4, 6, "LOC")]
+
+
+# --- lexicon and lattice ----------------------------------------------------------------------------
+
+
+def test_lexicon_matches_every_word_brute_force():
+    words = ["南京", "南京市", "市长", "长江", "大桥", "长江大桥", "江大", "京市长江"]
+    lex = Lexicon(words + ["x"])  # single characters are not lexicon words
+    chars = list("南京市长江大桥")
+    brute = sorted((i, j - 1, "".join(chars[i:j])) for i in range(len(chars)) for j in range(i + 2, len(chars) + 1)
+                   if "".join(chars[i:j]) in set(words))
+    assert sorted(lex.match(chars)) == brute
+    assert len(Lexicon(["x", "ab"])) == 1
+
+
+def test_jieba_default_lexicon_and_word2vec_lexicon(tmp_path):
+    lex = Lexicon.load(None)
+    assert lex.source == "jieba" and len(lex) > 100_000 and "长江大桥" in lex.words
+    vec = write(tmp_path, "w.vec", "3 2\n南京 0.1 0.2\n长江 0.3 0.4\n大 0.5 0.6\n")
+    assert Lexicon.load(str(vec)).words == {"南京", "长江"}
+    index, matrix = read_word2vec(vec)
+    assert index["长江"] == 1 and matrix.shape == (3, 2)
+    with pytest.raises(InputError, match="expected 2 values") as err:
+        read_word2vec(write(tmp_path, "bad.vec", "南京 0.1 0.2\n长江 0.3\n"))
+    assert err.value.line == 2
+
+
+def test_split_points_prefer_sentence_then_clause_ends_and_keep_entities():
+    chars = list("甲乙。丙丁，戊己庚辛")
+    assert split_points(chars, 5) == [(0, 3), (3, 6), (6, 10)]
+    assert split_points(chars, 100) == [(0, 10)]
+    # a protected span covering the only punctuation forces a cut elsewhere, never inside it
+    pieces = split_points(chars, 4, protected=[Entity(1, 4, "X")])
+    assert all(not (s < c < e) for c, _ in pieces[1:] for s, e in [(1, 4)])
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(chars)
+    assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+
+
+def test_encoder_and_collate_layout():
+    lex = Lexicon(["南京", "南京市", "长江", "长江大桥"])
+    train = [Sentence(list("南京市长江大桥"), ["B-LOC", "I-LOC", "I-LOC", "O", "O", "O", "O"])]
+    labels = LabelSet.from_sentences(train)
+    assert labels.labels == ("O", "B-LOC", "I-LOC") and labels.label_to_class() == [0, 1, 1]
+    enc = LatticeEncoder(Vocabs.build(train, lex), lex, labels, max_len=200)
+    short = Sentence(list("长江"), ["O", "O"])
+    pieces = enc.encode(train + [short])
+    batch = collate(pieces, labels.label_to_class())
+    # sentence 0: 7 characters then 南京(0,1) 南京市(0,2) 长江(3,4) 长江大桥(3,6)
+    assert batch["heads"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 0, 3, 3]
+    assert batch["tails"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 1, 2, 4, 6]
+    assert batch["is_char"][0].tolist() == [True] * 7 + [False] * 4
+    assert batch["lattice_mask"][1].tolist() == [True] * 3 + [False] * 8  # 长江 + its word
+    assert batch["class_ids"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert enc.vocabs.bigrams.lookup(char_bigrams(list("南京")))[0] == pieces[0].bigram_ids[0]
+
+
+def test_length_bucket_sampler_covers_everything_once_and_repeats():
+    lengths = [random.Random(i).randint(1, 100) for i in range(103)]
+    s = LengthBucketBatchSampler(lengths, 8, seed=3, pool_batches=4)
+    s.set_epoch(2)
+    batches = list(s)
+    assert sorted(i for b in batches for i in b) == list(range(103)) and len(batches) == len(s)
+    assert batches == list(s)  # same (seed, epoch) -> same order
+    s.set_epoch(3)
+    assert list(s) != batches
+    # within a pool, batches are contiguous in length order: each batch's spread is small
+    sorted_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    rng = random.Random(0)
+    order = list(range(103))
+    rng.shuffle(order)
+    random_spread = sum(max(lengths[i] for i in order[k:k + 8]) - min(lengths[i] for i in order[k:k + 8])
+                        for k in range(0, 103, 8))
+    assert sorted_spread < random_spread / 2
+
+
+def test_holdout_split_is_seeded_and_disjoint():
+    sents = [Sentence([str(i)], ["O"]) for i in range(100)]
+    a_train, a_dev = holdout_split(sents, 0.1, seed=5)
+    b_train, b_dev = holdout_split(sents, 0.1, seed=5)
+    assert [s.chars for s in a_dev] == [s.chars for s in b_dev] and len(a_dev) == 10
+    assert {s.chars[0] for s in a_train} | {s.chars[0] for s in a_dev} == {str(i) for i in range(100)}
+    assert not {s.chars[0] for s in a_train} & {s.chars[0] for s in a_dev}
+
+
+def test_labels_unknown_at_encode_time():
+    train = [Sentence(list("甲乙"), ["B-PER", "I-PER"])]
+    lex = Lexicon([])
+    enc = LatticeEncoder(Vocabs.build(train, lex), lex, LabelSet.from_sentences(train), 10)
+    with pytest.raises(ValueError, match="not in the training label set"):
+        enc.encode([Sentence(list("丙"), ["B-LOC"])])
+    assert torch.equal(collate(enc.encode(train))["labels"], torch.tensor([[1, 2]]))

@@ -2,24 +2,26 @@
 
 The score of tags y_0..y_{n-1} is start[y_0] + sum_t em[t, y_t] + sum_{t>0} trans[y_{t-1}, y_t] + end[y_{n-1}];
 ``forward`` returns log p(y | em) = score(y) - log Z, ``decode`` the Viterbi path. Sequences are the prefixes
-given by the mask (its first step must be on, as in pytorch-crf).
+given by the mask: its first step must be on, as in pytorch-crf, and a mask with holes is refused.
 
 Triton (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), one program per sequence with the time
 loop inside the kernel and the [tags x tags] transition tile in registers (tags padded to a power of two):
 
-* forward: the scaled forward algorithm in fp32 log space. Each step keeps alpha_hat_t = alpha_t - A_t
-  (A_t = log sum exp alpha_t) and the increment d_t = A_t - A_{t-1}, so every stored number is of order one
-  and log Z = A_0 + sum_t d_t + lse(alpha_hat_{n-1} + end). The gold score is summed in the same loop.
-  O(B L T) fp32 is saved for the backward pass.
+* forward: the scaled forward algorithm in fp32 log space (max-subtracted exp/log). Each step keeps
+  alpha_hat_t = alpha_t - A_t (A_t = log sum exp alpha_t) and d_t = A_t - A_{t-1} (d_0 = A_0), so every
+  stored number is of order one and log Z = sum_t d_t + lse(alpha_hat_{n-1} + end). The gold score is
+  summed in the same loop. O(B L T) fp32 is saved for the backward pass.
 * backward: a beta pass in the same scaling (beta_hat_t = beta_t + A_t - log Z) gives the marginals
-  p_t = exp(alpha_hat_t + beta_hat_t) and pair marginals without autograd through the time steps:
+  p_t = exp(alpha_hat_t + beta_hat_t) and the pair marginals
+  exp(alpha_hat_{t-1}[i] + trans[i, j] + em[t, j] + beta_hat_t[j] - d_t) without autograd through time:
   grad em = g (onehot - p), grad trans = g sum_t (gold pair - pair marginal), likewise start and end;
   transition gradients are written per sequence and summed in torch (no atomics, deterministic).
 * viterbi: max-plus recursion with int8 backpointers and the backtrace in the same kernel.
 
-Torch (CPU): the forward algorithm in probability space, float64, normalised every step by a detached
-constant (the gradient of log(Z / K) is that of log Z), so a step is one small matmul instead of a
-(B, T, T) logsumexp; its gradient comes from autograd. Viterbi: max per step, backtrace by gather.
+Torch (CPU): the forward algorithm in probability space, float64 (exp underflows only for score spreads
+above ~700 within a step), normalised every step by a detached constant (the gradient of log(Z / K) is
+that of log Z), so a step is one small matmul instead of a (B, T, T) logsumexp; its gradient comes from
+autograd. Viterbi: amax per step, vectorised backtrace.
 
 Forbidden transitions (an optional ``allowed`` mask) score ``NEG`` = -1e4, finite so that nothing is NaN.
 """
@@ -77,9 +79,17 @@ def _crf_forward_kernel(em, s_eb, s_el, tags, s_tb, s_tl, lengths, start, end, t
     logz = _lse(s)
     a = s - logz
     tl.store(alpha_b + j, a, mask=on)
+    tl.store(dlog + b * L, logz)
+    # the loop is latency-bound: each step's loads are issued one step ahead (clamped to the last step)
+    nt = tl.minimum(1, n - 1)
+    e_next = tl.load(em_b + nt * s_el + j, mask=on, other=0.0)
+    tag_next = tl.load(tags_b + nt * s_tl)
     for t in range(1, n):
-        e = tl.load(em_b + t * s_el + j, mask=on, other=0.0).to(tl.float32)
-        nxt = tl.load(tags_b + t * s_tl)
+        e = e_next.to(tl.float32)
+        nxt = tag_next
+        nt = tl.minimum(t + 1, n - 1)
+        e_next = tl.load(em_b + nt * s_el + j, mask=on, other=0.0)
+        tag_next = tl.load(tags_b + nt * s_tl)
         s = _lse_tile(a[:, None] + tr, 0) + e
         d = _lse(s)
         a = s - d
@@ -91,6 +101,14 @@ def _crf_forward_kernel(em, s_eb, s_el, tags, s_tb, s_tl, lengths, start, end, t
     logz += _lse(a + end_t)
     gold += tl.load(end + tag)
     tl.store(llh + b, gold - logz)
+
+
+@triton.jit
+def _backward_loads(t, tags_b, s_tl, alpha_b, em_b, s_el, dlog_b, i, j, T):
+    """tag[t - 1], alpha_hat[t - 1], em[t], d[t]; indices clamped in bounds (t = 0: unused values)."""
+    p = tl.maximum(t - 1, 0)
+    return (tl.load(tags_b + p * s_tl), tl.load(alpha_b + p * T + i, mask=i < T, other=PAD),
+            tl.load(em_b + t * s_el + j, mask=j < T, other=0.0), tl.load(dlog_b + t))
 
 
 @triton.jit
@@ -115,14 +133,19 @@ def _crf_backward_kernel(em, s_eb, s_el, tags, s_tb, s_tl, lengths, end, trans, 
     beta = end_t - _lse(a + end_t)
     tl.store(g_end + b * T + j, g * (tl.where(j == tag, 1.0, 0.0) - tl.exp(a + beta)), mask=on)
     acc = tl.zeros((TP, TP), dtype=tl.float32)
+    # the loop is latency-bound: the loads of the next step down are issued one step ahead
+    prev_next, a_next, e_next, d_next = _backward_loads(n - 1, tags_b, s_tl, alpha_b, em_b, s_el, dlog + b * L,
+                                                        i, j, T)
     for k in range(1, n):
         t = n - k  # a, beta, tag are those of step t
+        prev = prev_next
+        a_prev = a_next
+        e = e_next.to(tl.float32)
+        d = d_next
+        prev_next, a_next, e_next, d_next = _backward_loads(t - 1, tags_b, s_tl, alpha_b, em_b, s_el,
+                                                            dlog + b * L, i, j, T)
         delta = tl.where(j == tag, 1.0, 0.0) - tl.exp(a + beta)
         tl.store(g_em_b + t * s_gl + j, (g * delta).to(g_em.dtype.element_ty), mask=on)
-        prev = tl.load(tags_b + (t - 1) * s_tl)
-        a_prev = tl.load(alpha_b + (t - 1) * T + i, mask=i < T, other=PAD)
-        e = tl.load(em_b + t * s_el + j, mask=on, other=0.0).to(tl.float32)
-        d = tl.load(dlog + b * L + t)
         w = tr + (e + beta)[None, :]  # w[i, j] = trans[i, j] + em[t, j] + beta_hat_t[j]
         pair = (i[:, None] == prev) & (j[None, :] == tag)
         acc += tl.where(pair, 1.0, 0.0) - tl.exp(a_prev[:, None] + w - d)
@@ -147,8 +170,10 @@ def _crf_viterbi_kernel(em, s_eb, s_el, lengths, start, end, trans, bp, path, s_
     bp_b = bp + b * L * T
 
     s = tl.load(start + j, mask=on, other=PAD) + tl.load(em_b + j, mask=on, other=0.0).to(tl.float32)
+    e_next = tl.load(em_b + tl.minimum(1, n - 1) * s_el + j, mask=on, other=0.0)  # one step ahead, clamped
     for t in range(1, n):
-        e = tl.load(em_b + t * s_el + j, mask=on, other=0.0).to(tl.float32)
+        e = e_next.to(tl.float32)
+        e_next = tl.load(em_b + tl.minimum(t + 1, n - 1) * s_el + j, mask=on, other=0.0)
         best, arg = tl.max(s[:, None] + tr, 0, return_indices=True)
         tl.store(bp_b + t * T + j, arg.to(tl.int8), mask=on)
         s = best + e
@@ -226,40 +251,47 @@ def _torch_log_likelihood(emissions, tags, mask, lengths, start, end, transition
     q = (em - em_max).exp().unbind(1)
     e_trans = (transitions - trans_max).exp()
     a = (start - start.detach().max()).exp() * q[0]
+    tiny = torch.finfo(torch.float64).tiny  # no path left (impossible constraints): finite, not NaN
     alphas, norms = [], []
     for t in range(L):
         if t:
             a = (a @ e_trans) * q[t]
-        c = a.detach().sum(1, keepdim=True).clamp_min_(torch.finfo(torch.float64).tiny)
+        c = a.detach().sum(1, keepdim=True).clamp_min_(tiny)
         a = a / c
         alphas.append(a)
         norms.append(c)
     a_last = torch.stack(alphas, 1).gather(1, last.unsqueeze(2).expand(B, 1, T)).squeeze(1)
-    log_z = ((a_last * (end - end.detach().max()).exp()).sum(1).log()
+    log_z = ((a_last * (end - end.detach().max()).exp()).sum(1).clamp_min(tiny).log()
              + (torch.cat(norms, 1).log() * fmask).sum(1) + (em_max.squeeze(2) * fmask).sum(1)
              + (lengths - 1) * trans_max + start.detach().max() + end.detach().max())
     return gold - log_z
 
 
 def _torch_viterbi(emissions, mask, start, end, transitions, pad):
-    """Max-plus recursion keeping only the scores (amax is several times cheaper than max with indices on
-    CPU); the backtrace recomputes the one argmax it needs per step, from the same sums, by a gather."""
+    """Max-plus recursion over time with tags first, scores (T, B): the max over the previous tag is then a
+    reduction over the outer dim of a contiguous (T, T, B) tensor, which is vectorised; amax only (max with
+    indices is several times slower). The recursion runs past each sequence's end; the backtrace starts at
+    each end and recomputes the one argmax it needs per step from the same sums."""
     B, L, T = emissions.shape
     dtype = torch.promote_types(emissions.dtype, torch.float32)
-    em = emissions.to(dtype)
-    into = transitions.to(dtype).t().contiguous()  # into[j, i] = trans[i, j]: reduce over the last dim
-    on = mask.unsqueeze(2).unbind(1)
-    score = start + em[:, 0]
+    em = emissions.to(dtype).permute(1, 2, 0).contiguous()  # (L, T, B)
+    transitions = transitions.to(dtype)
+    into = transitions.unsqueeze(2)  # (T, T, 1)
+    score = start.to(dtype).unsqueeze(1) + em[0]
     scores = [score]
-    for t, e in enumerate(em.unbind(1)[1:], 1):
-        score = torch.where(on[t], (score.unsqueeze(1) + into).amax(2) + e, score)
+    for e in em.unbind(0)[1:]:
+        score = (score.unsqueeze(1) + into).amax(0) + e
         scores.append(score)
-    cur = (score + end).argmax(1, keepdim=True)
+    last = mask.sum(1) - 1
+    final = torch.stack(scores).gather(0, last.view(1, 1, B).expand(1, T, B)).squeeze(0)
+    best = (final + end.to(dtype).unsqueeze(1)).argmax(0)
+    at_end = (torch.arange(L, device=mask.device) == last.unsqueeze(1)).unbind(1)
+    cur = best
     path = [cur]
     for t in range(L - 1, 0, -1):
-        cur = torch.where(on[t], (scores[t - 1] + into[cur.squeeze(1)]).argmax(1, keepdim=True), cur)
+        cur = torch.where(at_end[t - 1], best, (scores[t - 1] + transitions.index_select(1, cur)).argmax(0))
         path.append(cur)
-    return torch.cat(path[::-1], 1).masked_fill_(~mask, pad)
+    return torch.stack(path[::-1], 1).masked_fill_(~mask, pad)
 
 
 class AllowedTransitions(NamedTuple):
@@ -277,8 +309,9 @@ class CRF(nn.Module):
     """pytorch-crf's ``CRF`` (same interface and parameter names, so state dicts load both ways), with an
     optional :class:`AllowedTransitions` constraint applied to both the likelihood and the decoding.
 
-    ``backend``: ``"auto"`` runs the Triton kernels on CUDA tensors and the torch path otherwise; ``"triton"``
-    forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the torch path.
+    ``backend``: ``"auto"`` runs the Triton kernels on CUDA tensors (up to 128 tags) and the torch path
+    otherwise; ``"triton"`` forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``); ``"torch"``
+    forces the torch path.
     """
 
     def __init__(self, num_tags: int, batch_first: bool = False, allowed: Optional[AllowedTransitions] = None,
@@ -399,7 +432,9 @@ class CRF(nn.Module):
                 trans.masked_fill(~self.transition_allowed, NEG))
 
     def _use_triton(self, emissions: torch.Tensor) -> bool:
-        if self.backend == "torch" or (self.backend == "auto" and not emissions.is_cuda):
+        if self.backend == "auto":
+            return emissions.is_cuda and self.num_tags <= MAX_TAGS
+        if self.backend == "torch":
             return False
         if not emissions.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("the Triton CRF runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1")

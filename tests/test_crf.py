@@ -161,6 +161,22 @@ def test_constrained_decode_and_likelihood_on_tag_schemes(backend, scheme):
     assert (crf(em, ill_formed, mask, reduction="none") < NEG / 2).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_allowed_path_stays_finite(backend):
+    """Constraints that leave a sequence no path give a very negative, finite likelihood, not NaN/inf."""
+    T = 3
+    allowed = AllowedTransitions(torch.tensor([True, False, False]), torch.tensor([False, True, False]),
+                                 torch.zeros(T, T, dtype=torch.bool))
+    crf = make_crf(T, backend, allowed=allowed)
+    em, tags, mask = random_batch(2, 3, T, "random", seed=12)
+    em.requires_grad_()
+    llh = crf(em, tags, mask, reduction="none")
+    assert torch.isfinite(llh).all() and (llh < 0).all()
+    llh.sum().backward()
+    assert torch.isfinite(em.grad).all() and all(torch.isfinite(p.grad).all() for p in crf.parameters())
+    assert [len(p) for p in crf.decode(em, mask)] == mask.sum(1).tolist()
+
+
 def test_bio_allowed_transitions():
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     a = bio_allowed_transitions(labels)
@@ -305,3 +321,9 @@ def test_build_crf_dispatch():
         build_crf(3, allowed=allowed, backend="pytorch-crf")
     with pytest.raises(ValueError):
         build_crf(3, backend="cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        build_crf(3, backend="triton").decode(torch.randn(1, 2, 3))

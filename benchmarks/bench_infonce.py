@@ -47,6 +47,8 @@ HEADLINES = [  # (what, impl, N, d, dtype, entity fraction, ablation, metric, li
     ("extra memory, N=32,768", "fused", 32768, 160, "bf16", 0.15, False, "peak_mib", 64.0),
     ("runs at N=262,144", "fused", 262144, 160, "bf16", 0.15, False, "ms", None),
 ]
+HEADER = ["impl", "N", "d", "dtype", "entities", "all queries", "queries", "fwd+bwd ms", "peak extra MiB",
+          "TFLOP/s (5·Nq·d·N)"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -86,7 +88,7 @@ def per_pair(x, labels, ablation):
         pos = (z[i] * z[j]).sum(1, keepdim=True) / TAU
         neg = z[i] @ z[others].T / TAU
         target = torch.zeros(len(i), dtype=torch.long, device=x.device)
-        total = total + F.cross_entropy(torch.cat([pos, neg], 1).float(), target)
+        total = total + F.cross_entropy(torch.cat([pos, neg], 1), target)
     return total
 
 
@@ -117,7 +119,7 @@ def measure(fn, x, labels):
     if not ON_GPU:
         step()  # warm-up (compilation)
         times = []
-        for _ in range(3):
+        for _ in range(5):
             t = time.perf_counter()
             step()
             times.append((time.perf_counter() - t) * 1e3)
@@ -135,13 +137,12 @@ def measure(fn, x, labels):
 
 def grid():
     """(impl, N, d, dtype, entity fraction, ablation) to run; torch baselines only where they can fit."""
-    if not ON_GPU:
-        runs = [(i, n, 160, "fp32", 0.15, False) for n in (256, 1024, 4096)
-                for i in ("dense", "rows", "rows-compiled", "per-pair")]
-        runs += [("fused", n, 160, "fp32", 0.15, False) for n in (256, 1024)]
-        runs += [(i, 1024, 160, "fp32", 0.15, True) for i in ("fused", "dense", "rows")]
-        return runs
-    runs = []
+    if not ON_GPU:  # small: the kernel runs in the interpreter
+        runs = [(i, n, 160, "fp32", 0.15, False)
+                for n in (512, 2048) for i in ("dense", "rows", "rows-compiled", "per-pair")]
+        runs += [("fused", n, 160, "fp32", 0.15, False) for n in (256, 512)]
+        return runs + [(i, 256, 160, "fp32", 0.15, True) for i in ("fused", "dense", "rows")]
+    runs = []  # the headline configuration (bf16, d = 160) first, slow compilations last
     for dtype in ("bf16", "fp32"):
         for d in (160, 256, 768):
             for n in (8192, 32768, 131072, 262144):
@@ -151,15 +152,14 @@ def grid():
                         runs.append(("dense", n, d, dtype, frac, False))
                     if d == 160 and n <= 131072:
                         runs.append(("rows", n, d, dtype, frac, False))
-                    if d == 160 and dtype == "bf16" and frac == 0.15 and n <= 32768:
-                        runs.append(("rows-compiled", n, d, dtype, frac, False))
                     if d == 160 and n == 8192:
                         runs.append(("per-pair", n, d, dtype, frac, False))
-    for n in (8192, 32768, 131072):
-        runs.append(("fused", n, 160, "bf16", 0.15, True))
-        if n <= 32768:
-            runs += [("dense", n, 160, "bf16", 0.15, True), ("rows", n, 160, "bf16", 0.15, True)]
-    return runs
+            if (dtype, d) == ("bf16", 160):
+                for n in (8192, 32768, 131072):
+                    runs.append(("fused", n, d, dtype, 0.15, True))
+                    if n <= 32768:
+                        runs += [("dense", n, d, dtype, 0.15, True), ("rows", n, d, dtype, 0.15, True)]
+    return runs + [("rows-compiled", n, 160, "bf16", 0.15, False) for n in (8192, 32768)]
 
 
 def bench(budget_s):
@@ -254,7 +254,7 @@ def fmt_row(r):
     if r["status"] != "ok":
         return "| " + " | ".join(map(str, cells + [r["status"], "", ""])) + " |"
     peak = "not measured" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-    return "| " + " | ".join(map(str, cells + [f"{r['ms']:.3f}", peak, f"{r['tflops']:.3f}"])) + " |"
+    return "| " + " | ".join(map(str, cells + [f"{r['ms']:.3f}", peak, f"{r['tflops']:.3g}"])) + " |"
 
 
 def headlines(rows):
@@ -271,53 +271,61 @@ def headlines(rows):
             value = f"{v:.3f} {'ms' if metric == 'ms' else 'MiB'}"
             verdict = "PASS" if limit is None or v <= limit else "FAIL"
         target = "runs" if limit is None else f"<= {limit:g} {'ms' if metric == 'ms' else 'MiB'}"
-        out.append(dict(what=f"d={d}, {dtype}, {frac:.0%} entities, {what}", target=target, value=value, verdict=verdict))
+        out.append(dict(what=f"d={d}, {dtype}, {frac:.0%} entities, {what}", target=target, value=value,
+                        verdict=verdict))
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="GPU correctness checks only")
-    ap.add_argument("--bench", action="store_true", help="benchmark only")
-    ap.add_argument("--budget", type=float, default=240.0, help="seconds after which remaining runs are skipped")
-    args = ap.parse_args()
-    do_check, do_bench = (args.check or not args.bench) and ON_GPU, args.bench or not args.check
-    device = torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                          f"{os.cpu_count()} cores), Triton interpreter"
-    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0],
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), tau=TAU,
-                entity_classes=N_CLASSES)
-    print(json.dumps(meta))
-    checks = check() if do_check else []
-    header = ["impl", "N", "d", "dtype", "entities", "all queries", "queries", "fwd+bwd ms", "peak extra MiB",
-              "TFLOP/s (5·Nq·d·N)"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    rows = bench(args.budget) if do_bench else []
-    heads = headlines(rows)
-    if not (do_check or do_bench):
-        return
+def write_results(meta, checks, rows):
+    device = meta["device"]
     slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_") if ON_GPU else "cpu"
+    heads = headlines(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"infonce_{slug}"
     stem.with_suffix(".json").write_text(json.dumps(dict(meta, headlines=heads, checks=checks, runs=rows), indent=1))
     md = [f"# Semantic-class InfoNCE, forward + backward: {device}", "",
           f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; tau = {TAU}, {N_CLASSES} entity classes, "
-          "random features. Medians" + (" of triton.testing.do_bench" if ON_GPU else " of 3 runs (wall clock)") + ". "
+          "random features. Medians" + (" of triton.testing.do_bench" if ON_GPU else " of 5 runs (wall clock)") + ". "
           "TFLOP/s counts 5·Nq·d·N (Nq = queries of a qualifying class); peak extra memory includes the input's "
-          "gradient.", ""]
+          "gradient" + ("; fp32 runs use TF32." if ON_GPU else "."), ""]
     if not ON_GPU:
-        md += ["No GPU in this run: all GPU figures below are **not measured**; the kernel ran in the Triton "
-               "interpreter, so its CPU times say nothing about its GPU speed.", ""]
+        md += ["No GPU in this run: all GPU figures are **not measured**. The kernel ran in the Triton "
+               "interpreter, so its CPU times say nothing about its GPU speed; the CPU was shared "
+               f"(load average {meta['load_average'][0]:.1f} on {os.cpu_count()} cores; torch ran one thread), so all "
+               "times are noisy.", ""]
     md += ["## Headline targets (GPU)", "", "| target | limit | measured | verdict |", "|---|---|---|---|"]
     md += [f"| {h['what']} | {h['target']} | {h['value']} | {h['verdict']} |" for h in heads]
-    if checks:
-        md += ["", "## GPU correctness vs float64", "", f"{sum(c['ok'] for c in checks)}/{len(checks)} passed; "
-               "see the JSON for the errors and bounds."]
-    md += ["", "## Runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["", "## GPU correctness vs float64", ""]
+    md += [f"{sum(c['ok'] for c in checks)}/{len(checks)} passed; errors and bounds in the JSON."] if checks else \
+          ["not measured"]
+    md += ["", "## Runs", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     md += [fmt_row(r) for r in rows]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md[-len(rows) - 2:]) if not rows else "", f"\nwrote {stem}.json and {stem}.md", sep="")
-    if checks and not all(c["ok"] for c in checks):
+    print("\n".join(md[md.index("## Headline targets (GPU)"):md.index("## Runs")]))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="GPU correctness checks only (prints, writes nothing)")
+    ap.add_argument("--bench", action="store_true", help="benchmark only")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds after which remaining runs are skipped")
+    args = ap.parse_args()
+    if args.check and not ON_GPU:
+        sys.exit("--check needs a GPU")
+    device = torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0],
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), tau=TAU,
+                entity_classes=N_CLASSES)
+    if not ON_GPU:
+        torch.set_num_threads(1)  # on a shared CPU, two spinning OpenMP threads made small ops 100x slower
+        meta.update(load_average=os.getloadavg(), torch_threads=1)
+    print(json.dumps(meta))
+    checks = check() if ON_GPU and not args.bench else []
+    if not args.check:
+        print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
+        write_results(meta, checks, bench(args.budget))
+    if not all(c["ok"] for c in checks):
         sys.exit(1)
 
 

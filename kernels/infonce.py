@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -247,20 +248,23 @@ def _plan_for(labels, key_labels, self_index, non_entity, non_entity_queries) ->
                  (k_end - counts).to(i32), k_end.to(i32), (q_end - q_counts).to(i32), q_end.to(i32), w)
 
 
-def _config(d: int, interpret: bool):
-    """(D_A, D_B) column pieces, and (block_rows, block_cols, num_warps, num_stages) for the forward
-    and the backward sweeps (rows = the side whose gradient or statistics are produced)."""
+def _config(d: int, elem_size: int, interpret: bool):
+    """(D_A, D_B) column pieces, and (block_rows, block_cols, num_warps, num_stages) for the forward and the
+    backward sweeps (rows: the side whose statistics or gradient a program produces). Tiles shrink with
+    the bytes per row so that the pipelined column tiles fit in shared memory."""
     d_a = max(16, 1 << (d.bit_length() - 1))
     rest = d - d_a
     d_b = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
     if interpret:
         return d_a, d_b, (16, 16, 4, 1), (16, 16, 4, 1)
-    width = d_a + d_b
-    if width <= 256:
+    row_bytes = (d_a + d_b) * elem_size
+    if row_bytes <= 512:
         return d_a, d_b, (128, 64, 8, 3), (64, 64, 8, 2)
-    if width <= 512:
+    if row_bytes <= 1024:
         return d_a, d_b, (64, 32, 8, 2), (32, 32, 8, 2)
-    return d_a, d_b, (32, 32, 8, 2), (16, 32, 8, 2)
+    if row_bytes <= 2048:
+        return d_a, d_b, (32, 32, 8, 1), (16, 32, 8, 1)
+    return d_a, d_b, (16, 16, 4, 1), (16, 16, 4, 1)
 
 
 def _splits(n_row_blocks: int, n_col_blocks: int, device: torch.device, forced: int | None) -> int:
@@ -282,9 +286,7 @@ class _SemanticInfoNCE(torch.autograd.Function):
     def forward(ctx, features, keys, plan: _Plan, temperature: float, precision: str, splits: int | None):
         d = features.shape[1]
         n_q, n_k = plan.q_idx.numel(), plan.k_idx.numel()
-        interpret = features.device.type != "cuda"
-        d_a, d_b, fwd, bwd = _config(d, interpret)
-        bm, bn, warps, stages = fwd
+        d_a, d_b, (bm, bn, warps, stages), _ = _config(d, features.element_size(), features.device.type != "cuda")
         q_r = _inv_norms(features)[plan.q_idx.long()]
         k_r = _inv_norms(keys)[plan.k_idx.long()]
         scale2 = LOG2E / temperature
@@ -304,15 +306,17 @@ class _SemanticInfoNCE(torch.autograd.Function):
 
         ctx.save_for_backward(features, keys, q_r, k_r, lse, g_part.sum(0))
         ctx.plan, ctx.temperature, ctx.precision, ctx.splits = plan, temperature, precision, splits
+        ctx.shared = keys is features
         return loss_part.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, go):
         features, keys, q_r, k_r, lse, g = ctx.saved_tensors
         plan = ctx.plan
         d = features.shape[1]
         n_q, n_k = plan.q_idx.numel(), plan.k_idx.numel()
-        d_a, d_b, _, (br, bc, warps, stages) = _config(d, features.device.type != "cuda")
+        d_a, d_b, _, (br, bc, warps, stages) = _config(d, features.element_size(), features.device.type != "cuda")
         go = go.detach().to(torch.float32).reshape(1).contiguous()
         stats = (plan.q_self, lse, g, plan.w, go)
         meta = dict(D_A=d_a, D_B=d_b, BLOCK_R=br, BLOCK_C=bc, PRECISION=ctx.precision, num_warps=warps,
@@ -328,14 +332,17 @@ class _SemanticInfoNCE(torch.autograd.Function):
             return part[0] if s == 1 else part.sum(0).to(x.dtype)
 
         dq = dk = None
-        if ctx.needs_input_grad[0]:
-            dq = torch.zeros_like(features)
-            dq[plan.q_idx.long()] = sweep(features, keys, plan.q_idx, plan.k_idx, q_r, k_r, plan.q_cls, plan.k_cls,
-                                          plan.k_start, plan.k_end, n_q, n_k, True)
         if ctx.needs_input_grad[1]:
             dk = torch.empty_like(keys)
             dk[plan.k_idx.long()] = sweep(keys, features, plan.k_idx, plan.q_idx, k_r, q_r, plan.k_cls, plan.q_cls,
                                           plan.q_start, plan.q_end, n_k, n_q, False)
+        if ctx.needs_input_grad[0]:
+            dq_rows = sweep(features, keys, plan.q_idx, plan.k_idx, q_r, k_r, plan.q_cls, plan.k_cls,
+                            plan.k_start, plan.k_end, n_q, n_k, True)
+            if ctx.shared:  # one tensor on both sides: add into its key gradient instead of a second full one
+                dk.index_add_(0, plan.q_idx, dq_rows)
+            else:
+                dq = torch.zeros_like(features).index_copy_(0, plan.q_idx.long(), dq_rows)
         return dq, dk, None, None, None, None
 
 
@@ -355,14 +362,15 @@ def semantic_infonce(features: torch.Tensor, labels: torch.Tensor, temperature: 
         raise TypeError(f"semantic_infonce: unsupported dtype {features.dtype}")
     if features.shape[1] > 1024:
         raise ValueError(f"semantic_infonce: feature dim {features.shape[1]} > 1024")
+    features = features.contiguous()
     if keys is None:
         keys, key_labels = features, labels
         if self_index is None:
             self_index = torch.arange(labels.numel(), device=labels.device)
-    elif self_index is None:
-        self_index = torch.full_like(labels, -1)
-    features = features.contiguous()
-    keys = features if keys is features else keys.to(features.dtype).contiguous()
+    else:
+        keys = keys.to(features.dtype).contiguous()
+        if self_index is None:
+            self_index = torch.full_like(labels, -1)
     if features.dtype != torch.float32:
         input_precision = "tf32"  # Triton's default; only fp32 operands look at it
     elif input_precision is None:

@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train.trainer import train
 
     cfg = load_config(args.config, args.set)
-    results = train(cfg, data_root(args.data_root))
+    results = train(cfg, data_root(args.data_root), args.stage, Path(args.init) if args.init else None)
     if "test" in results:
         t = results["test"]
         print(f"test P {100 * t['precision']:.2f} R {100 * t['recall']:.2f} F1 {100 * t['f1']:.2f} "
@@ -29,11 +29,26 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .train.trainer import evaluate_checkpoint, write_json
 
-    report = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.batch_size, args.device, args.format)
+    from .eval.metrics import evaluate, f1_by_length, write_length_csv
+
+    gold, pred = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.batch_size, args.device,
+                                     args.format)
+    report = evaluate(gold, pred)
     print(report.format_table())
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
-    write_json(out, dict(checkpoint=str(args.checkpoint), data=str(args.data), **report.to_dict()))
-    print(f"wrote {out}")
+    by_length = {"model": f1_by_length(gold, pred)}
+    write_json(out, dict(checkpoint=str(args.checkpoint), data=str(args.data), **report.to_dict(),
+                         f1_by_length=[row._asdict() for row in by_length["model"]]))
+    write_length_csv(by_length, out.with_suffix(".length.csv"))
+    written = [out, out.with_suffix(".length.csv")]
+    try:
+        from .eval.plots import plot_f1_by_length
+
+        plot_f1_by_length(by_length, out.with_suffix(".length.png"))
+        written.append(out.with_suffix(".length.png"))
+    except ImportError as err:
+        log.warning("F1-by-length plot skipped: %s", err)
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
@@ -65,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.epochs=5")
     p.add_argument("--data-root", help="root of the corpus paths in the config (default $NERCO_DATA_ROOT or data/)")
+    p.add_argument("--stage", choices=("contrastive", "finetune", "both"),
+                   help="which stage(s) to run (default: both when contrastive.enabled, else finetune)")
+    p.add_argument("--init", help="stage-1 checkpoint for fine-tuning to start from")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a labelled corpus file")

@@ -32,6 +32,7 @@ class DataConfig:
     bigram_vectors: str | None = None
     word_vectors: str | None = None
     min_freq: int = 1
+    limit: int | None = None  # use only the first N sentences of each split (quick experiments, smoke tests)
 
 
 @dataclass
@@ -52,7 +53,8 @@ class ModelConfig:
     residual_dropout: float = 0.15
     output_dropout: float = 0.3
     bert: str | None = None  # a local Hugging Face directory (nothing is downloaded)
-    crf_constraints: bool = True  # forbid O -> I-X and B-X -> I-Y when decoding
+    crf_constraints: bool = True  # forbid O -> I-X and B-X -> I-Y (in the likelihood and at decode)
+    projection_head: bool = False  # contrastive loss on an MLP projection of the features, not the features
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TrainConfig:
     batch_size: int = 10
     eval_batch_size: int = 32
     patience: int = 0  # epochs without dev improvement before stopping; 0 = never stop early
+    head_only_epochs: int = 0  # first epochs of fine-tuning train only Linear + CRF (encoder under no_grad)
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -78,10 +81,31 @@ class TrainConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """Stage 1 of NerCo, and the paper's ablations of it."""
+
+    enabled: bool = False  # false: the baseline, fine-tuning only
+    joint: bool = False  # ablation: one stage on CRF NLL + joint_weight * InfoNCE instead of two stages
+    joint_weight: float = 1.0
+    non_entity_queries: bool = False  # ablation: no filtering of non-entity queries (O is a query class too)
+    temperature: float = 0.07
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    lr_decay: float = 0.05
+    epochs: int = 30
+    batch_size: int = 32
+    patience: int = 10  # selection: lowest dev contrastive loss
+    backend: str = "auto"  # auto | torch | triton: where the loss runs (auto: Triton on CUDA)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -36,12 +36,14 @@ def semantic_class_infonce(features: torch.Tensor, labels: torch.Tensor, tempera
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(f"expected features (N, d) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"expected features (N, d) and labels (N,), "
+                         f"got {tuple(features.shape)} and {tuple(labels.shape)}")
     if (keys is None) != (key_labels is None):
         raise ValueError("keys and key_labels go together")
     if keys is None and self_index is not None:
         raise ValueError("self_index needs keys")
-    if keys is not None and (keys.dim() != 2 or keys.shape[1] != features.shape[1] or key_labels.shape != keys.shape[:1]):
+    if keys is not None and (keys.dim() != 2 or keys.shape[1] != features.shape[1]
+                             or key_labels.shape != keys.shape[:1]):
         raise ValueError(f"expected keys (Nk, {features.shape[1]}) and key_labels (Nk,), "
                          f"got {tuple(keys.shape)} and {tuple(key_labels.shape)}")
     if self_index is not None and self_index.shape != labels.shape:

@@ -15,5 +15,8 @@ DATA_ROOT = Path(os.environ.get("NERCO_DATA_ROOT", REPO.parent / "shared" / "dat
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "resume").is_dir():
-        pytest.skip(f"corpora not found under {DATA_ROOT} (set NERCO_DATA_ROOT)")
+        message = f"corpora not found under {DATA_ROOT} (set NERCO_DATA_ROOT)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return DATA_ROOT

@@ -20,6 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
+LIMIT = 150  # tiny.yaml's data.limit
+
+
+@pytest.fixture(scope="module")
+def dev_subset(tmp_path_factory, data_root):
+    """The sentences tiny.yaml trains and tests on, as a file for ``nerco eval --data``."""
+    sentences = read_corpus(data_root / "resume/dev.char.bmes").sentences[:LIMIT]
+    path = tmp_path_factory.mktemp("subset") / "dev150.bio"
+    path.write_text("".join("".join(f"{c} {t}\n" for c, t in zip(s.chars, s.tags)) + "\n" for s in sentences),
+                    encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("tiny")
@@ -39,7 +52,7 @@ def test_train_writes_checkpoints_results_and_tensorboard(trained):
 
 def test_checkpoint_round_trip_gives_identical_predictions(trained, data_root, tmp_path):
     """Load best.pt twice (fresh process state each time): identical predictions, equal to results.json."""
-    sentences = read_corpus(data_root / "resume/dev.char.bmes").sentences
+    sentences = read_corpus(data_root / "resume/dev.char.bmes").sentences[:LIMIT]
     preds = []
     for _ in range(2):
         task, model = load_for_inference(trained / "best.pt", "cpu")
@@ -49,14 +62,18 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, data_root, t
     assert report.f1 == pytest.approx(json.loads((trained / "results.json").read_text())["test"]["f1"], abs=1e-12)
 
 
-def test_eval_prints_table_and_writes_json(trained, data_root, tmp_path, capsys):
+def test_eval_prints_table_and_writes_json(trained, dev_subset, tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert main(["eval", str(trained / "best.pt"), "--data", str(data_root / "resume/dev.char.bmes"),
+    assert main(["eval", str(trained / "best.pt"), "--data", str(dev_subset),
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "micro" in printed and "Type Acc" in printed
     report = json.loads(out.read_text())
     assert report["f1"] == pytest.approx(json.loads((trained / "results.json").read_text())["test"]["f1"])
+    rows = report["f1_by_length"]
+    assert sum(r["sentences"] for r in rows) == LIMIT and sum(r["gold_entities"] for r in rows) == report["n_gold"]
+    assert out.with_suffix(".length.csv").is_file()
+    assert out.with_suffix(".length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predict_raw_text_json_lines(trained, tmp_path):

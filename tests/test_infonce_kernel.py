@@ -150,3 +150,22 @@ def test_rejects_unsupported_inputs():
         semantic_infonce(torch.randn(4, 3, dtype=F64), torch.tensor([0, 1, 1, 0]))
     with pytest.raises(ValueError):
         semantic_infonce(torch.randn(4, 1025), torch.tensor([0, 1, 1, 0]))
+
+
+def test_gradient_of_one_side_only():
+    keys, key_labels = batch(50, 12, 3, 0.5, 15)
+    rows = torch.arange(0, 50, 3)
+    queries = keys[rows] + 0.1
+
+    def both(q, k, backend):
+        return semantic_class_infonce(q, key_labels[rows], keys=k, key_labels=key_labels, self_index=rows,
+                                      backend=backend)
+
+    for q_grad in (True, False):
+        q, k = queries.clone().requires_grad_(q_grad), keys.clone().requires_grad_(not q_grad)
+        both(q, k, "triton").backward()
+        q64, k64 = queries.double().requires_grad_(q_grad), keys.double().requires_grad_(not q_grad)
+        both(q64, k64, "torch").backward()
+        got, want = (q.grad, q64.grad) if q_grad else (k.grad, k64.grad)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+        assert (k.grad if q_grad else q.grad) is None

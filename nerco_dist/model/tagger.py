@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .crf import build_crf
+from .crf import bio_allowed_transitions, build_crf
 from .flat import FlatEncoder
 
 
@@ -45,6 +45,8 @@ class NerTagger(nn.Module):
         self.encoder = FlatEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.head_dim, cfg.ff_ratio, cfg.attn_dropout,
                                    cfg.ff_dropout, cfg.residual_dropout, cfg.position_fusion, cfg.attn_scaled)
         self.output_dropout = nn.Dropout(cfg.output_dropout)
+        self.projection = (nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden))
+                           if cfg.projection_head else nn.Identity())
         self.head = OutputHead(cfg.hidden, self.labels, cfg.crf_constraints)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -66,11 +68,16 @@ class NerTagger(nn.Module):
         out = out[:, 1:-1]
         return nn.functional.pad(out, (0, 0, 0, lattice_len - out.shape[1]))
 
+    def contrastive_features(self, features: torch.Tensor) -> torch.Tensor:
+        """What the contrastive loss compares: the features, or their MLP projection when configured."""
+        return self.projection(features)
+
     def bert_parameters(self) -> list[nn.Parameter]:
         return list(self.bert.parameters()) if self.bert is not None else []
 
     def encoder_parameters(self) -> list[nn.Parameter]:
-        """Everything but the output head (and BERT, listed by :meth:`bert_parameters`)."""
+        """Everything but the output head (and BERT, listed by :meth:`bert_parameters`); includes the
+        projection head, which only the contrastive loss uses."""
         skip = {id(p) for p in self.bert_parameters()} | {id(p) for p in self.head.parameters()}
         return [p for p in self.parameters() if id(p) not in skip]
 
@@ -89,7 +96,7 @@ class OutputHead(nn.Module):
     def __init__(self, hidden: int, labels: Sequence[str], constraints: bool):
         super().__init__()
         self.emission = nn.Linear(hidden, len(labels))
-        self.crf = build_crf(len(labels))
+        self.crf = build_crf(len(labels), allowed=bio_allowed_transitions(labels) if constraints else None)
 
     def nll(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return -self.crf(self.emission(features), labels, mask, reduction="mean")

@@ -48,6 +48,8 @@ def read_splits(cfg: Config, root: Path) -> Splits:
         train, dev = holdout_split(train, d.dev_fraction, cfg.train.seed)
         log.info("no dev split: holding out %d of the training sentences (seed %d)", len(dev), cfg.train.seed)
     test = read_corpus(resolve_data_path(d.test, root), d.format).sentences if d.test else None
+    if d.limit:
+        train, dev, test = train[: d.limit], dev[: d.limit], test[: d.limit] if test else None
     return Splits(train, dev, test)
 
 

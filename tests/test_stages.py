@@ -1,0 +1,150 @@
+"""NerCo's two stages and the paper's ablation switches, on a tiny model and real data."""
+
+import math
+
+import pytest
+import torch
+
+from nerco_dist import losses
+from nerco_dist.config import load_config
+from nerco_dist.train import trainer
+from nerco_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from nerco_dist.train.task import Task, read_splits
+
+from .test_bert import tiny_bert  # noqa: F401  (fixture)
+from .test_cli import TINY
+
+FAST = ["data.max_len=40", "train.epochs=1", "contrastive.epochs=1", "contrastive.batch_size=32"]
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(TINY, FAST + [f"train.out_dir={tmp_path}", *overrides])
+
+
+def initial_model(cfg, data_root):
+    """The model exactly as a stage builds it before training (same seed, same data)."""
+    splits = read_splits(cfg, data_root)
+    task = Task.from_training_data(cfg, splits.train, data_root)
+    trainer.seed_everything(cfg.train.seed)
+    return task.build_model(data_root, seed=cfg.train.seed)
+
+
+def split_state(state):
+    head = {k: v for k, v in state.items() if k.startswith("head.")}
+    bert = {k: v for k, v in state.items() if k.startswith("bert.")}
+    rest = {k: v for k, v in state.items() if k not in head and k not in bert}
+    return head, bert, rest
+
+
+def equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_handoff_takes_encoder_and_leaves_a_fresh_head(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, "contrastive.enabled=true")
+    stage1 = initial_model(cfg, data_root)
+    torch.manual_seed(123)
+    for p in stage1.parameters():
+        p.data.add_(torch.randn_like(p))  # a "trained" stage-1 model: every weight differs from init
+    ckpt = tmp_path / "stage1.pt"
+    task = Task.from_training_data(cfg, read_splits(cfg, data_root).train, data_root)
+    save_checkpoint(ckpt, model_state=stage1.state_dict(), **task.state_dict())
+    fresh = initial_model(cfg, data_root)
+    fresh_head, _, _ = split_state(fresh.state_dict())
+    trainer.load_encoder(fresh, ckpt)
+    head, _, rest = split_state(fresh.state_dict())
+    s1_head, _, s1_rest = split_state(stage1.state_dict())
+    assert equal(rest, s1_rest)  # encoder from stage 1
+    assert equal(head, fresh_head) and not equal(head, s1_head)  # head fresh
+
+
+def test_both_stages_end_to_end(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, "contrastive.enabled=true")
+    assert trainer.default_stage(cfg) == "both"
+    results = trainer.train(cfg, data_root)
+    assert results["contrastive"]["best_epoch"] == 1 and math.isfinite(results["contrastive"]["best_dev_loss"])
+    assert (tmp_path / "contrastive" / "best.pt").is_file() and "test" in results
+    stage1 = load_checkpoint(tmp_path / "contrastive" / "best.pt")
+    assert stage1["stage"] == "contrastive"
+    # stage 1 trains the encoder but never the output head
+    head0, _, rest0 = split_state(initial_model(cfg, data_root).state_dict())
+    head1, _, rest1 = split_state(stage1["model"])
+    assert equal(head1, head0) and not equal(rest1, rest0)
+
+
+def test_head_only_epochs_change_only_the_head(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, "train.head_only_epochs=1")
+    trainer.train(cfg, data_root, stage="finetune")
+    head0, _, rest0 = split_state(initial_model(cfg, data_root).state_dict())
+    head1, _, rest1 = split_state(load_checkpoint(tmp_path / "last.pt")["model"])
+    assert equal(rest1, rest0)
+    assert all(not torch.equal(head1[k], head0[k]) for k in head1)
+
+
+def test_frozen_bert_is_unchanged_after_stage_one(tmp_path, data_root, tiny_bert):  # noqa: F811
+    cfg = tiny_config(tmp_path, "contrastive.enabled=true", f"model.bert={tiny_bert}")
+    trainer.train(cfg, data_root, stage="contrastive")
+    _, bert0, rest0 = split_state(initial_model(cfg, data_root).state_dict())
+    _, bert1, rest1 = split_state(load_checkpoint(tmp_path / "contrastive" / "best.pt")["model"])
+    assert bert1 and equal(bert1, bert0)
+    assert not equal(rest1, rest0)
+
+
+def test_baseline_switch_skips_stage_one(tmp_path, data_root):
+    cfg = tiny_config(tmp_path)  # contrastive.enabled defaults to false: the baseline
+    assert trainer.default_stage(cfg) == "finetune"
+    results = trainer.train(cfg, data_root)
+    assert "contrastive" not in results and not (tmp_path / "contrastive").exists()
+
+
+def test_joint_switch_adds_infonce_to_the_crf_loss(tmp_path, data_root, monkeypatch):
+    calls = []
+    real = losses.semantic_class_infonce
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("non_entity_queries"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "semantic_class_infonce", spy)
+    cfg = tiny_config(tmp_path, "contrastive.enabled=true", "contrastive.joint=true")
+    assert trainer.default_stage(cfg) == "finetune"  # one stage
+    trainer.train(cfg, data_root)
+    assert len(calls) > 10 and not (tmp_path / "contrastive").exists()
+    calls.clear()
+    trainer.train(tiny_config(tmp_path / "plain"), data_root)
+    assert calls == []
+
+
+def literal_class_term(f, labels, c, tau):
+    """The paper's per-class term, transcribed with loops."""
+    f = torch.nn.functional.normalize(f.double(), dim=1)
+    P = [i for i in range(len(labels)) if labels[i] == c]
+    N = [i for i in range(len(labels)) if labels[i] != c]
+    total = 0.0
+    for i in P:
+        for j in P:
+            if i != j:
+                pos = math.exp(f[i] @ f[j] / tau)
+                neg = sum(math.exp(f[i] @ f[n] / tau) for n in N)
+                total += -math.log(pos / (pos + neg))
+    return total / (len(P) * (len(P) - 1))
+
+
+def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, "contrastive.enabled=true")
+    splits = read_splits(cfg, data_root)
+    task = Task.from_training_data(cfg, splits.train, data_root)
+    pieces = task.encoder.encode(splits.train[:6])
+    batch = next(iter(task.batches(pieces, [list(range(len(pieces)))])))
+    model = task.build_model(data_root).double().eval()
+    run = trainer.Run(cfg, data_root, task, splits, pieces, torch.device("cpu"), tmp_path)
+    with torch.no_grad():
+        features = model.encode(batch)
+        filtered = trainer.contrastive_loss(run, model, batch, features)
+        cfg.contrastive.non_entity_queries = True
+        unfiltered = trainer.contrastive_loss(run, model, batch, features)
+    tokens = features[batch["char_mask"]]
+    labels = batch["class_ids"][batch["char_mask"]].tolist()
+    assert 0 in labels and len(set(labels)) > 2
+    o_term = literal_class_term(tokens, labels, 0, cfg.contrastive.temperature)
+    assert (unfiltered - filtered).item() == pytest.approx(o_term, rel=1e-9)

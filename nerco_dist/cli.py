@@ -70,6 +70,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import analyze
+
+    summary = analyze(Path(args.baseline), Path(args.nerco), Path(args.data), Path(args.out),
+                      Path(args.stage1) if args.stage1 else None, args.tsne_tokens, args.seed, args.device)
+    for name, s in summary.items():
+        print(f"{name:10s} F1 {100 * s['f1']:.2f}  Span F {100 * s['span_f']:.2f}  Type Acc {100 * s['type_acc']:.2f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nerco", description="NerCo Chinese NER: FLAT (+BERT) + CRF")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -100,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("analyze", help="baseline vs NerCo: Span F / Type Acc, F1 by length, t-SNE plots")
+    p.add_argument("--baseline", required=True, help="baseline (fine-tuning only) checkpoint")
+    p.add_argument("--nerco", required=True, help="NerCo stage-2 checkpoint")
+    p.add_argument("--stage1", help="NerCo stage-1 checkpoint, for the t-SNE after the contrastive stage")
+    p.add_argument("--data", required=True, help="labelled test corpus file")
+    p.add_argument("--out", required=True, help="output folder for the tables and PNG plots")
+    p.add_argument("--tsne-tokens", type=int, default=1500, help="entity tokens sampled for t-SNE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_analyze)
     return parser
 
 

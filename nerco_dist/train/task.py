@@ -106,23 +106,40 @@ class Task:
     def batches(self, pieces: Sequence[Piece], batch_sampler) -> "BatchIterable":
         return BatchIterable(pieces, batch_sampler, self.labels.label_to_class())
 
+    def _eval_batches(self, model: NerTagger, sentences: Sequence[Sentence], batch_size: int, device: torch.device):
+        """Pieces of whole sentences (cut without looking at gold), in eval-mode batches of similar length."""
+        pieces = self.encoder.encode(sentences, with_labels=False)
+        order = sorted(range(len(pieces)), key=lambda i: pieces[i].lattice_len)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                chunk = [pieces[i] for i in order[start : start + batch_size]]
+                yield chunk, {k: t.to(device) for k, t in collate(chunk).items()}
+        finally:
+            model.train(was_training)
+
     @torch.no_grad()
     def predict_tags(self, model: NerTagger, sentences: Sequence[Sentence], batch_size: int,
                      device: torch.device) -> list[list[str]]:
         """BIO predictions for whole sentences: long sentences are cut into pieces and joined back."""
-        pieces = self.encoder.encode(sentences, with_labels=False)
         predicted = [["O"] * len(s) for s in sentences]
-        order = sorted(range(len(pieces)), key=lambda i: pieces[i].lattice_len)
-        was_training = model.training
-        model.eval()
-        for start in range(0, len(order), batch_size):
-            chunk = [pieces[i] for i in order[start : start + batch_size]]
-            batch = {k: t.to(device) for k, t in collate(chunk).items()}
+        for chunk, batch in self._eval_batches(model, sentences, batch_size, device):
             for piece, label_ids in zip(chunk, model.predict(batch)):
                 predicted[piece.sentence][piece.start : piece.start + piece.num_chars] = [
                     self.labels.labels[i] for i in label_ids]
-        model.train(was_training)
         return predicted
+
+    @torch.no_grad()
+    def sentence_features(self, model: NerTagger, sentences: Sequence[Sentence], batch_size: int,
+                          device: torch.device) -> list[np.ndarray]:
+        """Encoder features (n_chars, hidden) of each whole sentence, pieces joined back."""
+        features = [np.zeros((len(s), model.cfg.hidden), dtype=np.float32) for s in sentences]
+        for chunk, batch in self._eval_batches(model, sentences, batch_size, device):
+            encoded = model.encode(batch).float().cpu().numpy()
+            for b, piece in enumerate(chunk):
+                features[piece.sentence][piece.start : piece.start + piece.num_chars] = encoded[b, : piece.num_chars]
+        return features
 
 
 class BatchIterable:

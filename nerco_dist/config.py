@@ -133,11 +133,13 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    path = Path(path)
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is read first and this
+    file's sections are merged over it key by key."""
     if not path.is_file():
         raise InputError(path, "config file not found")
+    if path.resolve() in seen:
+        raise InputError(path, "config 'base' chain loops back to itself")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -147,6 +149,22 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         raise InputError(path, "not valid UTF-8") from None
     if not isinstance(raw, dict):
         raise InputError(path, "a config must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    raw = _read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.split(".")

@@ -137,6 +137,22 @@ def test_bert_name_that_is_not_a_directory_is_refused(tmp_path, data_root):
     assert proc.returncode == 2 and "download" in proc.stderr
 
 
+def test_base_config_is_merged_under_the_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  lr: 0.1\n  epochs: 3\nmodel:\n  hidden: 64\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain:\n  epochs: 7\n")
+    cfg = load_config(child)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.hidden) == (0.1, 7, 64)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(Exception, match="loops"):
+        load_config(loop)
+    nerco = load_config(REPO / "configs" / "weibo_nerco.yaml")
+    assert nerco.contrastive.enabled and nerco.contrastive.temperature == 0.08
+    assert nerco.data.format == "weibo" and nerco.train.head_only_epochs == 1
+
+
 def test_overrides_are_typed():
     cfg = load_config(TINY, ["train.lr=0.5", "model.bert=null", "data.max_len=7"])
     assert cfg.train.lr == 0.5 and cfg.model.bert is None and cfg.data.max_len == 7

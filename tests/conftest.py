@@ -7,6 +7,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One intra-op thread: the tests' tensors are small, and on a shared 2-core machine extra OpenMP threads
+# spin against each other (measured: a training epoch 7x slower with 2 threads under load than with 1).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("NERCO_DATA_ROOT", REPO.parent / "shared" / "data"))

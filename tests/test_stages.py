@@ -134,7 +134,7 @@ def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_
     cfg = tiny_config(tmp_path, "contrastive.enabled=true")
     splits = read_splits(cfg, data_root)
     task = Task.from_training_data(cfg, splits.train, data_root)
-    pieces = task.encoder.encode(splits.train[:6])
+    pieces = task.encoder.encode(splits.train[:2])
     batch = next(iter(task.batches(pieces, [list(range(len(pieces)))])))
     model = task.build_model(data_root).double().eval()
     run = trainer.Run(cfg, data_root, task, splits, pieces, torch.device("cpu"), tmp_path)

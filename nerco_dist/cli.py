@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,10 +16,27 @@ log = logging.getLogger("nerco_dist")
 
 def _train(args: argparse.Namespace) -> int:
     from .config import data_root, load_config
-    from .train.trainer import train
+    from .train import distributed
+    from .train.trainer import NonFiniteLoss, train
 
     cfg = load_config(args.config, args.set)
-    results = train(cfg, data_root(args.data_root), args.stage, Path(args.init) if args.init else None)
+    try:
+        results = train(cfg, data_root(args.data_root), args.stage, Path(args.init) if args.init else None,
+                        resume=not args.no_resume)
+    except NonFiniteLoss as err:
+        print(f"nerco: error: {err}", file=sys.stderr)
+        return 3
+    except Exception as err:
+        if distributed.world_size() > 1 and distributed.is_peer_failure(err):
+            # another rank died or hung: say so and leave now (tearing down a broken process group can hang)
+            print(f"nerco: error: rank {distributed.rank()}: lost contact with the other ranks "
+                  f"({type(err).__name__}: {str(err).strip()[:300]}); a rank died, hung for more than "
+                  f"distributed.timeout_s={cfg.distributed.timeout_s:g} s or failed: see its log", file=sys.stderr,
+                  flush=True)
+            os._exit(3)
+        raise
+    if not distributed.is_main():
+        return 0
     if "test" in results:
         t = results["test"]
         print(f"test P {100 * t['precision']:.2f} R {100 * t['recall']:.2f} F1 {100 * t['f1']:.2f} "
@@ -84,6 +102,8 @@ def _analyze(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nerco", description="NerCo Chinese NER: FLAT (+BERT) + CRF")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK is read from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a tagger from a YAML config")
@@ -94,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=("contrastive", "finetune", "both"),
                    help="which stage(s) to run (default: both when contrastive.enabled, else finetune)")
     p.add_argument("--init", help="stage-1 checkpoint for fine-tuning to start from")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh instead of continuing from the resume checkpoints in train.out_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a labelled corpus file")

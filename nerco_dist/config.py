@@ -101,11 +101,26 @@ class ContrastiveConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training with DeepSpeed; the defaults leave a single process on the local engine."""
+
+    config: str | None = None  # DeepSpeed JSON (configs/ds/zero2.json); unset: DeepSpeed only under a launcher
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size x grad_accum x ranks
+    lr_scaling: str = "none"  # none | linear | sqrt: lr x (global batch / base_batch), or its square root
+    base_batch: int = 0  # the global batch the configured lr is for; 0: the stage's batch_size
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (DeepSpeed engine only)
+    timeout_s: float = 600.0  # a collective waiting longer (a rank died or hangs) fails the run
+    max_nonfinite: int = 10  # consecutive non-finite losses (each step skipped) before the run aborts
+    checkpoint_every: int = 0  # optimizer steps between resume checkpoints; 0: at the end of each epoch only
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)

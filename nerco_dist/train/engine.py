@@ -1,41 +1,206 @@
 """The one place that builds the training engine: what turns a loss into a parameter update.
 
-The engine owns the optimizer, the learning-rate schedule and gradient clipping; the trainer only calls
-``backward(loss)`` and ``step()``.
+Two engines behind one small interface — ``forward(fn)``, ``backward(loss)``, ``step()``, ``lr``,
+``full_state_dict()``, ``inference_model()``, ``save_checkpoint``/``load_checkpoint`` — so the trainer reads
+the same with one process or many:
+
+- :class:`LocalEngine`: one process, a torch optimizer, gradient clipping by value (the paper's), gradient
+  accumulation;
+- :class:`DeepSpeedEngine`: ``deepspeed.initialize`` with a ZeRO stage 0-3 JSON (``configs/ds/``), bf16 on
+  GPU and fp32 on CPU, gradients averaged over ranks. Clipping there is DeepSpeed's ``gradient_clipping``
+  (by global norm): clipping by value is element-wise and would need every partition of the flat ZeRO
+  gradient buffers, which DeepSpeed does not expose, so ``train.clip_value`` does not apply.
+
+Both take the optimizer and LR schedule of the training config (``optim.py``), with the learning rate scaled
+for the global batch (``distributed.lr_scaling``). The model knows nothing of either.
+
+An engine trains a fixed set of parameters: DeepSpeed reads ``requires_grad`` once, in ``initialize``.
+When the trainable set changes (stage 1 to stage 2, head-only epochs, BERT unfreezing) the trainer builds a
+new engine; a DeepSpeed engine also needs a fresh model then (it partitions and hooks the one it is given).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from .optim import build_optimizer, build_scheduler
+from ..atomic import atomic_path
+from ..config import Config, DistributedConfig, TrainConfig
+from . import distributed as dist
+from .optim import build_optimizer, lr_factor
+
+log = logging.getLogger("nerco_dist")
+
+REPO = Path(__file__).resolve().parents[2]
+LATEST = "latest.json"
 
 
-class LocalEngine:
+def scaled_lr(lr: float, micro_batch: int, d: DistributedConfig, world: int) -> float:
+    """``lr`` for the global batch micro x accumulation x world size: unchanged (``none``), or scaled by
+    global / base (``linear``) or its square root (``sqrt``); ``base_batch`` 0 means the micro batch."""
+    base = d.base_batch or micro_batch
+    ratio = micro_batch * d.grad_accum * world / base
+    if d.lr_scaling == "none":
+        return lr
+    if d.lr_scaling == "linear":
+        return lr * ratio
+    if d.lr_scaling == "sqrt":
+        return lr * math.sqrt(ratio)
+    raise ValueError(f"distributed.lr_scaling={d.lr_scaling!r}: expected none, linear or sqrt")
+
+
+def schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int,
+             start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The paper's warmup and per-epoch decay (``optim.lr_factor``) over optimizer steps, from ``start_step``."""
+    total = steps_per_epoch * epochs
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step + start_step, steps_per_epoch, total, cfg.warmup, cfg.lr_decay))
+
+
+def uses_deepspeed(cfg: Config) -> bool:
+    """DeepSpeed when a DeepSpeed config is given or the launcher started several ranks."""
+    return bool(cfg.distributed.config) or dist.launched()
+
+
+def resolve_ds_config(path: str | None) -> Path | None:
+    """A DeepSpeed JSON: as given, else relative to the repository (``configs/ds/zero2.json``)."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file() and not p.is_absolute() and (REPO / p).is_file():
+        p = REPO / p
+    if not p.is_file():
+        raise FileNotFoundError(f"distributed.config={path!r}: DeepSpeed config not found")
+    return p
+
+
+def deepspeed_config(d: DistributedConfig, micro_batch: int, device: torch.device) -> dict:
+    """The JSON file's ZeRO and communication settings, plus what the training config decides: batch sizes,
+    accumulation, precision. Optimizer and scheduler come from the training config, never the JSON."""
+    path = resolve_ds_config(d.config)
+    ds = json.loads(path.read_text()) if path else {"zero_optimization": {"stage": 0}}
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(f"{path}: remove '{key}': the optimizer and LR schedule come from the training config")
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}  # "_comment" keys
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=d.grad_accum,
+              train_batch_size=micro_batch * d.grad_accum * dist.world_size())
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs
+    precision = d.precision if d.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"distributed.precision={d.precision!r}: expected auto, bf16 or fp32")
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds.pop("fp16", None)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+class _Engine:
+    """What both engines share: optimizer-step bookkeeping and resume checkpoints (a tag per save, the newest
+    named in ``latest.json``, older tags removed)."""
+
+    model: nn.Module
+    grad_accum: int = 1
+    distributed = False
+
+    def __init__(self):
+        self.micro_steps = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """No gradient accumulation pending: the last micro-batch ended with an optimizer step."""
+        return self.micro_steps % self.grad_accum == 0
+
+    def save_checkpoint(self, directory: Path, progress: dict) -> None:
+        """Everything to continue training: weights, optimizer, LR schedule, every rank's RNG state and
+        ``progress`` (the trainer's JSON-able state). Collective: every rank calls it."""
+        directory = Path(directory)
+        tag = f"step{progress['step']}"
+        state = dict(progress=progress, rng=dist.gather_objects(dist.rng_state()), micro_steps=self.micro_steps)
+        self._save(directory, tag, state)
+        dist.barrier()
+        if dist.is_main():
+            with atomic_path(directory / LATEST) as tmp:
+                tmp.write_text(json.dumps(dict(tag=tag, progress=progress), indent=1))
+            for old in directory.iterdir():
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load_checkpoint(self, directory: Path) -> dict | None:
+        """Restore the newest checkpoint under ``directory``; its ``progress``, or None when there is none."""
+        latest = read_latest(directory)
+        if latest is None:
+            return None
+        state = self._load(Path(directory), latest["tag"])
+        self.micro_steps = state["micro_steps"]
+        rng = state["rng"]
+        if len(rng) != dist.world_size():
+            raise ValueError(f"{directory}: saved by {len(rng)} ranks, resumed with {dist.world_size()}")
+        dist.set_rng_state(rng[dist.rank()])
+        return state["progress"]
+
+    def close(self) -> None:
+        pass
+
+
+def read_latest(directory: Path) -> dict | None:
+    """``{"tag", "progress"}`` of the newest resume checkpoint under ``directory``, or None."""
+    path = Path(directory) / LATEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class LocalEngine(_Engine):
     """Single-process optimisation: backward, clip gradients by value, optimizer and schedule step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, clip_value: float | None):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, clip_value: float | None, grad_accum: int = 1):
+        super().__init__()
         self.model, self.optimizer, self.scheduler, self.clip_value = model, optimizer, scheduler, clip_value
+        self.grad_accum = grad_accum
+        self.steps = 0
+
+    def forward(self, fn: Callable):
+        return fn()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
     def step(self) -> None:
+        self.micro_steps += 1
+        if not self.at_boundary:
+            return
         if self.clip_value:
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_value_(params, self.clip_value)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def full_state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def inference_model(self, weights: dict | None = None) -> nn.Module:
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        return self.model
 
     def state_dict(self) -> dict:
         return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
@@ -44,10 +209,136 @@ class LocalEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def _save(self, directory: Path, tag: str, state: dict) -> None:
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / tag / "local.pt") as tmp:
+            torch.save(dict(model=self.model.state_dict(), steps=self.steps, **self.state_dict(), **state), tmp)
+
+    def _load(self, directory: Path, tag: str) -> dict:
+        state = torch.load(directory / tag / "local.pt", map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # the LR schedule was built at the resumed step
+        self.steps = state["steps"]
+        return state
+
+
+class _Forward(nn.Module):
+    """DeepSpeed's view of the model: ``forward(fn)`` runs the trainer's model calls as the engine's forward
+    pass, so ZeRO-3 gathers each parameter as it is used (FLAT reads some weights outside their module)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable):
+        return fn()
+
+
+class DeepSpeedEngine(_Engine):
+    distributed = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, ds_config: dict, trainable: Sequence[nn.Parameter]):
+        import deepspeed
+
+        super().__init__()
+        self.model, self.config = model, ds_config
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self._eval_model = copy.deepcopy(model).eval()  # plain fp32 copy, refreshed from the engine for eval
+        for p in self._eval_model.parameters():
+            p.requires_grad_(False)
+        self._trainable = {id(p) for p in trainable}
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False)
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.config)
+
+    @property
+    def steps(self) -> int:
+        return self.ds.global_steps
+
+    def forward(self, fn: Callable):
+        return self.ds(fn)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        self.ds.step()
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def full_state_dict(self) -> dict:
+        """The model's weights as plain fp32 tensors on every rank (ZeRO partitions and bf16 copies put back
+        together from the fp32 master weights). Collective."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.model.named_parameters():
+            full = safe_get_full_fp32_param(p) if id(p) in self._trainable else None
+            if full is None:
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    full = p.detach().clone()
+            state[name] = full.detach().float().reshape(self._eval_model.get_parameter(name).shape).cpu()
+        keys = self._eval_model.state_dict().keys()
+        for name, b in self.model.named_buffers():
+            if name in keys:
+                state[name] = b.detach().clone().cpu()
+        return {k: state[k] for k in keys}
+
+    def inference_model(self, weights: dict | None = None) -> nn.Module:
+        """An fp32 copy of the model with the current weights (or ``weights``), for evaluation without the
+        engine's hooks: exactly the weights a checkpoint of this moment holds. Collective without weights."""
+        self._eval_model.load_state_dict(self.full_state_dict() if weights is None else weights)
+        return self._eval_model
+
+    def _save(self, directory: Path, tag: str, state: dict) -> None:
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=dict(nerco=state), save_latest=False)
+
+    def _load(self, directory: Path, tag: str) -> dict:
+        # the LR schedule was built at the resumed step (``start_step``): its saved state is not loaded
+        path, client = self.ds.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"{directory}/{tag}: DeepSpeed could not load this checkpoint")
+        return client["nerco"]
+
+    def close(self) -> None:
+        destroy = getattr(self.ds, "destroy", None)
+        if destroy is not None:
+            destroy()
+
 
 def build_engine(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Parameter],
-                 bert_params: Sequence[nn.Parameter], steps_per_epoch: int, epochs: int) -> LocalEngine:
-    """An engine over ``params`` (at ``cfg.lr``) and ``bert_params`` (at ``cfg.lr * cfg.bert_lr_ratio``)."""
-    optimizer = build_optimizer(cfg, params, bert_params)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, epochs)
-    return LocalEngine(model, optimizer, scheduler, cfg.clip_value)
+                 bert_params: Sequence[nn.Parameter], steps_per_epoch: int, epochs: int, *,
+                 distributed: DistributedConfig | None = None, device: torch.device | None = None,
+                 start_step: int = 0):
+    """An engine training ``params`` (at the scaled ``cfg.lr``) and ``bert_params`` (at ``bert_lr_ratio``
+    of it); every other parameter of ``model`` is frozen. ``steps_per_epoch`` counts micro-batches;
+    ``start_step`` is where the LR schedule starts (an engine built mid-stage continues the schedule).
+    DeepSpeed when ``distributed.config`` is set or several ranks run, the local engine otherwise."""
+    d = distributed or DistributedConfig()
+    use_ds = bool(d.config) or dist.world_size() > 1
+    trainable = list(params) + list(bert_params)
+    ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    lr = scaled_lr(cfg.lr, cfg.batch_size, d, dist.world_size())
+    stage_cfg = copy.copy(cfg)
+    stage_cfg.lr = lr
+    optimizer = build_optimizer(stage_cfg, params, bert_params)
+    scheduler = schedule(optimizer, stage_cfg, max(1, steps_per_epoch // d.grad_accum), epochs, start_step)
+    if not use_ds:
+        return LocalEngine(model, optimizer, scheduler, cfg.clip_value, d.grad_accum)
+    ds = deepspeed_config(d, cfg.batch_size, device or next(model.parameters()).device)
+    log.info("DeepSpeed: ZeRO stage %d, %s, micro batch %d x accumulation %d x %d ranks = global batch %d, "
+             "lr %.3g, clipping: %s", zero_stage(ds), "bf16" if ds["bf16"]["enabled"] else "fp32",
+             cfg.batch_size, d.grad_accum, dist.world_size(), ds["train_batch_size"], lr,
+             f"global norm {ds['gradient_clipping']}" if ds.get("gradient_clipping") else "none")
+    return DeepSpeedEngine(model, optimizer, scheduler, ds, trainable)

@@ -1,0 +1,201 @@
+"""What the trainer needs to know about the other processes of a run.
+
+Rank and world size, joining the process group the launcher describes (with a timeout, so a rank that dies
+or hangs makes the others fail instead of waiting forever), gathering token features with their gradients
+sent back to the rank that owns them, gathering predictions, sums of scalars, RNG states for resuming.
+With one process and no process group every function here is a no-op or the identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as tdist
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class PeerFailure(RuntimeError):
+    """Another rank died, hung past the timeout, or failed: this rank cannot go on."""
+
+
+def launched() -> bool:
+    """Started by a launcher (deepspeed, torchrun, srun wrapper) for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(device: torch.device, timeout_s: float) -> None:
+    """Join the launcher's process group (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment), or make a
+    one-process group when there is no launcher. NCCL on CUDA, gloo on CPU. Collectives that wait longer
+    than ``timeout_s`` raise instead of hanging."""
+    if initialized():
+        return
+    if "RANK" not in os.environ:  # no launcher: a group of one, so DeepSpeed runs in a plain process too
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # NCCL: a timed-out collective raises
+    # DeepSpeed calls torch's *_tensor collectives, which torch now reports as deprecated on every call
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
+    import deepspeed
+
+    if device.type == "cpu":
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce on first use (about a minute);
+        # gloo does the same job without compiling. NERCO_DS_SHM_COMM=1 brings the compiled op back.
+        if os.environ.get("NERCO_DS_SHM_COMM", "0") != "1":
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def device_for_rank(name: str) -> torch.device:
+    """``auto``/``cuda``: this rank's GPU (LOCAL_RANK) when there is one; ``cpu`` otherwise."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    return device
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    if initialized():
+        tdist.barrier()
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Element-wise sums of a few numbers over all ranks (one collective)."""
+    if not initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not initialized():
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order. Backward: the gradient of every rank's loss with respect
+    to the gathered rows is summed over ranks, and each rank keeps the rows it contributed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ctx.counts, ctx.rank = counts, rank()
+        padded = x.new_zeros((max(counts),) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        tdist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]], None
+
+
+def gather_rows(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (N_r, d) and labels (N_r,) of every rank, padded to the largest rank's count for the transfer and
+    trimmed after it: (keys (sum N_r, d), key_labels, self_index) with ``self_index[i]`` the row of this
+    rank's row i among the keys. The keys' gradients flow back to the ranks that own them."""
+    if not initialized() or world_size() == 1:
+        return x, labels, torch.arange(labels.numel(), device=labels.device)
+    n = torch.tensor([labels.numel()], device=labels.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    tdist.all_gather(sizes, n)
+    counts = [int(s) for s in sizes]
+    padded = labels.new_zeros(max(counts))
+    padded[: labels.numel()] = labels
+    label_parts = [torch.empty_like(padded) for _ in counts]
+    tdist.all_gather(label_parts, padded)
+    key_labels = torch.cat([p[:c] for p, c in zip(label_parts, counts)])
+    keys = _GatherRows.apply(x.contiguous(), counts)
+    start = sum(counts[: rank()])
+    return keys, key_labels, torch.arange(start, start + labels.numel(), device=labels.device)
+
+
+def rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_rank_stream(seed: int) -> None:
+    """After the (identical) model init, give each rank its own dropout stream; one process is left as is."""
+    if world_size() > 1:
+        torch.manual_seed(seed * 1009 + rank())
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an exception means the collective's peers are gone or stuck (not a bug on this rank)."""
+    if isinstance(err, PeerFailure):
+        return True
+    dist_error = getattr(tdist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(s in text for s in (
+        "connection closed by peer", "connection reset by peer", "timed out", "timeout", "broken pipe",
+        "gloo", "nccl", "socket"))

@@ -1,0 +1,33 @@
+"""The wheel installs ``kernels/`` as ``nerco_dist.kernels`` and no top-level ``kernels`` module (PyPI has a
+package of that name); the editable install imports it from the source tree."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_maps_kernels_into_the_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(REPO)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("nerco_dist-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "nerco_dist/kernels/crf.py" in names and "nerco_dist/kernels/infonce.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]
+    # a normal install of that wheel imports the kernels under the package
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", "import nerco_dist.kernels as k; print(k.__file__); print(k.CRF)"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, check=True)
+    assert str(target) in out.stdout
+
+
+def test_editable_install_imports_kernels_from_the_source_tree():
+    import nerco_dist.kernels as k
+
+    assert Path(k.__file__).resolve() == REPO / "kernels" / "__init__.py"
+    assert hasattr(k, "CRF") and hasattr(k, "semantic_infonce")

@@ -197,6 +197,7 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
             acc_b = tl.dot(cw, yb, acc_b, input_precision=PRECISION)
     scale = tl.load(GO) * inv_tau * rx
     shrink = (rx * acc_s / scale2)[:, None]
+    xa, xb = _load_rows(X, x_idx, rows, n_x, stride_x, d, D_A, D_B)  # reloaded: not kept live through the loop
     out = DX_PART + (tl.program_id(1) * n_x + rows.to(tl.int64))[:, None] * d
     ca = tl.arange(0, D_A)
     da = scale[:, None] * (acc_a - shrink * xa.to(tl.float32))
@@ -248,23 +249,26 @@ def _plan_for(labels, key_labels, self_index, non_entity, non_entity_queries) ->
                  (k_end - counts).to(i32), k_end.to(i32), (q_end - q_counts).to(i32), q_end.to(i32), w)
 
 
+# (largest bytes per row, (block_rows, block_cols, num_warps, num_stages)): picked by compiling for sm_90
+# on a CPU-only machine, for no register spill and shared memory well under 227 KiB; not yet timed on a GPU.
+_FWD_CONFIGS = ((512, (128, 64, 8, 3)), (640, (128, 64, 8, 2)), (1024, (64, 64, 8, 2)), (1536, (64, 32, 8, 2)),
+                (None, (16, 32, 4, 1)))
+_BWD_CONFIGS = ((384, (64, 64, 8, 2)), (512, (32, 32, 8, 2)), (1536, (16, 64, 8, 1)), (3072, (16, 32, 8, 1)),
+                (None, (16, 16, 4, 1)))
+
+
 def _config(d: int, elem_size: int, interpret: bool):
     """(D_A, D_B) column pieces, and (block_rows, block_cols, num_warps, num_stages) for the forward and the
-    backward sweeps (rows: the side whose statistics or gradient a program produces). Tiles shrink with
-    the bytes per row so that the pipelined column tiles fit in shared memory."""
+    backward sweeps (rows: the side whose statistics or gradient a program produces)."""
     d_a = max(16, 1 << (d.bit_length() - 1))
     rest = d - d_a
     d_b = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
     if interpret:
         return d_a, d_b, (16, 16, 4, 1), (16, 16, 4, 1)
     row_bytes = (d_a + d_b) * elem_size
-    if row_bytes <= 512:
-        return d_a, d_b, (128, 64, 8, 3), (64, 64, 8, 2)
-    if row_bytes <= 1024:
-        return d_a, d_b, (64, 32, 8, 2), (32, 32, 8, 2)
-    if row_bytes <= 2048:
-        return d_a, d_b, (32, 32, 8, 1), (16, 32, 8, 1)
-    return d_a, d_b, (16, 16, 4, 1), (16, 16, 4, 1)
+    fwd = next(cfg for limit, cfg in _FWD_CONFIGS if limit is None or row_bytes <= limit)
+    bwd = next(cfg for limit, cfg in _BWD_CONFIGS if limit is None or row_bytes <= limit)
+    return d_a, d_b, fwd, bwd
 
 
 def _splits(n_row_blocks: int, n_col_blocks: int, device: torch.device, forced: int | None) -> int:

@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
     except Exception as err:
         if distributed.world_size() > 1 and distributed.is_peer_failure(err):
             # another rank died or hung: say so and leave now (tearing down a broken process group can hang)
-            print(f"nerco: error: rank {distributed.rank()}: lost contact with the other ranks "
+            print(f"\nnerco: error: rank {distributed.rank()}: lost contact with the other ranks "
                   f"({type(err).__name__}: {str(err).strip()[:300]}); a rank died, hung for more than "
                   f"distributed.timeout_s={cfg.distributed.timeout_s:g} s or failed: see its log", file=sys.stderr,
                   flush=True)

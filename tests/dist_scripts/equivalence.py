@@ -1,0 +1,118 @@
+"""Run by tests/test_distributed.py under the deepspeed launcher (2 CPU ranks, gloo).
+
+For ZeRO stages 0, 2 and 3: one step of each training stage on W ranks, each rank its own slice of a fixed
+batch, against one process on the concatenated batch (computed on every rank, no communication):
+
+- stage 1: the loss (mean over ranks of the value each rank backpropagates = the global InfoNCE) and the
+  parameter gradients after DeepSpeed's averaging, with negatives gathered across ranks;
+- stage 2: the same for the CRF NLL (equal slices, so the mean of the ranks' means is the global mean).
+
+Rank 0 writes the largest differences to OUT (JSON); the test asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from nerco_dist.config import DistributedConfig, load_config
+from nerco_dist.train import distributed as dist
+from nerco_dist.train import trainer
+from nerco_dist.train.engine import build_engine
+from nerco_dist.train.task import Task, read_splits
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def grads_after_averaging(engine, model) -> dict[str, torch.Tensor]:
+    """Full gradients as DeepSpeed will apply them (averaged over ranks), whatever the ZeRO stage."""
+    from deepspeed.utils import safe_get_full_grad
+
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = safe_get_full_grad(p)
+        out[name] = torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape) if g is None else g.detach().cpu().clone()
+    return out
+
+
+def reference(run, model, batch, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
+    ref = copy.deepcopy(model)
+    loss = loss_fn(run, ref, batch)
+    loss.backward()
+    return loss.item(), {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                         for n, p in ref.named_parameters() if p.requires_grad}
+
+
+def stage1_loss(run, model, batch, across_ranks=True):
+    return trainer.contrastive_loss(run, model, batch, model.encode(batch), across_ranks=across_ranks)
+
+
+def stage2_loss(run, model, batch):
+    return trainer.finetune_loss(run, model, batch, head_only=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--local_rank", type=int, default=0)
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stages", default="0,2,3")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init(torch.device("cpu"), timeout_s=120)
+    W, r = dist.world_size(), dist.rank()
+    root = Path(args.data_root)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.max_len=40", "data.limit=40", "contrastive.enabled=true"])
+    splits = read_splits(cfg, root)
+    task = Task.from_training_data(cfg, splits.train, root)
+    pieces = task.encoder.encode(splits.train, split_on_entities=True)
+    per_rank = 4
+    everything = pieces[: per_rank * W]
+    mine = everything[r * per_rank : (r + 1) * per_rank]
+    collate = lambda ps: next(iter(task.batches(ps, [list(range(len(ps)))])))  # noqa: E731
+    global_batch, local_batch = collate(everything), collate(mine)
+    run = trainer.Run(cfg, root, task, splits, pieces, torch.device("cpu"), Path(args.out).parent)
+
+    report = {}
+    for zero in [int(z) for z in args.stages.split(",")]:
+        d = DistributedConfig(config=str(REPO / "configs" / "ds" / f"zero{zero}.json"))
+        for stage, loss_fn in (("contrastive", stage1_loss), ("finetune", stage2_loss)):
+            torch.manual_seed(0)
+            model = task.build_model(root, seed=0).eval()  # no dropout: both sides compute the same function
+            params = model.encoder_parameters() + (list(model.head.parameters()) if stage == "finetune" else [])
+            for p in model.parameters():
+                p.requires_grad_(any(p is q for q in params))
+            if stage == "contrastive":
+                ref_loss, ref_grads = reference(run, model, global_batch, lambda *a: stage1_loss(*a, across_ranks=False))
+            else:
+                ref_loss, ref_grads = reference(run, model, global_batch, loss_fn)
+            train_cfg = copy.copy(cfg.train)
+            train_cfg.optimizer, train_cfg.batch_size = "sgd", per_rank
+            engine = build_engine(model, train_cfg, params, [], 1, 1, distributed=d, device=torch.device("cpu"))
+            loss = engine.forward(lambda: loss_fn(run, model, local_batch))
+            engine.backward(loss)
+            grads = grads_after_averaging(engine, model)
+            (loss_sum,) = dist.sum_over_ranks([loss.item()])
+            dist_loss = loss_sum / W
+            diffs = {n: (grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads}
+            scale = max(g.abs().max().item() for g in ref_grads.values())
+            worst = max(diffs, key=diffs.get)
+            report[f"zero{zero}/{stage}"] = dict(
+                loss=dist_loss, ref_loss=ref_loss, loss_diff=abs(dist_loss - ref_loss),
+                max_grad_diff=diffs[worst], worst_param=worst, max_grad=scale,
+                params_compared=len(diffs), local_tokens=int(local_batch["char_mask"].sum()),
+                nonzero_grads=sum(int(g.abs().max() > 0) for g in ref_grads.values()))
+            engine.step()
+            engine.close()
+    if r == 0:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Distributed training on CPU: 2 ranks (gloo) through the deepspeed launcher, as CI runs it.
+
+- one step on 2 ranks equals one process on the concatenated batch (loss and averaged gradients, 1e-5),
+  ZeRO 0, 2 and 3, both training stages;
+- both stages end to end for ZeRO 1, 2 and 3; the exported fp32 checkpoint evaluated on one process
+  gives the run's test score (every test sentence predicted exactly once across ranks);
+- the stage-1 checkpoint of a ZeRO-3 run starts a ZeRO-1 fine-tuning in a process without the launcher;
+- a run killed in stage 1 and again in stage 2 and restarted with the same command ends where an
+  uninterrupted run ends;
+- a rank that dies or hangs makes the other exit with a clear error; a NaN loss on one rank skips the step
+  on both; a run of non-finite losses aborts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nerco_dist.cli import build_parser
+from nerco_dist.config import DistributedConfig, load_config
+from nerco_dist.data.readers import read_corpus
+from nerco_dist.eval.metrics import evaluate
+from nerco_dist.train import trainer
+from nerco_dist.train.checkpoint import load_checkpoint
+from nerco_dist.train.engine import scaled_lr
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+LIMIT = 45  # sentences per split: odd, so the ranks predict different numbers of test sentences
+
+RUN = ["data.limit=45", "data.max_len=40", "contrastive.enabled=true", "contrastive.epochs=1",
+       "contrastive.batch_size=16", "train.epochs=2", "train.batch_size=8", "train.threads=1", "train.log_every=1",
+       "distributed.checkpoint_every=1", "distributed.timeout_s=60"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(data_root: Path) -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", NERCO_DATA_ROOT=str(data_root), OMP_NUM_THREADS="1",
+                PYTHONUNBUFFERED="1")
+
+
+def deepspeed_cmd(*args: str) -> list[str]:
+    launcher = Path(sys.executable).parent / "deepspeed"
+    launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed")
+    return [launcher, "--num_gpus", "2", "--master_port", str(free_port()), *args]
+
+
+def nerco_train(out: Path, zero: int, *extra: str) -> list[str]:
+    sets = [f"train.out_dir={out}", f"distributed.config=configs/ds/zero{zero}.json", *RUN, *extra]
+    return ["--module", "nerco_dist.cli", "train", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+
+
+def launch(args: list[str], data_root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(deepspeed_cmd(*args), cwd=REPO, env=env(data_root), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_local_rank_flag_is_accepted():
+    args = build_parser().parse_args(["--local_rank=1", "train", "x.yaml", "--no-resume"])
+    assert args.command == "train" and args.no_resume
+    assert build_parser().parse_args(["train", "x.yaml", "--local_rank", "0"]).command == "train"
+
+
+def test_lr_scaling_rules():
+    d = DistributedConfig(grad_accum=4, lr_scaling="linear")
+    assert scaled_lr(1e-3, 8, d, 2) == pytest.approx(8e-3)  # global batch 64 = 8 x the micro batch
+    d.lr_scaling = "sqrt"
+    assert scaled_lr(1e-3, 8, d, 2) == pytest.approx(1e-3 * 8 ** 0.5)
+    d.base_batch = 64
+    assert scaled_lr(1e-3, 8, d, 2) == pytest.approx(1e-3)
+    d.lr_scaling = "none"
+    assert scaled_lr(1e-3, 8, d, 2) == 1e-3
+
+
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, data_root):
+    out = tmp_path / "equivalence.json"
+    launch([str(SCRIPTS / "equivalence.py"), "--data-root", str(data_root), "--out", str(out)], data_root)
+    report = json.loads(out.read_text())
+    assert set(report) == {f"zero{z}/{s}" for z in (0, 2, 3) for s in ("contrastive", "finetune")}
+    for name, r in report.items():
+        assert r["loss_diff"] <= 1e-5 * max(1.0, abs(r["ref_loss"])), (name, r)
+        assert r["max_grad_diff"] <= 1e-5 * max(1.0, r["max_grad"]), (name, r)
+        assert r["nonzero_grads"] == r["params_compared"] > 10, (name, r)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, data_root):
+    """Both stages, 2 ranks, for each of ZeRO 1, 2, 3: the output folders."""
+    runs = {}
+    for zero in (1, 2, 3):
+        out = tmp_path_factory.mktemp(f"zero{zero}")
+        launch(nerco_train(out, zero), data_root)
+        runs[zero] = out
+    return runs
+
+
+def subset_sentences(data_root):
+    return read_corpus(data_root / "resume/dev.char.bmes").sentences[:LIMIT]  # tiny.yaml: test = dev = train
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_both_stages_and_export_for_one_device(launched, zero, data_root):
+    out = launched[zero]
+    results = json.loads((out / "results.json").read_text())
+    assert results["machine"]["world_size"] == 2 and results["contrastive"]["epochs_run"] == 1
+    assert results["epochs_run"] == 2 and math_finite(results["contrastive"]["best_dev_loss"])
+    stage1 = load_checkpoint(out / "contrastive" / "best.pt")
+    assert stage1["stage"] == "contrastive" and all(v.dtype != torch.bfloat16 for v in stage1["model"].values())
+    # the exported fp32 checkpoint, on one process, scores exactly what the 2-rank run measured: every test
+    # sentence was predicted once (no duplicates from the sampler's padding, none missing)
+    sentences = subset_sentences(data_root)
+    task, model = trainer.load_for_inference(out / "best.pt", "cpu")
+    report = evaluate([s.tags for s in sentences], task.predict_tags(model, sentences, 16, torch.device("cpu")))
+    assert report.to_dict() == results["test"]
+    assert any((out / "tensorboard").iterdir()) and not (out / "resume" / "finetune").exists()
+
+
+def math_finite(x) -> bool:
+    return x is not None and x == x and abs(x) != float("inf")
+
+
+def test_stage_one_of_zero3_starts_zero1_finetuning_without_launcher(launched, tmp_path, data_root):
+    init = launched[3] / "contrastive" / "best.pt"
+    sets = [f"train.out_dir={tmp_path}", "distributed.config=configs/ds/zero1.json", *RUN, "train.epochs=1"]
+    cmd = [sys.executable, "-m", "nerco_dist.cli", "train", "configs/tiny.yaml", "--stage", "finetune",
+           "--init", str(init), *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(data_root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ZeRO stage 1" in proc.stderr and "stage 2 starts from the encoder" in proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["world_size"] == 1 and "test" in results
+
+
+def kill_when(args: list[str], data_root: Path, ready: Path, timeout: float = 300) -> None:
+    """Launch, and kill the launcher and every rank (SIGKILL) as soon as ``ready`` exists."""
+    proc = subprocess.Popen(deepspeed_cmd(*args), cwd=REPO, env=env(data_root), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {ready} appeared"
+            assert time.time() < deadline, f"{ready} did not appear in {timeout} s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp_path, data_root):
+    args = nerco_train(tmp_path, 2)
+    kill_when(args, data_root, tmp_path / "resume" / "contrastive" / "latest.json")  # mid stage 1
+    assert not (tmp_path / "resume" / "contrastive.done.json").exists()
+    kill_when(args, data_root, tmp_path / "resume" / "finetune" / "latest.json")  # mid stage 2
+    assert (tmp_path / "resume" / "contrastive.done.json").exists() and not (tmp_path / "results.json").exists()
+    proc = launch(args, data_root)
+    assert "finetune: resuming at" in proc.stdout + proc.stderr
+
+    reference = launched[2]  # the same command, never interrupted
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (tmp_path, reference))
+    assert ours["test"] == theirs["test"] and ours["best_dev_f1"] == theirs["best_dev_f1"]
+    assert ours["contrastive"] == theirs["contrastive"]
+    for name in ("contrastive/best.pt", "best.pt", "last.pt"):
+        a, b = load_checkpoint(tmp_path / name)["model"], load_checkpoint(reference / name)["model"]
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), name
+
+
+def fault_pair(mode: str, out: Path, data_root: Path, *extra: str) -> list[subprocess.Popen]:
+    """Two ranks of ``nerco train`` (fine-tuning, ZeRO 2) started by hand, a fault injected on rank 1."""
+    port = str(free_port())
+    sets = [f"train.out_dir={out}", "distributed.config=configs/ds/zero2.json", *RUN, "train.epochs=1", *extra]
+    procs = []
+    for rank in (0, 1):
+        e = dict(env(data_root), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port)
+        cmd = [sys.executable, str(SCRIPTS / "faults.py"), mode, "2", "--", "train", "configs/tiny.yaml",
+               "--stage", "finetune", *[a for s in sets for a in ("--set", s)]]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def test_dead_or_hung_rank_fails_the_others_and_nan_is_skipped_everywhere(tmp_path, data_root):
+    timeout_s = 15
+    pairs = {mode: fault_pair(mode, tmp_path / mode, data_root, f"distributed.timeout_s={timeout_s}")
+             for mode in ("die", "hang", "nan")}
+    started = time.time()
+    try:
+        finished = {}
+        for mode, (rank0, rank1) in pairs.items():
+            _, err = rank0.communicate(timeout=240)
+            finished[mode] = (rank0.returncode, err, time.time() - started)
+        code, err, _ = finished["die"]
+        assert code == 3 and "lost contact with the other ranks" in err, err[-2000:]
+        assert pairs["die"][1].wait(timeout=60) == 17
+        code, err, _ = finished["hang"]
+        assert code == 3 and "lost contact with the other ranks" in err, err[-2000:]
+        code, err, _ = finished["nan"]
+        assert code == 0, err[-2000:]
+        assert pairs["nan"][1].wait(timeout=60) == 0
+        results = json.loads((tmp_path / "nan" / "results.json").read_text())
+        assert results["nonfinite_skipped"] == 1 and "test" in results
+    finally:
+        for procs in pairs.values():
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+
+
+def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root, monkeypatch):
+    real = trainer.finetune_loss
+    monkeypatch.setattr(trainer, "finetune_loss", lambda *a: real(*a) * float("nan"))
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"train.out_dir={tmp_path}", "data.limit=40",
+                                                        "distributed.max_nonfinite=3"])
+    with pytest.raises(trainer.NonFiniteLoss, match="3 non-finite losses in a row"):
+        trainer.train(cfg, data_root, stage="finetune")

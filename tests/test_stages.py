@@ -148,3 +148,12 @@ def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_
     assert 0 in labels and len(set(labels)) > 2
     o_term = literal_class_term(tokens, labels, 0, cfg.contrastive.temperature)
     assert (unfiltered - filtered).item() == pytest.approx(o_term, rel=1e-9)
+
+
+def test_seeded_runs_repeat_exactly_on_cpu(tmp_path, data_root):
+    states = []
+    for name in ("a", "b"):
+        trainer.train(tiny_config(tmp_path / name, "contrastive.enabled=true"), data_root)
+        states.append(load_checkpoint(tmp_path / name / "last.pt")["model"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,13 +101,18 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, data_ro
         assert r["nonzero_grads"] == r["params_compared"] > 10, (name, r)
 
 
+# ZeRO 1 also accumulates gradients over 2 micro-batches, with the learning rate scaled for the global batch
+EXTRA = {1: ["distributed.grad_accum=2", "distributed.lr_scaling=linear"], 2: [], 3: []}
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, data_root):
     """Both stages, 2 ranks, for each of ZeRO 1, 2, 3: the output folders."""
     runs = {}
     for zero in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"zero{zero}")
-        launch(nerco_train(out, zero), data_root)
+        proc = launch(nerco_train(out, zero, *EXTRA[zero]), data_root)
+        (out / "launch.log").write_text(proc.stdout + proc.stderr)
         runs[zero] = out
     return runs
 
@@ -129,7 +135,25 @@ def test_both_stages_and_export_for_one_device(launched, zero, data_root):
     task, model = trainer.load_for_inference(out / "best.pt", "cpu")
     report = evaluate([s.tags for s in sentences], task.predict_tags(model, sentences, 16, torch.device("cpu")))
     assert report.to_dict() == results["test"]
-    assert any((out / "tensorboard").iterdir()) and not (out / "resume" / "finetune").exists()
+    assert not (out / "resume" / "finetune").exists()  # resume checkpoints go once the stage is done
+    log = (out / "launch.log").read_text()
+    micro, accum = 8, 2 if zero == 1 else 1
+    assert f"ZeRO stage {zero}, fp32, micro batch {micro} x accumulation {accum} x 2 ranks = global batch " \
+           f"{micro * accum * 2}, lr {0.003 * accum * 2 if zero == 1 else 0.003:g}" in log
+    tags = tensorboard_tags(out / "tensorboard")
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/tokens_per_s_rank", "dev/f1"} <= tags
+    assert "contrastive/tokens_per_s" in tensorboard_tags(out / "contrastive" / "tensorboard")
+
+
+def tensorboard_tags(directory: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in directory.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
 
 
 def math_finite(x) -> bool:
@@ -148,10 +172,11 @@ def test_stage_one_of_zero3_starts_zero1_finetuning_without_launcher(launched, t
     assert results["machine"]["world_size"] == 1 and "test" in results
 
 
-def kill_when(args: list[str], data_root: Path, ready: Path, timeout: float = 300) -> None:
-    """Launch, and kill the launcher and every rank (SIGKILL) as soon as ``ready`` exists."""
-    proc = subprocess.Popen(deepspeed_cmd(*args), cwd=REPO, env=env(data_root), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def kill_when(args: list[str], data_root: Path, ready: Path, log: Path, timeout: float = 300) -> str:
+    """Launch, and kill the launcher and every rank (SIGKILL) as soon as ``ready`` exists; the output."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(deepspeed_cmd(*args), cwd=REPO, env=env(data_root), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
     try:
         while not ready.exists():
@@ -161,23 +186,26 @@ def kill_when(args: list[str], data_root: Path, ready: Path, timeout: float = 30
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    return log.read_text()
 
 
 def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp_path, data_root):
-    args = nerco_train(tmp_path, 2)
-    kill_when(args, data_root, tmp_path / "resume" / "contrastive" / "latest.json")  # mid stage 1
-    assert not (tmp_path / "resume" / "contrastive.done.json").exists()
-    kill_when(args, data_root, tmp_path / "resume" / "finetune" / "latest.json")  # mid stage 2
-    assert (tmp_path / "resume" / "contrastive.done.json").exists() and not (tmp_path / "results.json").exists()
+    out = tmp_path / "run"
+    args = nerco_train(out, 2)
+    kill_when(args, data_root, out / "resume" / "contrastive" / "latest.json", tmp_path / "1.log")  # mid stage 1
+    assert not (out / "resume" / "contrastive.done.json").exists()
+    second = kill_when(args, data_root, out / "resume" / "finetune" / "latest.json", tmp_path / "2.log")  # mid 2
+    assert re.search(r"contrastive: resuming at epoch \d+, batch \d+ \(step [1-9]", second), second[-3000:]
+    assert (out / "resume" / "contrastive.done.json").exists() and not (out / "results.json").exists()
     proc = launch(args, data_root)
-    assert "finetune: resuming at" in proc.stdout + proc.stderr
+    assert re.search(r"finetune: resuming at epoch \d+, batch \d+ \(step [1-9]", proc.stdout + proc.stderr)
 
     reference = launched[2]  # the same command, never interrupted
-    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (tmp_path, reference))
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert ours["test"] == theirs["test"] and ours["best_dev_f1"] == theirs["best_dev_f1"]
     assert ours["contrastive"] == theirs["contrastive"]
     for name in ("contrastive/best.pt", "best.pt", "last.pt"):
-        a, b = load_checkpoint(tmp_path / name)["model"], load_checkpoint(reference / name)["model"]
+        a, b = load_checkpoint(out / name)["model"], load_checkpoint(reference / name)["model"]
         assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), name
 
 
@@ -222,6 +250,27 @@ def test_dead_or_hung_rank_fails_the_others_and_nan_is_skipped_everywhere(tmp_pa
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
+
+
+def test_local_engine_accumulation_equals_one_step_on_the_whole_batch():
+    from nerco_dist.config import TrainConfig
+    from nerco_dist.train.engine import build_engine
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    cfg = TrainConfig(optimizer="sgd", momentum=0.0, lr=0.1, warmup=0.0, clip_value=None, batch_size=4)
+    after = []
+    for accum, chunks in ((1, [slice(0, 8)]), (2, [slice(0, 4), slice(4, 8)])):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 1)
+        engine = build_engine(model, cfg, list(model.parameters()), [], 2, 1,
+                              distributed=DistributedConfig(grad_accum=accum))
+        for part in chunks:
+            engine.backward(torch.nn.functional.mse_loss(model(x[part]), y[part]))
+            engine.step()
+        assert engine.steps == 1 and engine.at_boundary
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(after[0], after[1], atol=1e-6)
 
 
 def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root, monkeypatch):

@@ -177,7 +177,9 @@ class Run:
             engine.load_checkpoint(self.out / "resume" / stage)
 
     def save_resume(self, engine, stage: str, state: Progress) -> None:
-        engine.save_checkpoint(self.out / "resume" / stage, dataclasses.asdict(state))
+        """A resume checkpoint, between optimizer steps only (gradients being accumulated are not saved)."""
+        if engine.at_boundary:
+            engine.save_checkpoint(self.out / "resume" / stage, dataclasses.asdict(state))
 
 
 def default_stage(cfg: Config) -> str:

@@ -146,21 +146,21 @@ class Run:
 
     # resume checkpoints
 
-    def fingerprint(self, stage: str) -> str:
+    def fingerprint(self, stage: str, init: Path | None = None) -> str:
         """What must not change for a resume checkpoint to be continued (not timeouts, threads or logging)."""
         cfg = self.cfg.to_dict()
         for key in ("timeout_s", "max_nonfinite", "checkpoint_every"):
             cfg["distributed"].pop(key)
         for key in ("threads", "log_every", "eval_batch_size"):
             cfg["train"].pop(key)
-        text = json.dumps(dict(cfg=cfg, stage=stage, world_size=dist.world_size()), sort_keys=True)
+        text = json.dumps(dict(cfg=cfg, stage=stage, init=str(init), world_size=dist.world_size()), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def progress(self, stage: str) -> Progress:
+    def progress(self, stage: str, init: Path | None = None) -> Progress:
         """Where the last run of this command left ``stage`` (a fresh start when it left nothing, or left
         the checkpoint of another config)."""
         latest = read_latest(self.out / "resume" / stage)
-        fingerprint = self.fingerprint(stage)
+        fingerprint = self.fingerprint(stage, init)
         if latest is None:
             return Progress(fingerprint=fingerprint)
         if latest["progress"]["fingerprint"] != fingerprint:
@@ -213,10 +213,10 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
 
     results: dict = dict(stage=stage, machine=machine_info(run.device), config=cfg.to_dict())
     if stage in ("contrastive", "both"):
-        results["contrastive"] = run_once(run, "contrastive", lambda: contrastive_stage(run))
+        results["contrastive"] = run_once(run, "contrastive", None, lambda: contrastive_stage(run))
         init = run.out / "contrastive" / "best.pt"
     if stage in ("finetune", "both"):
-        results.update(run_once(run, "finetune", lambda: finetune_stage(run, init)))
+        results.update(run_once(run, "finetune", init, lambda: finetune_stage(run, init)))
     results["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if dist.is_main():
         write_json(run.out / ("results.json" if stage != "contrastive" else "contrastive/results.json"), results)
@@ -224,10 +224,10 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
     return results
 
 
-def run_once(run: Run, stage: str, train_stage: Callable[[], dict]) -> dict:
+def run_once(run: Run, stage: str, init: Path | None, train_stage: Callable[[], dict]) -> dict:
     """A stage's results; read back, not trained again, when an earlier run of this command finished it."""
     done = run.out / "resume" / f"{stage}.done.json"
-    fingerprint = run.fingerprint(stage)
+    fingerprint = run.fingerprint(stage, init)
     if done.is_file():
         record = json.loads(done.read_text())
         if record.get("fingerprint") == fingerprint:
@@ -503,7 +503,7 @@ def finetune_stage(run: Run, init: Path | None) -> dict:
     log.info("%d training pieces, %d batches per epoch and rank, %d ranks, %d parameters, device %s",
              len(run.train_pieces), len(batches), dist.world_size(), sum(p.numel() for p in model.parameters()),
              run.device)
-    state = run.progress("finetune")
+    state = run.progress("finetune", init)
     engine, model = finetune_engine(run, model, None, state.epoch, len(batches), state.step)
     run.restore(engine, "finetune", state)
 

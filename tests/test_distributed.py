@@ -35,6 +35,8 @@ from nerco_dist.train import trainer
 from nerco_dist.train.checkpoint import load_checkpoint
 from nerco_dist.train.engine import scaled_lr
 
+from .test_bert import tiny_bert  # noqa: F401  (fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 LIMIT = 45  # sentences per split: odd, so the ranks predict different numbers of test sentences
@@ -101,17 +103,17 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, data_ro
         assert r["nonzero_grads"] == r["params_compared"] > 10, (name, r)
 
 
-# ZeRO 1 also accumulates gradients over 2 micro-batches, with the learning rate scaled for the global batch
-EXTRA = {1: ["distributed.grad_accum=2", "distributed.lr_scaling=linear"], 2: [], 3: []}
-
-
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, data_root):
-    """Both stages, 2 ranks, for each of ZeRO 1, 2, 3: the output folders."""
+def launched(tmp_path_factory, data_root, tiny_bert):  # noqa: F811
+    """Both stages, 2 ranks, for each of ZeRO 1, 2, 3: the output folders. ZeRO 1 also accumulates gradients
+    over 2 micro-batches with the learning rate scaled for the global batch; ZeRO 3 has a (tiny) BERT,
+    frozen in stage 1 and in the first fine-tuning epoch."""
+    extra = {1: ["distributed.grad_accum=2", "distributed.lr_scaling=linear"], 2: [],
+             3: [f"model.bert={tiny_bert}", "train.bert_freeze_epochs=1"]}
     runs = {}
     for zero in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"zero{zero}")
-        proc = launch(nerco_train(out, zero, *EXTRA[zero]), data_root)
+        proc = launch(nerco_train(out, zero, *extra[zero]), data_root)
         (out / "launch.log").write_text(proc.stdout + proc.stderr)
         runs[zero] = out
     return runs
@@ -160,16 +162,27 @@ def math_finite(x) -> bool:
     return x is not None and x == x and abs(x) != float("inf")
 
 
-def test_stage_one_of_zero3_starts_zero1_finetuning_without_launcher(launched, tmp_path, data_root):
+def test_stage_one_of_zero3_starts_zero1_finetuning_without_launcher(launched, tmp_path, data_root,
+                                                                    tiny_bert):  # noqa: F811
+    """Also: a new engine for each trainable set of fine-tuning (head alone, + encoder, + BERT)."""
     init = launched[3] / "contrastive" / "best.pt"
-    sets = [f"train.out_dir={tmp_path}", "distributed.config=configs/ds/zero1.json", *RUN, "train.epochs=1"]
+    sets = [f"train.out_dir={tmp_path}", "distributed.config=configs/ds/zero1.json", *RUN, "train.epochs=3",
+            "train.head_only_epochs=1", "train.bert_freeze_epochs=2", f"model.bert={tiny_bert}"]
     cmd = [sys.executable, "-m", "nerco_dist.cli", "train", "configs/tiny.yaml", "--stage", "finetune",
            "--init", str(init), *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(cmd, cwd=REPO, env=env(data_root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ZeRO stage 1" in proc.stderr and "stage 2 starts from the encoder" in proc.stderr
+    assert "stage 2 starts from the encoder" in proc.stderr
+    assert proc.stderr.count("DeepSpeed: ZeRO stage 1, fp32, micro batch 8 x accumulation 1 x 1 ranks") == 3
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["machine"]["world_size"] == 1 and "test" in results
+    assert results["machine"]["world_size"] == 1 and results["epochs_run"] == 3 and "test" in results
+    from transformers import BertModel
+
+    bert0 = {f"bert.{k}": v for k, v in BertModel.from_pretrained(str(tiny_bert), add_pooling_layer=False)
+             .state_dict().items()}
+    stage1, last = load_checkpoint(init)["model"], load_checkpoint(tmp_path / "last.pt")["model"]
+    assert all(torch.equal(stage1[k], v) for k, v in bert0.items())  # frozen in the 2-rank ZeRO-3 stage 1
+    assert any(not torch.equal(last[k], v) for k, v in bert0.items())  # trained in the last epoch
 
 
 def kill_when(args: list[str], data_root: Path, ready: Path, log: Path, timeout: float = 300) -> str:

@@ -142,10 +142,11 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        tdist.all_reduce(grad)
+        total = grad.float()  # summed in fp32 whatever the training precision
+        total = total.clone() if total is grad else total.contiguous()
+        tdist.all_reduce(total)
         start = sum(ctx.counts[: ctx.rank])
-        return grad[start : start + ctx.counts[ctx.rank]], None
+        return total[start : start + ctx.counts[ctx.rank]].to(grad.dtype), None
 
 
 def gather_rows(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -248,6 +248,9 @@ class DeepSpeedEngine(_Engine):
         for p in self._eval_model.parameters():
             p.requires_grad_(False)
         self._trainable = {id(p) for p in trainable}
+        # frozen weights never change: keep their fp32 values (DeepSpeed may cast or partition them)
+        self._frozen = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+                        if id(p) not in self._trainable}
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
@@ -280,9 +283,11 @@ class DeepSpeedEngine(_Engine):
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        state = {}
+        state = dict(self._frozen)
         for name, p in self.model.named_parameters():
-            full = safe_get_full_fp32_param(p) if id(p) in self._trainable else None
+            if name in self._frozen:
+                continue
+            full = safe_get_full_fp32_param(p)  # from the fp32 master weights (None without ZeRO or bf16)
             if full is None:
                 with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                     full = p.detach().clone()

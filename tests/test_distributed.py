@@ -140,8 +140,9 @@ def test_both_stages_and_export_for_one_device(launched, zero, data_root):
     assert not (out / "resume" / "finetune").exists()  # resume checkpoints go once the stage is done
     log = (out / "launch.log").read_text()
     micro, accum = 8, 2 if zero == 1 else 1
+    lr = load_config(REPO / "configs" / "tiny.yaml").train.lr
     assert f"ZeRO stage {zero}, fp32, micro batch {micro} x accumulation {accum} x 2 ranks = global batch " \
-           f"{micro * accum * 2}, lr {0.003 * accum * 2 if zero == 1 else 0.003:g}" in log
+           f"{micro * accum * 2}, lr {lr * accum * 2 if zero == 1 else lr:g}" in log
     tags = tensorboard_tags(out / "tensorboard")
     assert {"train/loss", "train/lr", "train/tokens_per_s", "train/tokens_per_s_rank", "dev/f1"} <= tags
     assert "contrastive/tokens_per_s" in tensorboard_tags(out / "contrastive" / "tensorboard")

@@ -246,3 +246,18 @@ def test_labels_unknown_at_encode_time():
     with pytest.raises(ValueError, match="not in the training label set"):
         enc.encode([Sentence(list("丙"), ["B-LOC"])])
     assert torch.equal(collate(enc.encode(train))["labels"], torch.tensor([[1, 2]]))
+
+
+def test_pretrained_vectors_fill_their_rows(tmp_path):
+    import numpy as np
+
+    from nerco_dist.data.vocab import Vocabulary, embedding_matrix
+
+    vec = write(tmp_path, "c.vec", "2 3\n中 1 2 3\n国 4 5 6\n")
+    vocab = Vocabulary(["国", "人"])
+    m = embedding_matrix(vocab, 3, str(vec), np.random.default_rng(0))
+    assert m.shape == (4, 3) and not m[0].any()  # <pad> row is zero
+    assert m[vocab["国"]].tolist() == [4, 5, 6]
+    assert np.abs(m[vocab["人"]]).max() <= np.sqrt(3 / 3)  # not in the file: uniform random
+    with pytest.raises(ValueError, match="dimension 3"):
+        embedding_matrix(vocab, 5, str(vec), np.random.default_rng(0))

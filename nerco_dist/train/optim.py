@@ -32,8 +32,9 @@ def lr_factor(step: int, steps_per_epoch: int, total_steps: int, warmup: float, 
     return ramp / (1.0 + decay * epoch)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int,
+                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`lr_factor` over optimizer steps, from ``start_step`` (a resumed run or a new engine mid-stage)."""
     total = steps_per_epoch * epochs
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, total, cfg.warmup, cfg.lr_decay))
+        optimizer, lambda step: lr_factor(step + start_step, steps_per_epoch, total, cfg.warmup, cfg.lr_decay))

@@ -35,6 +35,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
+from nerco_dist.atomic import write_json, write_text  # noqa: E402
 from nerco_dist.kernels.crf import CRF  # noqa: E402
 from nerco_dist.model.crf import bio_allowed_transitions  # noqa: E402
 
@@ -261,8 +262,8 @@ def check_constrained(device: str) -> dict:
 
 def write(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+    write_json(RESULTS / f"{name}.json", payload)
+    write_text(RESULTS / f"{name}.md", markdown)
     print(f"wrote {RESULTS / name}.json and .md")
 
 

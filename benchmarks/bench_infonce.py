@@ -35,6 +35,7 @@ if not ON_GPU:
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from nerco_dist.atomic import write_json, write_text  # noqa: E402
 from nerco_dist.kernels.infonce import semantic_infonce  # noqa: E402
 from nerco_dist.losses import torch_infonce  # noqa: E402
 
@@ -282,7 +283,7 @@ def write_results(meta, checks, rows):
     heads = headlines(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"infonce_{slug}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta, headlines=heads, checks=checks, runs=rows), indent=1))
+    write_json(stem.with_suffix(".json"), dict(meta, headlines=heads, checks=checks, runs=rows), indent=1)
     md = [f"# Semantic-class InfoNCE, forward + backward: {device}", "",
           f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; tau = {TAU}, {N_CLASSES} entity classes, "
           "random features. Medians" + (" of triton.testing.do_bench" if ON_GPU else " of 5 runs (wall clock)") + ". "
@@ -300,7 +301,7 @@ def write_results(meta, checks, rows):
           ["not measured"]
     md += ["", "## Runs", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     md += [fmt_row(r) for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md[md.index("## Headline targets (GPU)"):md.index("## Runs")]))
     print(f"wrote {stem}.json and {stem}.md")
 

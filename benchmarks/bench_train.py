@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
+from nerco_dist.atomic import write_json  # noqa: E402
 from nerco_dist.config import data_root, load_config  # noqa: E402
 from nerco_dist.data.dataset import LengthBucketBatchSampler  # noqa: E402
 from nerco_dist.train import distributed as dist  # noqa: E402
@@ -183,7 +184,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") if gpu else "cpu_smoke"
     out = RESULTS / f"train_{slug}.json"
-    out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json(out, payload, indent=1)
     print(f"wrote {out}")
     return 0 if (epoch is None or epoch["met"]) else 1
 

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from nerco_dist.analyze import analyze
-from nerco_dist.atomic import atomic_path
+from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import data_root, load_config, resolve_data_path
-from nerco_dist.train.trainer import machine_info, pick_device, train, write_json
+from nerco_dist.train.trainer import machine_info, pick_device, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,8 +85,7 @@ def main() -> None:
              "| system | F1 | Span F | Type Acc | F1 per seed | wall time per run (s) |", "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['f1']} | {r['span_f']} | {r['type_acc']} | {r['per_seed_f1']} | {r['mean_wall_time_s']} |"
               for k, r in rows.items()]
-    with atomic_path(results / f"nerco_vs_baseline_{args.corpus}.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(results / f"nerco_vs_baseline_{args.corpus}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .atomic import write_json, write_text
 from .data.readers import Sentence, read_corpus
 from .eval.metrics import evaluate, f1_by_length, write_length_csv
 from .train.task import Task
-from .train.trainer import load_for_inference, write_json
+from .train.trainer import load_for_inference
 
 log = logging.getLogger("nerco_dist")
 
@@ -57,12 +57,11 @@ def analyze(baseline: Path, nerco: Path, data: Path, out: Path, stage1: Path | N
                for name, r in reports.items()}
     write_json(out / "table4.json", dict(data=str(data), checkpoints={k: str(v) for k, v in models.items()},
                                          scores=summary))
-    with atomic_path(out / "table4.md") as tmp:
-        lines = ["| model | P | R | F1 | Span F | Type Acc |", "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | " + " | ".join(f"{100 * s[k]:.2f}" for k in ("precision", "recall", "f1", "span_f",
-                                                                               "type_acc")) + " |"
-                  for name, s in summary.items()]
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines = ["| model | P | R | F1 | Span F | Type Acc |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(f"{100 * s[k]:.2f}" for k in ("precision", "recall", "f1", "span_f",
+                                                                           "type_acc")) + " |"
+              for name, s in summary.items()]
+    write_text(out / "table4.md", "\n".join(lines) + "\n")
     write_length_csv(by_length, out / "f1_by_length.csv")
 
     from .eval.plots import plot_f1_by_length, plot_tsne

@@ -45,7 +45,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train.trainer import evaluate_checkpoint, write_json
+    from .atomic import write_json
+    from .train.trainer import evaluate_checkpoint
 
     from .eval.metrics import evaluate, f1_by_length, write_length_csv
 

@@ -32,10 +32,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 from ..config import Config, DistributedConfig, TrainConfig
 from . import distributed as dist
-from .optim import build_optimizer, lr_factor
+from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("nerco_dist")
 
@@ -55,14 +55,6 @@ def scaled_lr(lr: float, micro_batch: int, d: DistributedConfig, world: int) -> 
     if d.lr_scaling == "sqrt":
         return lr * math.sqrt(ratio)
     raise ValueError(f"distributed.lr_scaling={d.lr_scaling!r}: expected none, linear or sqrt")
-
-
-def schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int,
-             start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """The paper's warmup and per-epoch decay (``optim.lr_factor``) over optimizer steps, from ``start_step``."""
-    total = steps_per_epoch * epochs
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step + start_step, steps_per_epoch, total, cfg.warmup, cfg.lr_decay))
 
 
 def uses_deepspeed(cfg: Config) -> bool:
@@ -132,8 +124,7 @@ class _Engine:
         self._save(directory, tag, state)
         dist.barrier()
         if dist.is_main():
-            with atomic_path(directory / LATEST) as tmp:
-                tmp.write_text(json.dumps(dict(tag=tag, progress=progress), indent=1))
+            write_json(directory / LATEST, dict(tag=tag, progress=progress), indent=1)
             for old in directory.iterdir():
                 if old.is_dir() and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
@@ -338,7 +329,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Paramet
     stage_cfg = copy.copy(cfg)
     stage_cfg.lr = lr
     optimizer = build_optimizer(stage_cfg, params, bert_params)
-    scheduler = schedule(optimizer, stage_cfg, max(1, steps_per_epoch // d.grad_accum), epochs, start_step)
+    scheduler = build_scheduler(optimizer, stage_cfg, max(1, steps_per_epoch // d.grad_accum), epochs, start_step)
     if not use_ds:
         return LocalEngine(model, optimizer, scheduler, cfg.clip_value, d.grad_accum)
     ds = deepspeed_config(d, cfg.batch_size, device or next(model.parameters()).device)

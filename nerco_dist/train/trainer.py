@@ -34,7 +34,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import write_json
 from ..config import Config, TrainConfig
 from ..data.dataset import LengthBucketBatchSampler, Piece
 from ..data.readers import Sentence
@@ -65,11 +65,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def machine_info(device: torch.device) -> dict:

@@ -1,5 +1,6 @@
 """Test setup: Triton kernels run in the interpreter on CPU tensors; corpora are read from the data root."""
 import os
+import shutil
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit launch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -14,6 +15,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+LIMIT = 150  # tiny.yaml's data.limit
 DATA_ROOT = Path(os.environ.get("NERCO_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
@@ -25,3 +28,44 @@ def data_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return DATA_ROOT
+
+
+# --- shared fixtures: a tiny model trained through the CLI, the data it saw, a tiny random BERT ---------------
+
+
+@pytest.fixture(scope="module")
+def dev_subset(tmp_path_factory, data_root):
+    """The sentences tiny.yaml trains and tests on, as a file for ``nerco eval --data``."""
+    from nerco_dist.data.readers import read_corpus
+
+    sentences = read_corpus(data_root / "resume/dev.char.bmes").sentences[:LIMIT]
+    path = tmp_path_factory.mktemp("subset") / "dev150.bio"
+    path.write_text("".join("".join(f"{c} {t}\n" for c, t in zip(s.chars, s.tags)) + "\n" for s in sentences),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    from nerco_dist.cli import main
+
+    out = tmp_path_factory.mktemp("tiny")
+    code = main(["train", str(TINY), "--data-root", str(data_root), "--set", f"train.out_dir={out}",
+                 "--set", "train.epochs=2"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, data_root):
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = data_root / "vocab" / "bert-base-chinese-vocab.txt"
+    n_vocab = sum(1 for _ in open(vocab, encoding="utf-8"))
+    config = BertConfig(vocab_size=n_vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    shutil.copy(vocab, directory / "vocab.txt")
+    return directory

@@ -9,12 +9,11 @@ from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.train.trainer import load_for_inference
 
-from .test_cli import dev_subset, trained  # noqa: F401  (fixtures)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_analyze_writes_tables_and_plots(trained, dev_subset, tmp_path):  # noqa: F811
+def test_analyze_writes_tables_and_plots(trained, dev_subset, tmp_path):
     out = tmp_path / "analysis"
     ckpt = str(trained / "best.pt")
     assert main(["analyze", "--baseline", ckpt, "--nerco", ckpt, "--stage1", ckpt, "--data", str(dev_subset),
@@ -31,7 +30,7 @@ def test_analyze_writes_tables_and_plots(trained, dev_subset, tmp_path):  # noqa
     assert (out / "f1_by_length.csv").read_text().count("baseline") == 6
 
 
-def test_sentence_features_join_pieces(trained):  # noqa: F811
+def test_sentence_features_join_pieces(trained):
     """Features of a sentence cut into pieces equal, piece by piece, the features of each piece alone."""
     import torch
 

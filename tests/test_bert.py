@@ -1,8 +1,6 @@
 """Optional BERT: a tiny random BertConfig saved beside the real bert-base-chinese vocab; frozen epochs
 leave it unchanged, unfrozen epochs train it at a fraction of the learning rate."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -10,22 +8,7 @@ from nerco_dist.config import load_config
 from nerco_dist.train.checkpoint import load_checkpoint
 from nerco_dist.train.trainer import train
 
-from .test_cli import TINY
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory, data_root):
-    from transformers import BertConfig, BertModel
-
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = data_root / "vocab" / "bert-base-chinese-vocab.txt"
-    n_vocab = sum(1 for _ in open(vocab, encoding="utf-8"))
-    config = BertConfig(vocab_size=n_vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
-    shutil.copy(vocab, directory / "vocab.txt")
-    return directory
+from .conftest import TINY
 
 
 def bert_weights(state: dict) -> dict:

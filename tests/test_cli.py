@@ -4,7 +4,6 @@ predict, and clean failures on bad input."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,31 +15,7 @@ from nerco_dist.data.tags import entities
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.train.trainer import load_for_inference
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-
-
-LIMIT = 150  # tiny.yaml's data.limit
-
-
-@pytest.fixture(scope="module")
-def dev_subset(tmp_path_factory, data_root):
-    """The sentences tiny.yaml trains and tests on, as a file for ``nerco eval --data``."""
-    sentences = read_corpus(data_root / "resume/dev.char.bmes").sentences[:LIMIT]
-    path = tmp_path_factory.mktemp("subset") / "dev150.bio"
-    path.write_text("".join("".join(f"{c} {t}\n" for c, t in zip(s.chars, s.tags)) + "\n" for s in sentences),
-                    encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    out = tmp_path_factory.mktemp("tiny")
-    code = main(["train", str(TINY), "--data-root", str(data_root), "--set", f"train.out_dir={out}",
-                 "--set", "train.epochs=2"])
-    assert code == 0
-    return out
-
+from .conftest import LIMIT, REPO, TINY
 
 def test_train_writes_checkpoints_results_and_tensorboard(trained):
     results = json.loads((trained / "results.json").read_text())

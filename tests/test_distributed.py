@@ -35,7 +35,6 @@ from nerco_dist.train import trainer
 from nerco_dist.train.checkpoint import load_checkpoint
 from nerco_dist.train.engine import scaled_lr
 
-from .test_bert import tiny_bert  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
@@ -104,7 +103,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, data_ro
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, data_root, tiny_bert):  # noqa: F811
+def launched(tmp_path_factory, data_root, tiny_bert):
     """Both stages, 2 ranks, for each of ZeRO 1, 2, 3: the output folders. ZeRO 1 also accumulates gradients
     over 2 micro-batches with the learning rate scaled for the global batch; ZeRO 3 has a (tiny) BERT,
     frozen in stage 1 and in the first fine-tuning epoch."""
@@ -164,7 +163,7 @@ def math_finite(x) -> bool:
 
 
 def test_stage_one_of_zero3_starts_zero1_finetuning_without_launcher(launched, tmp_path, data_root,
-                                                                    tiny_bert):  # noqa: F811
+                                                                    tiny_bert):
     """Also: a new engine for each trainable set of fine-tuning (head alone, + encoder, + BERT)."""
     init = launched[3] / "contrastive" / "best.pt"
     sets = [f"train.out_dir={tmp_path}", "distributed.config=configs/ds/zero1.json", *RUN, "train.epochs=3",

@@ -11,8 +11,7 @@ from nerco_dist.train import trainer
 from nerco_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from nerco_dist.train.task import Task, read_splits
 
-from .test_bert import tiny_bert  # noqa: F401  (fixture)
-from .test_cli import TINY
+from .conftest import TINY
 
 FAST = ["data.max_len=40", "train.epochs=1", "contrastive.epochs=1", "contrastive.batch_size=32"]
 
@@ -81,7 +80,7 @@ def test_head_only_epochs_change_only_the_head(tmp_path, data_root):
     assert all(not torch.equal(head1[k], head0[k]) for k in head1)
 
 
-def test_frozen_bert_is_unchanged_after_stage_one(tmp_path, data_root, tiny_bert):  # noqa: F811
+def test_frozen_bert_is_unchanged_after_stage_one(tmp_path, data_root, tiny_bert):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true", f"model.bert={tiny_bert}")
     trainer.train(cfg, data_root, stage="contrastive")
     _, bert0, rest0 = split_state(initial_model(cfg, data_root).state_dict())

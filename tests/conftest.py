@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # One intra-op thread: the tests' tensors are small, and on a shared 2-core machine extra OpenMP threads
-# spin against each other (measured: a training epoch 7x slower with 2 threads under load than with 1).
+# spin against each other (training epochs ran several times slower with 2 threads than with 1 under load).
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -210,13 +210,17 @@ def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp
     second = kill_when(args, data_root, out / "resume" / "finetune" / "latest.json", tmp_path / "2.log")  # mid 2
     assert re.search(r"contrastive: resuming at epoch \d+, batch \d+ \(step [1-9]", second), second[-3000:]
     assert (out / "resume" / "contrastive.done.json").exists() and not (out / "results.json").exists()
+    saved = json.loads((out / "resume" / "finetune" / "latest.json").read_text())
+    seconds_before_last_kill = saved["progress"]["seconds"]
+    assert seconds_before_last_kill > 0
     proc = launch(args, data_root)
     assert re.search(r"finetune: resuming at epoch \d+, batch \d+ \(step [1-9]", proc.stdout + proc.stderr)
 
     reference = launched[2]  # the same command, never interrupted
     ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, reference))
     assert ours["test"] == theirs["test"] and ours["best_dev_f1"] == theirs["best_dev_f1"]
-    assert ours["contrastive"] == theirs["contrastive"]
+    assert dict(ours["contrastive"], wall_time_s=0) == dict(theirs["contrastive"], wall_time_s=0)
+    assert ours["wall_time_s"] > seconds_before_last_kill  # the killed runs' training time is counted
     for name in ("contrastive/best.pt", "best.pt", "last.pt"):
         a, b = load_checkpoint(out / name)["model"], load_checkpoint(reference / name)["model"]
         assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), name

@@ -1,5 +1,6 @@
 """NerCo's two stages and the paper's ablation switches, on a tiny model and real data."""
 
+import dataclasses
 import math
 
 import pytest
@@ -156,3 +157,13 @@ def test_seeded_runs_repeat_exactly_on_cpu(tmp_path, data_root):
         states.append(load_checkpoint(tmp_path / name / "last.pt")["model"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_stage_time_is_summed_over_a_kill_and_a_resume(monkeypatch):
+    clock = iter([100.0, 130.0, 500.0, 510.0])  # run 1 starts, saves; run 2 starts, finishes
+    monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
+    first = trainer.Progress()
+    assert first.elapsed() == 30.0
+    saved = dataclasses.asdict(first)  # what the resume checkpoint holds
+    resumed = trainer.Progress(**saved)
+    assert resumed.elapsed() == 40.0  # 30 s before the kill + 10 s after; the 370 s in between not counted

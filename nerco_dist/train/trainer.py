@@ -101,6 +101,16 @@ class Progress:
     nonfinite: int = 0  # micro-batches skipped for a non-finite loss
     nonfinite_run: int = 0  # ... in a row
     fingerprint: str = ""  # the config and world size that wrote it
+    seconds: float = 0.0  # wall time spent in this stage, summed over every run that trained it
+
+    def __post_init__(self) -> None:
+        self._since = time.time()  # not a field: a resumed run counts from its own start
+
+    def elapsed(self) -> float:
+        """``seconds`` brought up to now: a killed and resumed stage reports its whole training time."""
+        now = time.time()
+        self.seconds, self._since = self.seconds + now - self._since, now
+        return self.seconds
 
 
 @dataclass
@@ -174,6 +184,7 @@ class Run:
     def save_resume(self, engine, stage: str, state: Progress) -> None:
         """A resume checkpoint, between optimizer steps only (gradients being accumulated are not saved)."""
         if engine.at_boundary:
+            state.elapsed()
             engine.save_checkpoint(self.out / "resume" / stage, dataclasses.asdict(state))
 
 
@@ -384,7 +395,7 @@ def contrastive_stage(run: Run) -> dict:
     writer.close()
     engine.close()
     return dict(best_epoch=state.best_epoch, best_dev_loss=state.best, epochs_run=state.epoch,
-                nonfinite_skipped=state.nonfinite)
+                wall_time_s=round(state.elapsed(), 1), nonfinite_skipped=state.nonfinite)
 
 
 @torch.no_grad()
@@ -485,7 +496,6 @@ def predict(run: Run, model: NerTagger, sentences: list[Sentence]) -> list[list[
 
 def finetune_stage(run: Run, init: Path | None) -> dict:
     t = run.cfg.train
-    started = time.time()
     seed_everything(t.seed)
     model = run.new_model()
     if init is not None:
@@ -536,7 +546,7 @@ def finetune_stage(run: Run, init: Path | None) -> dict:
     writer.close()
 
     results = dict(best_epoch=state.best_epoch, epochs_run=state.epoch, best_dev_f1=state.best,
-                   wall_time_s=round(time.time() - started, 1), nonfinite_skipped=state.nonfinite)
+                   wall_time_s=round(state.elapsed(), 1), nonfinite_skipped=state.nonfinite)
     if run.splits.test is not None:
         dist.barrier()  # best.pt is on disk
         best = engine.inference_model(load_checkpoint(run.out / "best.pt")["model"])

@@ -2,10 +2,12 @@
 
 For each corpus and seed, trains the baseline (CONFIG) and NerCo (CONFIG_nerco: the same plus stage 1),
 then reports mean ± std of test F1, Span F and Type Acc, and runs ``nerco analyze`` on the first seed
-(F1 by length, t-SNE plots). Finished runs (results.json present) are reused, so an interrupted sweep
-continues where it stopped.
+(F1 by length, t-SNE plots). ``--systems`` adds the paper's ablations (Table 5), each the NerCo config with
+one switch: ``joint`` (InfoNCE + CRF NLL in one stage), ``all_queries`` (O tokens are queries too).
+Finished runs (results.json present) are reused, so an interrupted sweep continues where it stopped.
 
     python benchmarks/nerco_vs_baseline.py --corpus weibo --seeds 1 2 3 --set train.epochs=20
+    python benchmarks/nerco_vs_baseline.py --corpus weibo --systems baseline joint --set train.epochs=20
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from nerco_dist.config import data_root, load_config, resolve_data_path
 from nerco_dist.train.trainer import machine_info, pick_device, train
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SYSTEMS = ["baseline", "NerCo"]
+ABLATIONS = {"joint": ["contrastive.joint=true"], "all_queries": ["contrastive.non_entity_queries=true"]}
+
+
+def system_config(corpus: str, name: str) -> tuple[Path, list[str]]:
+    """The config and switches of one system: the baseline, NerCo, or NerCo with one ablation switch."""
+    if name == "baseline":
+        return REPO / "configs" / f"{corpus}.yaml", []
+    return REPO / "configs" / f"{corpus}_nerco.yaml", ABLATIONS.get(name, [])
 
 
 def run_one(config: Path, overrides: list[str], out: Path, root: Path) -> dict:
@@ -47,45 +58,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", required=True, help="config stem: configs/CORPUS.yaml and configs/CORPUS_nerco.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--set", action="append", default=[], help="override for both systems (the shared budget)")
+    parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=DEFAULT_SYSTEMS + list(ABLATIONS))
+    parser.add_argument("--set", action="append", default=[], help="override for every system (the shared budget)")
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
     parser.add_argument("--data-root")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     root = data_root(args.data_root)
-    systems = {"baseline": REPO / "configs" / f"{args.corpus}.yaml",
-               "NerCo": REPO / "configs" / f"{args.corpus}_nerco.yaml"}
+    systems = {name: system_config(args.corpus, name) for name in args.systems}
     runs = Path(args.runs) / args.corpus
     scores: dict[str, list[dict]] = {name: [] for name in systems}
     wall: dict[str, list[float]] = {name: [] for name in systems}
     for seed in args.seeds:
-        for name, config in systems.items():
-            res = run_one(config, args.set + [f"train.seed={seed}"], runs / f"{name}_seed{seed}", root)
+        for name, (config, switches) in systems.items():
+            res = run_one(config, switches + args.set + [f"train.seed={seed}"], runs / f"{name}_seed{seed}", root)
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
 
     results = Path(args.results)
-    first = args.seeds[0]
-    test_file = resolve_data_path(load_config(systems["baseline"]).data.test, root)
-    analysis = results / f"nerco_vs_baseline_{args.corpus}"
-    analyze(runs / f"baseline_seed{first}" / "best.pt", runs / f"NerCo_seed{first}" / "best.pt", test_file, analysis,
-            stage1=runs / f"NerCo_seed{first}" / "contrastive" / "best.pt")
+    stem = "_".join([f"nerco_vs_baseline_{args.corpus}"] + [n for n in args.systems if n not in DEFAULT_SYSTEMS])
+    if set(DEFAULT_SYSTEMS) <= set(systems):
+        first = args.seeds[0]
+        test_file = resolve_data_path(load_config(systems["baseline"][0]).data.test, root)
+        analyze(runs / f"baseline_seed{first}" / "best.pt", runs / f"NerCo_seed{first}" / "best.pt", test_file,
+                results / stem, stage1=runs / f"NerCo_seed{first}" / "contrastive" / "best.pt")
 
     rows = {name: dict(f1=mean_std([s["f1"] for s in runs_]), span_f=mean_std([s["span_f1"] for s in runs_]),
                        type_acc=mean_std([s["type_acc"] for s in runs_]),
                        per_seed_f1=[round(100 * s["f1"], 2) for s in runs_],
                        mean_wall_time_s=round(statistics.mean(wall[name]), 1))
             for name, runs_ in scores.items()}
-    payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set, systems={k: str(v) for k, v in systems.items()},
+    payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set,
+                   systems={k: dict(config=str(c), switches=sw) for k, (c, sw) in systems.items()},
                    results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(pick_device("auto")))
-    write_json(results / f"nerco_vs_baseline_{args.corpus}.json", payload)
-    lines = [f"# NerCo vs baseline on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",
-             f"Shared overrides: {' '.join(args.set) or '(none)'}; plots in nerco_vs_baseline_{args.corpus}/", "",
-             "| system | F1 | Span F | Type Acc | F1 per seed | wall time per run (s) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {r['f1']} | {r['span_f']} | {r['type_acc']} | {r['per_seed_f1']} | {r['mean_wall_time_s']} |"
-              for k, r in rows.items()]
-    write_text(results / f"nerco_vs_baseline_{args.corpus}.md", "\n".join(lines) + "\n")
+    write_json(results / f"{stem}.json", payload)
+    plots = f"; plots in {stem}/" if (results / stem).is_dir() else ""
+    lines = [f"# {' vs '.join(systems)} on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",
+             f"Shared overrides: {' '.join(args.set) or '(none)'}{plots}", "",
+             "| system | switches | F1 | Span F | Type Acc | F1 per seed | wall time per run (s) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {' '.join(systems[k][1]) or '-'} | {r['f1']} | {r['span_f']} | {r['type_acc']} | "
+              f"{r['per_seed_f1']} | {r['mean_wall_time_s']} |" for k, r in rows.items()]
+    write_text(results / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

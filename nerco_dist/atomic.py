@@ -14,9 +14,11 @@ from typing import Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
 
-    The temporary file lives in the same directory so that ``os.replace`` is a rename on one file system.
+    The temporary file lives in the same directory so that ``os.replace`` is a rename on one file system;
+    missing parent directories are created.
     """
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

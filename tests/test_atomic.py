@@ -1,0 +1,25 @@
+"""Atomic output: a file is either its old content or its whole new content, never half-written."""
+
+import json
+
+import pytest
+
+from nerco_dist.atomic import atomic_path, write_json
+
+
+def test_write_json_creates_missing_folders(tmp_path):
+    target = tmp_path / "results" / "sweep" / "a.json"
+    write_json(target, {"f1": 0.5, "语料": "微博"})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"f1": 0.5, "语料": "微博"}
+    assert [p.name for p in target.parent.iterdir()] == ["a.json"]
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

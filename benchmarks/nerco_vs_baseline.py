@@ -78,11 +78,12 @@ def main() -> None:
 
     results = Path(args.results)
     stem = "_".join([f"nerco_vs_baseline_{args.corpus}"] + [n for n in args.systems if n not in DEFAULT_SYSTEMS])
+    plots = results / f"nerco_vs_baseline_{args.corpus}"  # baseline against NerCo, whatever else was run
     if set(DEFAULT_SYSTEMS) <= set(systems):
         first = args.seeds[0]
         test_file = resolve_data_path(load_config(systems["baseline"][0]).data.test, root)
         analyze(runs / f"baseline_seed{first}" / "best.pt", runs / f"NerCo_seed{first}" / "best.pt", test_file,
-                results / stem, stage1=runs / f"NerCo_seed{first}" / "contrastive" / "best.pt")
+                plots, stage1=runs / f"NerCo_seed{first}" / "contrastive" / "best.pt")
 
     rows = {name: dict(f1=mean_std([s["f1"] for s in runs_]), span_f=mean_std([s["span_f1"] for s in runs_]),
                        type_acc=mean_std([s["type_acc"] for s in runs_]),
@@ -93,9 +94,9 @@ def main() -> None:
                    systems={k: dict(config=str(c), switches=sw) for k, (c, sw) in systems.items()},
                    results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(pick_device("auto")))
     write_json(results / f"{stem}.json", payload)
-    plots = f"; plots in {stem}/" if (results / stem).is_dir() else ""
+    plots_note = f"; plots in {plots.name}/" if set(DEFAULT_SYSTEMS) <= set(systems) else ""
     lines = [f"# {' vs '.join(systems)} on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",
-             f"Shared overrides: {' '.join(args.set) or '(none)'}{plots}", "",
+             f"Shared overrides: {' '.join(args.set) or '(none)'}{plots_note}", "",
              "| system | switches | F1 | Span F | Type Acc | F1 per seed | wall time per run (s) |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {' '.join(systems[k][1]) or '-'} | {r['f1']} | {r['span_f']} | {r['type_acc']} | "

@@ -23,3 +23,9 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_written_file_has_the_mode_a_plain_open_gives(tmp_path):
+    write_json(tmp_path / "atomic.json", {})
+    (tmp_path / "plain.json").write_text("{}")
+    assert (tmp_path / "atomic.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode

@@ -2,6 +2,7 @@
 
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -243,9 +244,18 @@ def test_labels_unknown_at_encode_time():
     train = [Sentence(list("甲乙"), ["B-PER", "I-PER"])]
     lex = Lexicon([])
     enc = LatticeEncoder(Vocabs.build(train, lex), lex, LabelSet.from_sentences(train), 10)
-    with pytest.raises(ValueError, match="not in the training label set"):
-        enc.encode([Sentence(list("丙"), ["B-LOC"])])
+    with pytest.raises(ValueError, match="dev sentence 1: label 'B-LOC' is not in the training label set"):
+        enc.encode([Sentence(list("丙"), ["B-LOC"])], source="dev ")
     assert torch.equal(collate(enc.encode(train))["labels"], torch.tensor([[1, 2]]))
+
+
+def test_unknown_label_is_reported_at_its_file_and_line(tmp_path):
+    train = [Sentence(list("甲乙"), ["B-PER", "I-PER"])]
+    lex = Lexicon([])
+    enc = LatticeEncoder(Vocabs.build(train, lex), lex, LabelSet.from_sentences(train), 10)
+    dev = write(tmp_path, "dev.bio", "甲 B-PER\n乙 I-PER\n\n\n丙 O\n丁 B-LOC\n")
+    with pytest.raises(ValueError, match=re.escape(f"{dev}:5: label 'B-LOC' is not in the training label set")):
+        enc.encode(read_corpus(dev).sentences)
 
 
 def test_pretrained_vectors_fill_their_rows(tmp_path):

@@ -151,7 +151,8 @@ class LatticeEncoder:
             protected = entities(s.tags) if split_on_entities else ()
             for start, end in split_points(s.chars, self.max_len, protected):
                 tags = s.tags[start:end] if with_labels else None
-                pieces.append(self._piece(k, start, s.chars[start:end], tags, f"{source}sentence {k + 1}: "))
+                where = f"{s.origin}: " if s.origin else f"{source}sentence {k + 1}: "
+                pieces.append(self._piece(k, start, s.chars[start:end], tags, where))
         return pieces
 
     def _piece(self, index: int, start: int, chars: list[str], tags: list[str] | None, where: str) -> Piece:

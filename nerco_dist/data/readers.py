@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
@@ -23,6 +23,7 @@ FORMATS = ("auto", "conll", "weibo", "cluener")
 class Sentence:
     chars: list[str]
     tags: list[str]  # BIO
+    origin: str = ""  # "file:line" of its first line, for messages about it
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -34,7 +35,6 @@ class Corpus:
     sentences: list[Sentence]
     source_scheme: str
     orphan_inside: int = 0  # entities that began with I- and were read as starting an entity
-    lines: list[int] = field(default_factory=list)  # first line of each sentence, for messages
 
     def __len__(self) -> int:
         return len(self.sentences)
@@ -82,14 +82,14 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
     path = Path(path)
     text = _read_text(path)
     sentences: list[Sentence] = []
-    starts: list[int] = []
+    start = 0  # line of the sentence being read
     chars: list[str] = []
     tags: list[str] = []
     all_tags: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             if chars:
-                sentences.append(Sentence(chars, tags))
+                sentences.append(Sentence(chars, tags, f"{path}:{start}"))
                 chars, tags = [], []
             continue
         fields = line.split()
@@ -108,12 +108,12 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
         except ValueError as err:
             raise InputError(path, str(err), lineno) from None
         if not chars:
-            starts.append(lineno)
+            start = lineno
         chars.append(token)
         tags.append(tag)
         all_tags.add(tag)
     if chars:
-        sentences.append(Sentence(chars, tags))
+        sentences.append(Sentence(chars, tags, f"{path}:{start}"))
     try:
         scheme = detect_scheme(all_tags)
     except ValueError as err:
@@ -125,14 +125,14 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
     if orphans:
         log.warning("%s: %d entities begin with I- and no B-; read as starting an entity (as conlleval does)",
                     path, orphans)
-    return Corpus(path, sentences, scheme, orphans, starts)
+    return Corpus(path, sentences, scheme, orphans)
 
 
 def read_cluener(path: str | Path) -> Corpus:
     """CLUENER2020 JSON lines: ``{"text": ..., "label": {type: {mention: [[start, end_inclusive], ...]}}}``."""
     path = Path(path)
     text = _read_text(path)
-    sentences, starts = [], []
+    sentences: list[Sentence] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -155,11 +155,10 @@ def read_cluener(path: str | Path) -> Corpus:
                 raise InputError(path, f"overlapping entities {a} and {b}", lineno)
         if not sent_text:
             continue
-        sentences.append(Sentence(list(sent_text), from_entities(len(sent_text), spans, "BIO")))
-        starts.append(lineno)
+        sentences.append(Sentence(list(sent_text), from_entities(len(sent_text), spans, "BIO"), f"{path}:{lineno}"))
     if not sentences:
         raise InputError(path, "empty file: no sentences")
-    return Corpus(path, sentences, "BIO", 0, starts)
+    return Corpus(path, sentences, "BIO", 0)
 
 
 def read_corpus(path: str | Path, fmt: str = "auto") -> Corpus:

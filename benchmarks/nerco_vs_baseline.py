@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=DEFAULT_SYSTEMS + list(ABLATIONS))
     parser.add_argument("--set", action="append", default=[], help="override for every system (the shared budget)")
+    parser.add_argument("--tag", default="", help="suffix of the results files (a variant run with other --set)")
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
     parser.add_argument("--data-root")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
@@ -77,7 +78,8 @@ def main() -> None:
             wall[name].append(res["total_wall_time_s"])
 
     results = Path(args.results)
-    stem = "_".join([f"nerco_vs_baseline_{args.corpus}"] + [n for n in args.systems if n not in DEFAULT_SYSTEMS])
+    stem = "_".join([f"nerco_vs_baseline_{args.corpus}"] + [n for n in args.systems if n not in DEFAULT_SYSTEMS]
+                    + ([args.tag] if args.tag else []))
     plots = results / f"nerco_vs_baseline_{args.corpus}"  # baseline against NerCo, whatever else was run
     if set(DEFAULT_SYSTEMS) <= set(systems):
         first = args.seeds[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,11 +138,35 @@ class Config:
             unknown = set(values) - known
             if unknown:
                 raise InputError(source, f"unknown key(s) in '{f.name}': {', '.join(sorted(unknown))}")
-            sections[f.name] = section_cls(**values)
+            hints = typing.get_type_hints(section_cls)
+            sections[f.name] = section_cls(**{k: _typed(v, hints[k], f"{f.name}.{k}", source)
+                                              for k, v in values.items()})
         unknown = set(raw) - set(sections)
         if unknown:
             raise InputError(source, f"unknown section(s): {', '.join(sorted(unknown))}")
         return cls(**sections)
+
+
+def _typed(value: Any, hint: Any, key: str, source: str) -> Any:
+    """``value`` as the field's type (``bool``, ``int``, ``float``, ``str``, or one of them ``| None``). A float
+    written ``1e-3`` is read by YAML 1.1 as a string, so floats also accept numeric strings."""
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in kinds:
+        return None
+    kind = next(k for k in kinds if k is not type(None))
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind in (bool, str) and isinstance(value, kind):
+        return value
+    raise InputError(source, f"{key}: expected {kind.__name__}{' or null' if len(kinds) > 1 else ''}, got {value!r}")
 
 
 def _parse_value(text: str) -> Any:

@@ -2,6 +2,7 @@
 predict, and clean failures on bad input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from nerco_dist.cli import main
 from nerco_dist.config import load_config
 from nerco_dist.data.readers import read_corpus
 from nerco_dist.data.tags import entities
+from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.train.trainer import load_for_inference
 
@@ -131,6 +133,26 @@ def test_base_config_is_merged_under_the_file(tmp_path):
 def test_overrides_are_typed():
     cfg = load_config(TINY, ["train.lr=0.5", "model.bert=null", "data.max_len=7"])
     assert cfg.train.lr == 0.5 and cfg.model.bert is None and cfg.data.max_len == 7
+
+
+def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: " + str(TINY) + "\ntrain:\n  lr: 1e-3\n  weight_decay: 0\n")  # YAML 1.1: '1e-3' is a str
+    cfg = load_config(path, ["contrastive.lr=3e-4"])
+    assert cfg.train.lr == 0.001 and cfg.contrastive.lr == 0.0003 and type(cfg.train.weight_decay) is float
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=2.5", "train.epochs: expected int, got 2.5"),
+    ("train.epochs=true", "train.epochs: expected int, got True"),
+    ("contrastive.enabled=1", "contrastive.enabled: expected bool, got 1"),
+    ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+    ("train.device=3", "train.device: expected str, got 3"),
+    ("data.max_len=null", "data.max_len: expected int, got None"),
+])
+def test_values_of_the_wrong_type_are_refused_by_name(override, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_config(TINY, [override])
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "predict"])

@@ -43,7 +43,8 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path) -> dict:
         return json.loads((out / "results.json").read_text())
     cfg = load_config(config, overrides + [f"train.out_dir={out}"])
     results = train(cfg, root)
-    results["total_wall_time_s"] = round(results["wall_time_s"] + results.get("contrastive", {}).get("wall_time_s", 0), 1)
+    stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
+    results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
     write_json(out / "results.json", results)
     return results
 
@@ -78,10 +79,11 @@ def main() -> None:
             wall[name].append(res["total_wall_time_s"])
 
     results = Path(args.results)
-    stem = "_".join([f"nerco_vs_baseline_{args.corpus}"] + [n for n in args.systems if n not in DEFAULT_SYSTEMS]
-                    + ([args.tag] if args.tag else []))
-    plots = results / f"nerco_vs_baseline_{args.corpus}"  # baseline against NerCo, whatever else was run
-    if set(DEFAULT_SYSTEMS) <= set(systems):
+    tag = [args.tag] if args.tag else []
+    stem = "_".join([f"nerco_vs_baseline_{args.corpus}"] + [n for n in args.systems if n not in DEFAULT_SYSTEMS] + tag)
+    plots = results / "_".join([f"nerco_vs_baseline_{args.corpus}"] + tag)  # baseline vs NerCo, whatever else ran
+    with_plots = set(DEFAULT_SYSTEMS) <= set(systems)
+    if with_plots:
         first = args.seeds[0]
         test_file = resolve_data_path(load_config(systems["baseline"][0]).data.test, root)
         analyze(runs / f"baseline_seed{first}" / "best.pt", runs / f"NerCo_seed{first}" / "best.pt", test_file,
@@ -96,7 +98,7 @@ def main() -> None:
                    systems={k: dict(config=str(c), switches=sw) for k, (c, sw) in systems.items()},
                    results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(pick_device("auto")))
     write_json(results / f"{stem}.json", payload)
-    plots_note = f"; plots in {plots.name}/" if set(DEFAULT_SYSTEMS) <= set(systems) else ""
+    plots_note = f"; plots in {plots.name}/" if with_plots else ""
     lines = [f"# {' vs '.join(systems)} on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",
              f"Shared overrides: {' '.join(args.set) or '(none)'}{plots_note}", "",
              "| system | switches | F1 | Span F | Type Acc | F1 per seed | wall time per run (s) |",

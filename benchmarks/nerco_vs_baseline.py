@@ -92,7 +92,7 @@ def main() -> None:
     rows = {name: dict(f1=mean_std([s["f1"] for s in runs_]), span_f=mean_std([s["span_f1"] for s in runs_]),
                        type_acc=mean_std([s["type_acc"] for s in runs_]),
                        per_seed_f1=[round(100 * s["f1"], 2) for s in runs_], per_seed_test=runs_,
-                       mean_wall_time_s=round(statistics.mean(wall[name]), 1))
+                       per_seed_wall_time_s=wall[name], mean_wall_time_s=round(statistics.mean(wall[name]), 1))
             for name, runs_ in scores.items()}
     payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set,
                    systems={k: dict(config=str(c), switches=sw) for k, (c, sw) in systems.items()},

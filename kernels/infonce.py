@@ -4,9 +4,9 @@ For a query i of class c with weight w_c = 1/(|P_c|(|P_c|-1)) (class sizes count
 
     L_i = w_c * sum_{j in P_c, j != self(i)} softplus(LSE_i - a_ij),   LSE_i = log sum_{n: class(n) != c} exp(a_in)
 
-with a = cos(q, k) / tau. Only queries of a qualifying class (|P_c| >= 2, at least one negative, not the
-non-entity class unless asked) are processed, and both sides are sorted by class so that each class's keys
-(queries) are one contiguous range: the positive sweep of a query block then costs its classes' range only,
+with a = cos(q, k) / tau. Only the queries of a :class:`QuerySelection` are processed (which classes qualify
+is decided in query_classes.py), and both sides are sorted by class so that each class's keys (queries) are
+one contiguous range: the positive sweep of a query block then costs its classes' range only,
 and the negative sweep skips key blocks made only of the block's own class.
 
 Forward: kernel 1 sweeps the negatives with an online log-sum-exp, kernel 2 the positives (loss and
@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from .query_classes import QuerySelection
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -59,7 +61,7 @@ def _logits(xa, xb, ya, yb, rx, ry, D_B: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _plan(row_cls, n_rows, start, end, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _column_ranges(row_cls, n_rows, start, end, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Column blocks that this row block visits. Negatives: all but the blocks lying inside its own class's
     range (only when the block holds one class, else each column is needed by some row). Positives: the
     range of its classes. Returns (skip_at, skip_len, n_neg, pos_first, n_pos) in blocks."""
@@ -94,7 +96,7 @@ def _lse_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, LSE_
     cls = tl.load(q_cls + rows, mask=rmask, other=-1)
     rq = tl.load(q_r + rows, mask=rmask, other=0.0) * scale2
     qa, qb = _load_rows(Q, q_idx, rows, n_q, stride_q, d, D_A, D_B)
-    skip_at, skip_len, n_neg, _, _ = _plan(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
+    skip_at, skip_len, n_neg, _, _ = _column_ranges(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
     t0, t1 = _split(n_neg)
     m = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a row with no negative in a tile stays NaN-free
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -114,7 +116,7 @@ def _lse_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, LSE_
 
 
 @triton.jit
-def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_self, w_cls, LSE,
+def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_self, q_weight, LSE,
                 LOSS_PART, G_PART, n_q, n_k, d, stride_q, stride_k, scale2,
                 D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -126,7 +128,7 @@ def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_se
     me = tl.load(q_self + rows, mask=rmask, other=-1)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     qa, qb = _load_rows(Q, q_idx, rows, n_q, stride_q, d, D_A, D_B)
-    _, _, _, pos_first, n_pos = _plan(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
+    _, _, _, pos_first, n_pos = _column_ranges(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
     t0, t1 = _split(n_pos)
     sp = tl.zeros([BLOCK_M], tl.float32)
     sg = tl.zeros([BLOCK_M], tl.float32)
@@ -141,14 +143,14 @@ def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_se
         pos = (kcls[None, :] == cls[:, None]) & (cols[None, :] != me[:, None]) & cmask[None, :]
         sp += tl.sum(tl.where(pos, tl.maximum(x, 0.0) + tl.log2(1.0 + e), 0.0), 1)
         sg += tl.sum(tl.where(pos, tl.where(x >= 0, 1.0, e) / (1.0 + e), 0.0), 1)
-    w = tl.load(w_cls + cls, mask=rmask, other=0.0)
+    w = tl.load(q_weight + rows, mask=rmask, other=0.0)
     part = tl.program_id(1) * n_q + rows
     tl.store(LOSS_PART + part, w * sp * 0.6931471805599453, mask=rmask)
     tl.store(G_PART + part, w * sg, mask=rmask)
 
 
 @triton.jit
-def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_self, LSE, G, w_cls, GO,
+def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_self, LSE, G, q_weight, GO,
                 DX_PART, n_x, n_y, d, stride_x, stride_y, scale2, inv_tau,
                 QUERY_ROWS: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
@@ -163,9 +165,9 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
     if QUERY_ROWS:
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)[:, None]
         g = tl.load(G + rows, mask=rmask, other=0.0)[:, None]
-        w = tl.load(w_cls + xcls, mask=rmask, other=0.0)[:, None]
+        w = tl.load(q_weight + rows, mask=rmask, other=0.0)[:, None]
         me = tl.load(q_self + rows, mask=rmask, other=-1)
-    skip_at, skip_len, n_neg, pos_first, n_pos = _plan(x_cls, n_x, y_start, y_end, n_y, BLOCK_R, BLOCK_C)
+    skip_at, skip_len, n_neg, pos_first, n_pos = _column_ranges(x_cls, n_x, y_start, y_end, n_y, BLOCK_R, BLOCK_C)
     t0, t1 = _split(n_neg + n_pos)
     acc_a = tl.zeros([BLOCK_R, D_A], tl.float32)
     acc_b = tl.zeros(xb.shape, tl.float32)  # unused (and dropped) when D_B == 0
@@ -184,7 +186,7 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
         else:
             lse = tl.load(LSE + cols, mask=cmask, other=0.0)[None, :]
             g = tl.load(G + cols, mask=cmask, other=0.0)[None, :]
-            w = tl.load(w_cls + ycls, mask=cmask, other=0.0)[None, :]
+            w = tl.load(q_weight + cols, mask=cmask, other=0.0)[None, :]
             not_self = rows[:, None] != tl.load(q_self + cols, mask=cmask, other=-1)[None, :]
         e = tl.exp2(a - lse)  # softmax weight of a negative; exp(a - LSE) for a positive (may be inf)
         same = ycls[None, :] == xcls[:, None]
@@ -208,45 +210,41 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
         tl.store(out + cb[None, :], db.to(DX_PART.dtype.element_ty), mask=rmask[:, None] & (cb[None, :] < d))
 
 
-class _Plan(NamedTuple):
-    """Who is a query, the class-sorted order of both sides and per-class ranges and weights."""
+class _Side(NamedTuple):
+    """Queries or keys in class order, so that each class is one contiguous range."""
 
-    q_idx: torch.Tensor  # (Ne,) int32: feature row of each selected query, sorted by class
-    q_cls: torch.Tensor  # (Ne,) int32: compact class of each selected query
-    q_self: torch.Tensor  # (Ne,) int32: position of the query's own row in the sorted keys, or -1
-    k_idx: torch.Tensor  # (Nk,) int32: key row at each sorted position
-    k_cls: torch.Tensor  # (Nk,) int32: compact class at each sorted position
-    k_start: torch.Tensor  # (C,) int32: sorted-key range of each class
-    k_end: torch.Tensor
-    q_start: torch.Tensor  # (C,) int32: sorted-query range of each class
-    q_end: torch.Tensor
-    w: torch.Tensor  # (C,) fp32: 1 / (|P_c| (|P_c| - 1)), 0 for classes that do not qualify
+    idx: torch.Tensor  # (n,) int32: row of the input tensor at each sorted position
+    cls: torch.Tensor  # (n,) int32: class at each sorted position
+    start: torch.Tensor  # (C,) int32: sorted range [start, end) of each class
+    end: torch.Tensor
 
 
-def _plan_for(labels, key_labels, self_index, non_entity, non_entity_queries) -> _Plan:
-    """Cheap O(N log N) pre-pass in torch (two host syncs: the class count and the query count)."""
-    n_k = key_labels.numel()
-    classes, k_cls = torch.unique(key_labels, return_inverse=True)
-    counts = torch.bincount(k_cls, minlength=classes.numel())
-    ok = (counts >= 2) & (counts < n_k)
-    if not non_entity_queries:
-        ok &= classes != non_entity
-    c = torch.searchsorted(classes, labels).clamp_max(classes.numel() - 1)
-    rows = torch.nonzero((classes[c] == labels) & ok[c]).squeeze(1)
-    q_cls, order = torch.sort(c[rows], stable=True)
-    rows = rows[order]
-    k_cls, k_idx = torch.sort(k_cls, stable=True)
-    k_end = torch.cumsum(counts, 0)
-    q_counts = torch.bincount(q_cls, minlength=classes.numel())
-    q_end = torch.cumsum(q_counts, 0)
+class _SortedClasses(NamedTuple):
+    queries: _Side
+    keys: _Side
+    q_self: torch.Tensor  # (Nq,) int32: position of the query's own row among the sorted keys, or -1
+    q_weight: torch.Tensor  # (Nq,) fp32: 1/(|P_c|(|P_c|-1)) of each sorted query
+
+
+def _sort_by_class(selection: QuerySelection) -> _SortedClasses:
+    """O(N log N) pre-pass in torch, without host syncs: the sizes are known from the selection."""
+    k_cls, k_idx = torch.sort(selection.key_labels, stable=True)
+    q_cls, order = torch.sort(selection.classes, stable=True)
+    classes = torch.arange(selection.key_counts.numel(), device=q_cls.device)
+    k_end = torch.cumsum(selection.key_counts, 0)
     sorted_pos = torch.empty_like(k_idx)
-    sorted_pos[k_idx] = torch.arange(n_k, device=k_idx.device)
-    me = self_index[rows]
-    q_self = torch.where(me >= 0, sorted_pos[me.clamp_min(0)], -1)
-    w = torch.where(ok, 1.0 / (counts * (counts - 1)).clamp_min(1).double(), 0.0).float()
+    sorted_pos[k_idx] = torch.arange(k_idx.numel(), device=k_idx.device)
+    me = selection.self_rows[order]
     i32 = torch.int32
-    return _Plan(rows.to(i32), q_cls.to(i32), q_self.to(i32), k_idx.to(i32), k_cls.to(i32),
-                 (k_end - counts).to(i32), k_end.to(i32), (q_end - q_counts).to(i32), q_end.to(i32), w)
+    return _SortedClasses(
+        queries=_Side(idx=selection.rows[order].to(i32), cls=q_cls.to(i32),
+                      start=torch.searchsorted(q_cls, classes).to(i32),
+                      end=torch.searchsorted(q_cls, classes, right=True).to(i32)),
+        keys=_Side(idx=k_idx.to(i32), cls=k_cls.to(i32), start=(k_end - selection.key_counts).to(i32),
+                   end=k_end.to(i32)),
+        q_self=torch.where(me >= 0, sorted_pos[me.clamp_min(0)], -1).to(i32),
+        q_weight=selection.weight[order].float(),
+    )
 
 
 # (largest bytes per row, (block_rows, block_cols, num_warps, num_stages)): picked by compiling for sm_90
@@ -255,6 +253,8 @@ _FWD_CONFIGS = ((512, (128, 64, 8, 3)), (640, (128, 64, 8, 2)), (1024, (64, 64, 
                 (None, (16, 32, 4, 1)))
 _BWD_CONFIGS = ((384, (64, 64, 8, 2)), (512, (32, 32, 8, 2)), (1536, (16, 64, 8, 1)), (3072, (16, 32, 8, 1)),
                 (None, (16, 16, 4, 1)))
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DIM = 1024  # feature columns
 
 
 def _config(d: int, elem_size: int, interpret: bool):
@@ -285,103 +285,167 @@ def _inv_norms(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(_EPS)
 
 
+def _grad_sweep(ctx, go: torch.Tensor, query_rows: bool) -> torch.Tensor:
+    """dL/dx for the sorted rows of x, the queries (``query_rows``) or the keys, against the other side y."""
+    features, keys, q_r, k_r, lse, g = ctx.saved_tensors
+    sides = ctx.sides
+    if query_rows:
+        x, y, xs, ys, x_r, y_r = features, keys, sides.queries, sides.keys, q_r, k_r
+    else:
+        x, y, xs, ys, x_r, y_r = keys, features, sides.keys, sides.queries, k_r, q_r
+    n_x, n_y, d = xs.idx.numel(), ys.idx.numel(), x.shape[1]
+    d_a, d_b, _, (block_r, block_c, warps, stages) = _config(d, x.element_size(), x.device.type != "cuda")
+    n_rb = triton.cdiv(n_x, block_r)
+    s = _splits(n_rb, triton.cdiv(n_y, block_c), x.device, ctx.forced_splits)
+    part = torch.empty((s, n_x, d), device=x.device, dtype=torch.float32 if s > 1 else x.dtype)
+    _bwd_kernel[(n_rb, s)](
+        x,
+        y,
+        xs.idx,
+        ys.idx,
+        x_r,
+        y_r,
+        xs.cls,
+        ys.cls,
+        ys.start,
+        ys.end,
+        sides.q_self,
+        lse,
+        g,
+        sides.q_weight,
+        go,
+        part,
+        n_x,
+        n_y,
+        d,
+        x.stride(0),
+        y.stride(0),
+        LOG2E / ctx.temperature,
+        1.0 / ctx.temperature,
+        QUERY_ROWS=query_rows,
+        D_A=d_a,
+        D_B=d_b,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        PRECISION=ctx.precision,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return part[0] if s == 1 else part.sum(0).to(x.dtype)
+
+
 class _SemanticInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, keys, plan: _Plan, temperature: float, precision: str, splits: int | None):
-        d = features.shape[1]
-        n_q, n_k = plan.q_idx.numel(), plan.k_idx.numel()
-        d_a, d_b, (bm, bn, warps, stages), _ = _config(d, features.element_size(), features.device.type != "cuda")
-        q_r = _inv_norms(features)[plan.q_idx.long()]
-        k_r = _inv_norms(keys)[plan.k_idx.long()]
-        scale2 = LOG2E / temperature
-        common = (features, keys, plan.q_idx, plan.k_idx, q_r, k_r, plan.q_cls, plan.k_cls, plan.k_start, plan.k_end)
-        sizes = (n_q, n_k, d, features.stride(0), keys.stride(0), scale2)
-        meta = dict(D_A=d_a, D_B=d_b, BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision, num_warps=warps, num_stages=stages)
-        n_qb, n_kb = triton.cdiv(n_q, bm), triton.cdiv(n_k, bn)
+    def forward(ctx, features, keys, sides: _SortedClasses, temperature: float, precision: str,
+                forced_splits: int | None):
+        q, k = sides.queries, sides.keys
+        n_q, n_k, d = q.idx.numel(), k.idx.numel(), features.shape[1]
+        d_a, d_b, (block_m, block_n, warps, stages), _ = _config(d, features.element_size(),
+                                                                 features.device.type != "cuda")
+        q_r = _inv_norms(features)[q.idx.long()]
+        k_r = _inv_norms(keys)[k.idx.long()]
+        n_qb, n_kb = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
+        s = _splits(n_qb, n_kb, features.device, forced_splits)
 
-        s = _splits(n_qb, n_kb, features.device, splits)
         lse_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
-        _lse_kernel[(n_qb, s)](*common, lse_part, *sizes, **meta)
+        _lse_kernel[(n_qb, s)](
+            features,
+            keys,
+            q.idx,
+            k.idx,
+            q_r,
+            k_r,
+            q.cls,
+            k.cls,
+            k.start,
+            k.end,
+            lse_part,
+            n_q,
+            n_k,
+            d,
+            features.stride(0),
+            keys.stride(0),
+            LOG2E / temperature,
+            D_A=d_a,
+            D_B=d_b,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            PRECISION=precision,
+            num_warps=warps,
+            num_stages=stages,
+        )
         lse = torch.logsumexp(lse_part * LN2, 0) * LOG2E if s > 1 else lse_part[0]
 
         loss_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
         g_part = torch.empty_like(loss_part)
-        _pos_kernel[(n_qb, s)](*common, plan.q_self, plan.w, lse, loss_part, g_part, *sizes, **meta)
+        _pos_kernel[(n_qb, s)](
+            features,
+            keys,
+            q.idx,
+            k.idx,
+            q_r,
+            k_r,
+            q.cls,
+            k.cls,
+            k.start,
+            k.end,
+            sides.q_self,
+            sides.q_weight,
+            lse,
+            loss_part,
+            g_part,
+            n_q,
+            n_k,
+            d,
+            features.stride(0),
+            keys.stride(0),
+            LOG2E / temperature,
+            D_A=d_a,
+            D_B=d_b,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            PRECISION=precision,
+            num_warps=warps,
+            num_stages=stages,
+        )
 
         ctx.save_for_backward(features, keys, q_r, k_r, lse, g_part.sum(0))
-        ctx.plan, ctx.temperature, ctx.precision, ctx.splits = plan, temperature, precision, splits
+        ctx.sides, ctx.temperature, ctx.precision, ctx.forced_splits = sides, temperature, precision, forced_splits
         ctx.shared = keys is features
         return loss_part.sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, go):
-        features, keys, q_r, k_r, lse, g = ctx.saved_tensors
-        plan = ctx.plan
-        d = features.shape[1]
-        n_q, n_k = plan.q_idx.numel(), plan.k_idx.numel()
-        d_a, d_b, _, (br, bc, warps, stages) = _config(d, features.element_size(), features.device.type != "cuda")
+        features, keys = ctx.saved_tensors[:2]
         go = go.detach().to(torch.float32).reshape(1).contiguous()
-        stats = (plan.q_self, lse, g, plan.w, go)
-        meta = dict(D_A=d_a, D_B=d_b, BLOCK_R=br, BLOCK_C=bc, PRECISION=ctx.precision, num_warps=warps,
-                    num_stages=stages)
-        scalars = (LOG2E / ctx.temperature, 1.0 / ctx.temperature)
-
-        def sweep(x, y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, n_x, n_y, query_rows):
-            n_rb = triton.cdiv(n_x, br)
-            s = _splits(n_rb, triton.cdiv(n_y, bc), x.device, ctx.splits)
-            part = torch.empty((s, n_x, d), device=x.device, dtype=torch.float32 if s > 1 else x.dtype)
-            _bwd_kernel[(n_rb, s)](x, y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, *stats, part,
-                                   n_x, n_y, d, x.stride(0), y.stride(0), *scalars, QUERY_ROWS=query_rows, **meta)
-            return part[0] if s == 1 else part.sum(0).to(x.dtype)
-
+        q_idx, k_idx = ctx.sides.queries.idx.long(), ctx.sides.keys.idx.long()
         dq = dk = None
         if ctx.needs_input_grad[1]:
             dk = torch.empty_like(keys)
-            dk[plan.k_idx.long()] = sweep(keys, features, plan.k_idx, plan.q_idx, k_r, q_r, plan.k_cls, plan.q_cls,
-                                          plan.q_start, plan.q_end, n_k, n_q, False)
+            dk[k_idx] = _grad_sweep(ctx, go, query_rows=False)
         if ctx.needs_input_grad[0]:
-            dq_rows = sweep(features, keys, plan.q_idx, plan.k_idx, q_r, k_r, plan.q_cls, plan.k_cls,
-                            plan.k_start, plan.k_end, n_q, n_k, True)
+            dq_rows = _grad_sweep(ctx, go, query_rows=True)
             if ctx.shared:  # one tensor on both sides: add into its key gradient instead of a second full one
-                dk.index_add_(0, plan.q_idx, dq_rows)
+                dk.index_add_(0, q_idx, dq_rows)
             else:
-                dq = torch.zeros_like(features).index_copy_(0, plan.q_idx.long(), dq_rows)
+                dq = torch.zeros_like(features).index_copy_(0, q_idx, dq_rows)
         return dq, dk, None, None, None, None
 
 
-def semantic_infonce(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07, non_entity: int = 0,
-                     keys: torch.Tensor | None = None, key_labels: torch.Tensor | None = None,
-                     self_index: torch.Tensor | None = None, non_entity_queries: bool = False, *,
+def semantic_infonce(features: torch.Tensor, keys: torch.Tensor, selection: QuerySelection, temperature: float, *,
                      input_precision: str | None = None, splits: int | None = None) -> torch.Tensor:
-    """Semantic-class InfoNCE of queries ``features`` (N, d) against ``keys`` (default: the features).
-
-    ``self_index[i]`` is the key row of query i (excluded from its positives; its key label must equal
-    ``labels[i]``) or -1; it defaults to ``arange(N)`` without keys and to all -1 with keys. Returns an fp32
-    scalar (0, still connected to the inputs, when no class qualifies). ``input_precision`` for fp32 inputs:
-    "ieee" or "tf32" (default: follows ``torch.backends.cuda.matmul.allow_tf32``). ``splits`` forces the
-    number of column splits per row block (default: enough to fill the GPU).
-    """
-    if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"semantic_infonce: unsupported dtype {features.dtype}")
-    if features.shape[1] > 1024:
-        raise ValueError(f"semantic_infonce: feature dim {features.shape[1]} > 1024")
-    features = features.contiguous()
-    if keys is None:
-        keys, key_labels = features, labels
-        if self_index is None:
-            self_index = torch.arange(labels.numel(), device=labels.device)
-    else:
-        keys = keys.to(features.dtype).contiguous()
-        if self_index is None:
-            self_index = torch.full_like(labels, -1)
+    """Fused loss (fp32 scalar) of the queries of ``selection`` (at least one) among ``features`` (N, d)
+    against ``keys`` (Nk, d); pass the features themselves as keys to share one gradient buffer. Trusts its
+    caller (:func:`nerco_dist.losses.semantic_class_infonce` checks the arguments): dtype in ``DTYPES``,
+    d <= ``MAX_DIM``. ``input_precision`` for fp32 inputs: "ieee" or "tf32" (default: follows
+    ``torch.backends.cuda.matmul.allow_tf32``); ``splits`` forces the column splits per row block."""
     if features.dtype != torch.float32:
         input_precision = "tf32"  # Triton's default; only fp32 operands look at it
     elif input_precision is None:
         input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if labels.numel() == 0 or key_labels.numel() == 0:
-        return (features[:0].sum() + keys[:0].sum()).float()
-    plan = _plan_for(labels, key_labels, self_index.long(), non_entity, non_entity_queries)
-    if plan.q_idx.numel() == 0:
-        return (features[:0].sum() + keys[:0].sum()).float()
-    return _SemanticInfoNCE.apply(features, keys, plan, float(temperature), input_precision, splits)
+    shared = keys is features
+    features = features.contiguous()
+    keys = features if shared else keys.to(features.dtype).contiguous()
+    return _SemanticInfoNCE.apply(features, keys, _sort_by_class(selection), float(temperature), input_precision,
+                                  splits)

@@ -14,15 +14,16 @@ from .errors import InputError
 log = logging.getLogger("nerco_dist")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, wrap_loss=None) -> int:
+    """``nerco train``; ``wrap_loss`` is ``train``'s seam for a test's own loss."""
+    from . import distributed
     from .config import data_root, load_config
-    from .train import distributed
     from .train.trainer import NonFiniteLoss, train
 
     cfg = load_config(args.config, args.set)
     try:
         results = train(cfg, data_root(args.data_root), args.stage, Path(args.init) if args.init else None,
-                        resume=not args.no_resume)
+                        resume=not args.no_resume, wrap_loss=wrap_loss)
     except NonFiniteLoss as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 3
@@ -46,9 +47,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .atomic import write_json
-    from .train.trainer import evaluate_checkpoint
-
     from .eval.metrics import evaluate, f1_by_length, write_length_csv
+    from .inference import evaluate_checkpoint
 
     gold, pred = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.batch_size, args.device,
                                      args.format)
@@ -74,23 +74,22 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .data.readers import Sentence
     from .data.tags import entities
-    from .train.trainer import load_for_inference
+    from .inference import load_for_inference, predict
 
-    task, model = load_for_inference(Path(args.checkpoint), args.device)
-    device = next(model.parameters()).device
+    codec, model = load_for_inference(Path(args.checkpoint), args.device)
     stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     with stream:
         lines = [line.rstrip("\r\n") for line in stream]
     texts = [t for t in lines if t.strip()]
     sentences = [Sentence(list(t), ["O"] * len(t)) for t in texts]
-    for text, tags in zip(texts, task.predict_tags(model, sentences, args.batch_size, device)):
+    for text, tags in zip(texts, predict(codec, model, sentences, args.batch_size)):
         found = [dict(start=e.start, end=e.end, type=e.type, mention=text[e.start : e.end]) for e in entities(tags)]
         print(json.dumps(dict(text=text, entities=found), ensure_ascii=False))
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze
+    from .eval.analyze import analyze
 
     summary = analyze(Path(args.baseline), Path(args.nerco), Path(args.data), Path(args.out),
                       Path(args.stage1) if args.stage1 else None, args.tsne_tokens, args.seed, args.device)

@@ -1,5 +1,8 @@
 """Run configuration: YAML files with ``--set section.key=value`` overrides, checked against dataclasses.
 
+A stage is a list of phases (``contrastive.phase``; ``finetune.head``, ``.frozen_bert``, ``.full``), each with
+its own optimiser section (:class:`OptimConfig`), patience and hand-off.
+
 Corpus and vector paths are relative to the data root: ``--data-root``, else ``$NERCO_DATA_ROOT``, else
 ``data/``.
 """
@@ -11,11 +14,12 @@ import os
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from .errors import InputError
+from .model.config import ModelConfig
 
 DATA_ROOT_ENV = "NERCO_DATA_ROOT"
 
@@ -36,69 +40,81 @@ class DataConfig:
     limit: int | None = None  # use only the first N sentences of each split (quick experiments, smoke tests)
 
 
-@dataclass
-class ModelConfig:
-    char_dim: int = 50
-    bigram_dim: int = 50
-    word_dim: int = 50
-    hidden: int = 160
-    layers: int = 1
-    heads: int = 8
-    head_dim: int = 20
-    ff_ratio: int = 3
-    position_fusion: str = "four"  # four | two
-    attn_scaled: bool = True
-    embed_dropout: float = 0.5
-    attn_dropout: float = 0.0
-    ff_dropout: float = 0.15
-    residual_dropout: float = 0.15
-    output_dropout: float = 0.3
-    bert: str | None = None  # a local Hugging Face directory (nothing is downloaded)
-    crf_constraints: bool = True  # forbid O -> I-X and B-X -> I-Y (in the likelihood and at decode)
-    projection_head: bool = False  # contrastive loss on an MLP projection of the features, not the features
+RESUMABLE = {"resume": False}  # field metadata: may change between a killed run and its resume
 
 
 @dataclass
-class TrainConfig:
+class OptimConfig:
+    """How one phase updates its parameters. Each phase builds its own optimiser: a new phase restarts the
+    moments and the warmup by design."""
+
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 1e-3
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
-    bert_lr_ratio: float = 0.05  # BERT learns at this fraction of lr once unfrozen
-    bert_freeze_epochs: int = 0
-    warmup: float = 0.1  # fraction of the first epoch's steps
-    lr_decay: float = 0.05  # per-epoch factor 1 / (1 + lr_decay * epoch)
-    clip_value: float | None = 5.0
-    epochs: int = 100
+    bert_lr_ratio: float = 0.05  # BERT, in a phase that trains it, learns at this fraction of lr
+    warmup: float = 0.1  # linear ramp from 0 over this fraction of the phase's optimizer steps
+    lr_decay: float = 0.05  # then lr / (1 + lr_decay * epoch), epochs counted within the phase; 0: constant
+    clip_value: float | None = 5.0  # gradient clipping by value (local engine; DeepSpeed clips by norm)
+    epochs: int = 100  # at most; 0 skips the phase
     batch_size: int = 10
-    eval_batch_size: int = 32
-    patience: int = 0  # epochs without dev improvement before stopping; 0 = never stop early
-    head_only_epochs: int = 0  # first epochs of fine-tuning train only Linear + CRF (encoder under no_grad)
-    seed: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    out_dir: str = "runs/run"
-    log_every: int = 20
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of a stage: its optimiser, when to stop, and what the next phase starts from."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    patience: int = 0  # epochs without a better dev score (the stage's best) before the phase ends; 0: never
+    hand_off: str = "last"  # the next phase starts from the last weights of this one, or the stage's best
+
+
+def _phase(epochs: int, **optim) -> Callable[[], PhaseConfig]:
+    return lambda: PhaseConfig(optim=OptimConfig(epochs=epochs, **optim))
 
 
 @dataclass
 class ContrastiveConfig:
-    """Stage 1 of NerCo, and the paper's ablations of it."""
+    """Stage 1 of NerCo: the encoder (BERT frozen, no output head) on semantic-class InfoNCE, selected by
+    the lowest dev InfoNCE; stage 2 starts from that encoder."""
 
     enabled: bool = False  # false: the baseline, fine-tuning only
-    joint: bool = False  # ablation: one stage on CRF NLL + joint_weight * InfoNCE instead of two stages
-    joint_weight: float = 1.0
-    non_entity_queries: bool = False  # ablation: no filtering of non-entity queries (O is a query class too)
     temperature: float = 0.07
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: float = 0.05
-    lr_decay: float = 0.05
-    epochs: int = 30
-    batch_size: int = 32
-    patience: int = 10  # selection: lowest dev contrastive loss
     backend: str = "auto"  # auto | torch | triton: where the loss runs (auto: Triton on CUDA)
+    phase: PhaseConfig = field(default_factory=lambda: PhaseConfig(
+        optim=OptimConfig(optimizer="adamw", warmup=0.05, epochs=30, batch_size=32), patience=10,
+        hand_off="best"))
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2 (the baseline when there is no stage 1): Linear + CRF on BIO tags, selected by dev F1, in
+    up to three phases run in this order; a phase with 0 epochs is skipped."""
+
+    head: PhaseConfig = field(default_factory=_phase(0))  # Linear + CRF alone, the encoder fixed
+    frozen_bert: PhaseConfig = field(default_factory=_phase(0))  # encoder + head, BERT fixed
+    full: PhaseConfig = field(default_factory=_phase(100))  # everything, BERT at optim.bert_lr_ratio
+
+
+@dataclass
+class AblationConfig:
+    """The paper's ablations of stage 1."""
+
+    joint: bool = False  # one stage on CRF NLL + joint_weight * InfoNCE instead of two stages
+    joint_weight: float = 1.0
+    non_entity_queries: bool = False  # no filtering of non-entity queries (O is a query class too)
+
+
+@dataclass
+class RunConfig:
+    """What every stage shares: seed, device, output folder, logging."""
+
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = field(default=0, metadata=RESUMABLE)  # torch CPU threads; 0 = torch's default
+    out_dir: str = "runs/run"
+    log_every: int = field(default=20, metadata=RESUMABLE)  # optimizer steps between logged scalars
+    eval_batch_size: int = field(default=32, metadata=RESUMABLE)
 
 
 @dataclass
@@ -110,17 +126,19 @@ class DistributedConfig:
     lr_scaling: str = "none"  # none | linear | sqrt: lr x (global batch / base_batch), or its square root
     base_batch: int = 0  # the global batch the configured lr is for; 0: the stage's batch_size
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (DeepSpeed engine only)
-    timeout_s: float = 600.0  # a collective waiting longer (a rank died or hangs) fails the run
-    max_nonfinite: int = 10  # consecutive non-finite losses (each step skipped) before the run aborts
-    checkpoint_every: int = 0  # optimizer steps between resume checkpoints; 0: at the end of each epoch only
+    timeout_s: float = field(default=600.0, metadata=RESUMABLE)  # a collective waiting longer fails the run
+    max_nonfinite: int = field(default=10, metadata=RESUMABLE)  # non-finite losses in a row (steps skipped) before aborting
+    checkpoint_every: int = field(default=0, metadata=RESUMABLE)  # optimizer steps between resume checkpoints; 0: epoch ends
 
 
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
@@ -128,23 +146,57 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<config>") -> "Config":
-        sections = {}
-        for f in dataclasses.fields(cls):
-            values = raw.get(f.name) or {}
-            if not isinstance(values, dict):
-                raise InputError(source, f"section '{f.name}' must be a mapping")
-            section_cls = f.default_factory
-            known = {g.name for g in dataclasses.fields(section_cls)}
-            unknown = set(values) - known
-            if unknown:
-                raise InputError(source, f"unknown key(s) in '{f.name}': {', '.join(sorted(unknown))}")
-            hints = typing.get_type_hints(section_cls)
-            sections[f.name] = section_cls(**{k: _typed(v, hints[k], f"{f.name}.{k}", source)
-                                              for k, v in values.items()})
-        unknown = set(raw) - set(sections)
-        if unknown:
-            raise InputError(source, f"unknown section(s): {', '.join(sorted(unknown))}")
-        return cls(**sections)
+        return _build(cls(), raw, "", source)
+
+
+# keys of earlier versions: where each went (a config using one is refused with this message)
+_OPTIM_KEYS = [f.name for f in dataclasses.fields(OptimConfig)]
+MOVED = {
+    **{f"train.{k}": f"finetune.full.optim.{k}" for k in _OPTIM_KEYS},
+    **{f"train.{k}": f"run.{k}" for k in ("seed", "device", "threads", "out_dir", "log_every", "eval_batch_size")},
+    "train.patience": "finetune.full.patience",
+    "train.head_only_epochs": "finetune.head.optim.epochs (a phase of its own, before the others)",
+    "train.bert_freeze_epochs": "finetune.frozen_bert.optim.epochs (a phase of its own, before 'full')",
+    **{f"contrastive.{k}": f"contrastive.phase.optim.{k}" for k in _OPTIM_KEYS},
+    "contrastive.patience": "contrastive.phase.patience",
+    **{f"contrastive.{k}": f"ablation.{k}" for k in ("joint", "joint_weight", "non_entity_queries")},
+}
+
+_CHOICES = {"optimizer": ("sgd", "adamw"), "hand_off": ("last", "best"), "backend": ("auto", "torch", "triton"),
+            "format": ("auto", "conll", "weibo", "cluener"), "position_fusion": ("four", "two"),
+            "lr_scaling": ("none", "linear", "sqrt"), "precision": ("auto", "bf16", "fp32")}
+
+
+def _unknown_key(key: str, value: Any, known: dict) -> str:
+    """The message for a key the config does not have: where it moved, if it did."""
+    if key in MOVED:
+        return f"{key} has moved to {MOVED[key]}"
+    if isinstance(value, dict) and any(k.startswith(key + ".") for k in MOVED):
+        moves = [f"{key}.{k} -> {MOVED.get(f'{key}.{k}', '?')}" for k in value]
+        return f"section {key!r} has gone; its keys moved: " + "; ".join(moves)
+    return f"unknown key {key} (known here: {', '.join(known)})"
+
+
+def _build(default: Any, values: Any, prefix: str, source: str) -> Any:
+    """``default`` (a config dataclass) with ``values`` (a mapping, possibly nested) applied and type-checked."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(values, dict):
+        raise InputError(source, f"{where} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(default)}
+    for key, value in values.items():
+        if key not in fields:
+            raise InputError(source, _unknown_key(prefix + key, value, fields))
+    hints = typing.get_type_hints(type(default))
+    changes = {}
+    for key, value in values.items():
+        current = getattr(default, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _build(current, value or {}, f"{prefix}{key}.", source)
+        else:
+            changes[key] = _typed(value, hints[key], prefix + key, source)
+            if key in _CHOICES and changes[key] not in _CHOICES[key] + (None,):
+                raise InputError(source, f"{prefix}{key}={value!r}: expected one of {', '.join(_CHOICES[key])}")
+    return dataclasses.replace(default, **changes)
 
 
 def _typed(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -175,7 +227,7 @@ def _parse_value(text: str) -> Any:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is read first and this
-    file's sections are merged over it key by key."""
+    file is merged over it key by key, at every depth."""
     if not path.is_file():
         raise InputError(path, "config file not found")
     if path.resolve() in seen:
@@ -192,28 +244,34 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
-    for section, values in raw.items():
-        if isinstance(values, dict) and isinstance(merged.get(section), dict):
-            merged[section] = {**merged[section], **values}
-        else:
-            merged[section] = values
+    return _merged(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` mapping by mapping, at every depth."""
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both else value
     return merged
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    """Read a YAML config and apply ``section.key=value`` overrides (``finetune.full.optim.lr=3e-4``: any
+    depth; values parsed as YAML)."""
     path = Path(path)
     raw = _read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.split(".")
-        if not sep or len(parts) != 2:
+        if not sep or len(parts) < 2 or not all(parts):
             raise InputError("--set", f"expected section.key=value, got {item!r}")
-        raw.setdefault(parts[0], {})
-        if not isinstance(raw[parts[0]], dict):
-            raise InputError(path, f"section '{parts[0]}' must be a mapping")
-        raw[parts[0]][parts[1]] = _parse_value(value)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(path, f"{'.'.join(parts[: depth + 1])} must be a mapping")
+        node[parts[-1]] = _parse_value(value)
     return Config.from_dict(raw, str(path))
 
 

@@ -50,8 +50,8 @@ def trained(tmp_path_factory, data_root):
     from nerco_dist.cli import main
 
     out = tmp_path_factory.mktemp("tiny")
-    code = main(["train", str(TINY), "--data-root", str(data_root), "--set", f"train.out_dir={out}",
-                 "--set", "train.epochs=2"])
+    code = main(["train", str(TINY), "--data-root", str(data_root), "--set", f"run.out_dir={out}",
+                 "--set", "finetune.full.optim.epochs=2"])
     assert code == 0
     return out
 

@@ -7,7 +7,7 @@ import pytest
 from nerco_dist.cli import main
 from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
-from nerco_dist.train.trainer import load_for_inference
+from nerco_dist.inference import load_for_inference
 
 
 PNG = b"\x89PNG\r\n\x1a\n"

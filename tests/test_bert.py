@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nerco_dist.config import load_config
-from nerco_dist.train.checkpoint import load_checkpoint
+from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.train.trainer import train
 
 from .conftest import TINY
@@ -19,8 +19,8 @@ def bert_weights(state: dict) -> dict:
 def test_frozen_bert_is_unchanged_and_unfrozen_bert_trains(tiny_bert, data_root, tmp_path, freeze_epochs):
     from transformers import BertModel
 
-    cfg = load_config(TINY, [f"model.bert={tiny_bert}", f"train.bert_freeze_epochs={freeze_epochs}",
-                             "train.epochs=1", f"train.out_dir={tmp_path}", "data.max_len=40"])
+    cfg = load_config(TINY, [f"model.bert={tiny_bert}", f"finetune.frozen_bert.optim.epochs={freeze_epochs}",
+                             "finetune.full.optim.epochs=1", f"run.out_dir={tmp_path}", "data.max_len=40"])
     train(cfg, data_root)
     trained = bert_weights(load_checkpoint(tmp_path / "last.pt")["model"])
     initial = {f"bert.{k}": v for k, v in BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).state_dict().items()}

@@ -15,7 +15,7 @@ from nerco_dist.data.readers import read_corpus
 from nerco_dist.data.tags import entities
 from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
-from nerco_dist.train.trainer import load_for_inference
+from nerco_dist.inference import load_for_inference
 
 from .conftest import LIMIT, REPO, TINY
 
@@ -91,7 +91,7 @@ def test_bad_corpus_exits_nonzero_with_file_and_line(tmp_path, data_root):
     bad = tmp_path / "bad.bmes"
     bad.write_text("中 B-ORG\n国 Q-ORG\n", encoding="utf-8")
     proc = run_cli("train", str(TINY), "--data-root", str(data_root), "--set", f"data.train={bad}",
-                   "--set", f"train.out_dir={tmp_path / 'out'}")
+                   "--set", f"run.out_dir={tmp_path / 'out'}")
     assert proc.returncode == 2
     assert f"{bad}:2" in proc.stderr and "ill-formed tag" in proc.stderr
     assert not (tmp_path / "out" / "best.pt").exists()
@@ -110,7 +110,7 @@ def test_bad_config_and_checkpoint(tmp_path):
 
 def test_bert_name_that_is_not_a_directory_is_refused(tmp_path, data_root):
     proc = run_cli("train", str(TINY), "--data-root", str(data_root), "--set", "model.bert=bert-base-chinese",
-                   "--set", f"train.out_dir={tmp_path}")
+                   "--set", f"run.out_dir={tmp_path}")
     assert proc.returncode == 2 and "download" in proc.stderr
 
 
@@ -120,18 +120,18 @@ def test_base_config_is_merged_under_the_file(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text("base: base.yaml\ntrain:\n  epochs: 7\n")
     cfg = load_config(child)
-    assert (cfg.train.lr, cfg.train.epochs, cfg.model.hidden) == (0.1, 7, 64)
+    assert (cfg.train.lr, cfg.finetune.full.optim.epochs, cfg.model.hidden) == (0.1, 7, 64)
     loop = tmp_path / "loop.yaml"
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(Exception, match="loops"):
         load_config(loop)
     nerco = load_config(REPO / "configs" / "weibo_nerco.yaml")
     assert nerco.contrastive.enabled and nerco.contrastive.temperature == 0.08
-    assert nerco.data.format == "weibo" and nerco.train.head_only_epochs == 1
+    assert nerco.data.format == "weibo" and nerco.finetune.head.optim.epochs == 1
 
 
 def test_overrides_are_typed():
-    cfg = load_config(TINY, ["train.lr=0.5", "model.bert=null", "data.max_len=7"])
+    cfg = load_config(TINY, ["finetune.full.optim.lr=0.5", "model.bert=null", "data.max_len=7"])
     assert cfg.train.lr == 0.5 and cfg.model.bert is None and cfg.data.max_len == 7
 
 
@@ -143,10 +143,10 @@ def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.epochs=2.5", "train.epochs: expected int, got 2.5"),
-    ("train.epochs=true", "train.epochs: expected int, got True"),
+    ("finetune.full.optim.epochs=2.5", "finetune.full.optim.epochs: expected int, got 2.5"),
+    ("finetune.full.optim.epochs=true", "finetune.full.optim.epochs: expected int, got True"),
     ("contrastive.enabled=1", "contrastive.enabled: expected bool, got 1"),
-    ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+    ("finetune.full.optim.lr=fast", "train.lr: expected float, got 'fast'"),
     ("train.device=3", "train.device: expected str, got 3"),
     ("data.max_len=null", "data.max_len: expected int, got None"),
 ])

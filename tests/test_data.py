@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from nerco_dist.data.dataset import (LabelSet, LatticeEncoder, LengthBucketBatchSampler, Vocabs, char_bigrams,
-                                     collate, holdout_split, split_points)
+                                     collate, holdout_split, lexicon_matches, piece_spans)
 from nerco_dist.data.lexicon import Lexicon, read_word2vec
 from nerco_dist.data.readers import Sentence, read_corpus
-from nerco_dist.data.tags import Entity, convert, detect_scheme, entities, semantic_class, to_bio
+from nerco_dist.data.tags import (Entity, count_orphan_inside, detect_scheme, entities, from_entities, semantic_class,
+                                  to_bio)
 from nerco_dist.errors import InputError
 
 # --- real corpora, published counts -------------------------------------------------------------------
@@ -132,11 +133,14 @@ def random_entities(rng, n):
     return spans
 
 
+def convert(tags, scheme):
+    """Any scheme to ``scheme`` through the entity spans: the reference the direct prefix map must agree with."""
+    return from_entities(len(tags), entities(tags), scheme)
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_scheme_round_trips(seed):
     rng = random.Random(seed)
-    from nerco_dist.data.tags import from_entities
-
     n = rng.randint(1, 30)
     spans = random_entities(rng, n)
     bio = from_entities(n, spans, "BIO")
@@ -146,6 +150,16 @@ def test_scheme_round_trips(seed):
         assert convert(other, "BIO") == bio
         assert to_bio(other) == bio  # the direct prefix map (S->B, M/E->I) agrees
     assert entities(bio) == spans
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_orphan_inside_count_matches_the_entity_reading(seed):
+    rng = random.Random(seed)
+    tags = [rng.choice(["O", "B-PER", "I-PER", "M-PER", "E-PER", "S-PER", "I-LOC", "E-LOC"]) for _ in range(30)]
+    bio = to_bio(tags)
+    # reference: the entities conlleval reads from the BIO tags, counted where one starts on an I- tag
+    assert count_orphan_inside(bio) == sum(1 for e in entities(bio) if bio[e.start].startswith("I-"))
+    assert count_orphan_inside(["I-PER", "I-PER", "O", "I-PER", "B-LOC", "I-PER", "I-LOC"]) == 4
 
 
 def test_scheme_detection_and_semantic_class():
@@ -183,12 +197,12 @@ def test_jieba_default_lexicon_and_word2vec_lexicon(tmp_path):
     assert err.value.line == 2
 
 
-def test_split_points_prefer_sentence_then_clause_ends_and_keep_entities():
+def test_piece_spans_prefer_sentence_then_clause_ends_and_keep_entities():
     chars = list("甲乙。丙丁，戊己庚辛")
-    assert split_points(chars, 5) == [(0, 3), (3, 6), (6, 10)]
-    assert split_points(chars, 100) == [(0, 10)]
+    assert piece_spans(chars, 5) == [(0, 3), (3, 6), (6, 10)]
+    assert piece_spans(chars, 100) == [(0, 10)]
     # a protected span covering the only punctuation forces a cut elsewhere, never inside it
-    pieces = split_points(chars, 4, protected=[Entity(1, 4, "X")])
+    pieces = piece_spans(chars, 4, protected=[Entity(1, 4, "X")])
     assert all(not (s < c < e) for c, _ in pieces[1:] for s, e in [(1, 4)])
     assert pieces[0][0] == 0 and pieces[-1][1] == len(chars)
     assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
@@ -210,6 +224,72 @@ def test_encoder_and_collate_layout():
     assert batch["lattice_mask"][1].tolist() == [True] * 3 + [False] * 8  # 长江 + its word
     assert batch["class_ids"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
     assert enc.vocabs.bigrams.lookup(char_bigrams(list("南京")))[0] == pieces[0].bigram_ids[0]
+
+
+class CountingLexicon(Lexicon):
+    def __init__(self, words):
+        super().__init__(words)
+        self.calls = 0
+
+    def match(self, chars):
+        self.calls += 1
+        return super().match(chars)
+
+
+def per_piece_reference(lex, sentence, pieces):
+    """What each piece's lattice words are when the piece alone is matched (the encoder before the change)."""
+    out = []
+    for p in pieces:
+        found = Lexicon.match(lex, sentence.chars[p.start : p.start + p.num_chars])
+        out.append(([m.head for m in found], [m.tail for m in found], [m.word for m in found]))
+    return out
+
+
+def test_each_sentence_is_matched_once_and_its_pieces_get_what_matching_them_alone_finds():
+    lex = CountingLexicon(["南京", "南京市", "长江", "长江大桥", "江大", "大桥", "市长"])
+    train = [Sentence(list("南京市长江大桥，南京"), ["O"] * 10), Sentence(list("长江"), ["O", "O"])]
+    vocabs = Vocabs.build(train, lex)
+    assert lex.calls == 2
+    enc = LatticeEncoder(vocabs, lex, LabelSet.from_sentences(train), max_len=4)
+    lex.calls = 0
+    pieces = enc.encode(train)
+    assert lex.calls == 2  # one match per sentence, not per piece
+    # 南京市长 | 江大桥， | 南京: 长江 and 长江大桥 cross the first cut, so the pieces hold fewer words
+    assert [(p.sentence, p.start, p.num_chars) for p in pieces] == [(0, 0, 4), (0, 4, 4), (0, 8, 2), (1, 0, 2)]
+    assert sum(len(p.word_ids) for p in pieces[:3]) == len(Lexicon.match(lex, train[0].chars)) - 2
+    for k, s in enumerate(train):
+        mine = [p for p in pieces if p.sentence == k]
+        got = [(p.word_heads, p.word_tails, p.word_ids) for p in mine]
+        want = [(h, t, vocabs.words.lookup(w)) for h, t, w in per_piece_reference(lex, s, mine)]
+        assert got == want
+    # matches computed once serve both the vocabularies and the encoding
+    lex.calls = 0
+    matches = lexicon_matches(train, lex)
+    again = LatticeEncoder(Vocabs.build(train, lex, matches=matches), lex, enc.labels, max_len=4)
+    assert [vars(p) for p in again.encode(train, matches=matches)] == [vars(p) for p in pieces]
+    assert again.vocabs.state_dict() == vocabs.state_dict() and lex.calls == 2
+    with pytest.raises(ValueError, match="1 lexicon match lists for 2 sentences"):
+        enc.encode(train, matches=matches[:1])
+
+
+def test_training_pieces_of_a_real_corpus_match_per_piece_matching(data_root):
+    lex = Lexicon.load(None)
+    train = read_corpus(data_root / "weibo/weiboNER_2nd_conll.train").sentences[:300]
+    enc = LatticeEncoder(Vocabs.build(train, lex), lex, LabelSet.from_sentences(train), max_len=20)
+    pieces = enc.encode(train, split_on_entities=True)
+    assert len(pieces) > 2 * len(train)
+    for k, s in enumerate(train):
+        mine = [p for p in pieces if p.sentence == k]
+        got = [(p.word_heads, p.word_tails, p.word_ids) for p in mine]
+        assert got == [(h, t, enc.vocabs.words.lookup(w)) for h, t, w in per_piece_reference(lex, s, mine)]
+
+
+def test_label_ids_and_label_set_identity():
+    labels = LabelSet(("O", "B-LOC", "I-LOC", "B-PER", "I-PER"))
+    tags = ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "I-LOC"]
+    assert labels.ids(tags) == [labels.labels.index(t) for t in tags]
+    same = LabelSet(tuple(labels.labels))
+    assert same == labels and hash(same) == hash(labels) and "index" not in repr(labels)
 
 
 def test_length_bucket_sampler_covers_everything_once_and_repeats():

@@ -32,7 +32,7 @@ from nerco_dist.config import DistributedConfig, load_config
 from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.train import trainer
-from nerco_dist.train.checkpoint import load_checkpoint
+from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.train.engine import scaled_lr
 
 
@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 LIMIT = 45  # sentences per split: odd, so the ranks predict different numbers of test sentences
 
-RUN = ["data.limit=45", "data.max_len=40", "contrastive.enabled=true", "contrastive.epochs=1",
-       "contrastive.batch_size=16", "train.epochs=2", "train.batch_size=8", "train.threads=1", "train.log_every=1",
+RUN = ["data.limit=45", "data.max_len=40", "contrastive.enabled=true", "contrastive.phase.optim.epochs=1",
+       "contrastive.phase.optim.batch_size=16", "finetune.full.optim.epochs=2", "finetune.full.optim.batch_size=8", "run.threads=1", "run.log_every=1",
        "distributed.checkpoint_every=1", "distributed.timeout_s=60"]
 
 
@@ -63,7 +63,7 @@ def deepspeed_cmd(*args: str) -> list[str]:
 
 
 def nerco_train(out: Path, zero: int, *extra: str) -> list[str]:
-    sets = [f"train.out_dir={out}", f"distributed.config=configs/ds/zero{zero}.json", *RUN, *extra]
+    sets = [f"run.out_dir={out}", f"distributed.config=zero{zero}.json", *RUN, *extra]
     return ["--module", "nerco_dist.cli", "train", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -108,7 +108,7 @@ def launched(tmp_path_factory, data_root, tiny_bert):
     over 2 micro-batches with the learning rate scaled for the global batch; ZeRO 3 has a (tiny) BERT,
     frozen in stage 1 and in the first fine-tuning epoch."""
     extra = {1: ["distributed.grad_accum=2", "distributed.lr_scaling=linear"], 2: [],
-             3: [f"model.bert={tiny_bert}", "train.bert_freeze_epochs=1"]}
+             3: [f"model.bert={tiny_bert}", "finetune.frozen_bert.optim.epochs=1"]}
     runs = {}
     for zero in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"zero{zero}")
@@ -166,8 +166,8 @@ def test_stage_one_of_zero3_starts_zero1_finetuning_without_launcher(launched, t
                                                                     tiny_bert):
     """Also: a new engine for each trainable set of fine-tuning (head alone, + encoder, + BERT)."""
     init = launched[3] / "contrastive" / "best.pt"
-    sets = [f"train.out_dir={tmp_path}", "distributed.config=configs/ds/zero1.json", *RUN, "train.epochs=3",
-            "train.head_only_epochs=1", "train.bert_freeze_epochs=2", f"model.bert={tiny_bert}"]
+    sets = [f"run.out_dir={tmp_path}", "distributed.config=zero1.json", *RUN, "finetune.full.optim.epochs=3",
+            "finetune.head.optim.epochs=1", "finetune.frozen_bert.optim.epochs=2", f"model.bert={tiny_bert}"]
     cmd = [sys.executable, "-m", "nerco_dist.cli", "train", "configs/tiny.yaml", "--stage", "finetune",
            "--init", str(init), *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(cmd, cwd=REPO, env=env(data_root), capture_output=True, text=True, timeout=300)
@@ -229,7 +229,7 @@ def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp
 def fault_pair(mode: str, out: Path, data_root: Path, *extra: str) -> list[subprocess.Popen]:
     """Two ranks of ``nerco train`` (fine-tuning, ZeRO 2) started by hand, a fault injected on rank 1."""
     port = str(free_port())
-    sets = [f"train.out_dir={out}", "distributed.config=configs/ds/zero2.json", *RUN, "train.epochs=1", *extra]
+    sets = [f"run.out_dir={out}", "distributed.config=zero2.json", *RUN, "finetune.full.optim.epochs=1", *extra]
     procs = []
     for rank in (0, 1):
         e = dict(env(data_root), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -293,7 +293,7 @@ def test_local_engine_accumulation_equals_one_step_on_the_whole_batch():
 def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root, monkeypatch):
     real = trainer.finetune_loss
     monkeypatch.setattr(trainer, "finetune_loss", lambda *a: real(*a) * float("nan"))
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"train.out_dir={tmp_path}", "data.limit=40",
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run.out_dir={tmp_path}", "data.limit=40",
                                                         "distributed.max_nonfinite=3"])
     with pytest.raises(trainer.NonFiniteLoss, match="3 non-finite losses in a row"):
         trainer.train(cfg, data_root, stage="finetune")

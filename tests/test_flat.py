@@ -5,11 +5,18 @@ import math
 import pytest
 import torch
 
-from nerco_dist.model.flat import (FlatEncoder, RelativeMultiHeadAttention, RelativePositionFusion,
-                                   relative_distances, sinusoid_table)
+from nerco_dist.model.flat import FlatEncoder, RelativeMultiHeadAttention, RelativePositionFusion, sinusoid_table
 
 
-def test_relative_distances_hand_computed_lattice():
+def relative_distances(heads: torch.Tensor, tails: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The paper's four (B, L, L) distances d_hh, d_ht, d_th, d_tt, each ``x_i - y_j``, computed directly:
+    the reference for the fusion, which derives them from d_hh and the span widths."""
+    h, t = heads.unsqueeze(-1), tails.unsqueeze(-1)
+    hT, tT = heads.unsqueeze(-2), tails.unsqueeze(-2)
+    return h - hT, h - tT, t - hT, t - tT
+
+
+def test_reference_relative_distances_on_a_hand_computed_lattice():
     # 南京市长江大桥: characters 0..6, then words 南京市 (0,2), 长江 (3,4), 长江大桥 (3,6)
     heads = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 3, 3]])
     tails = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 2, 4, 6]])

@@ -9,24 +9,24 @@ import torch
 from nerco_dist import losses
 from nerco_dist.config import load_config
 from nerco_dist.train import trainer
-from nerco_dist.train.checkpoint import load_checkpoint, save_checkpoint
-from nerco_dist.train.task import Task, read_splits
+from nerco_dist.checkpoint import load_checkpoint, save_checkpoint
+from nerco_dist.codec import TextCodec, read_splits
 
 from .conftest import TINY
 
-FAST = ["data.max_len=40", "train.epochs=1", "contrastive.epochs=1", "contrastive.batch_size=32"]
+FAST = ["data.max_len=40", "finetune.full.optim.epochs=1", "contrastive.phase.optim.epochs=1", "contrastive.phase.optim.batch_size=32"]
 
 
 def tiny_config(tmp_path, *overrides):
-    return load_config(TINY, FAST + [f"train.out_dir={tmp_path}", *overrides])
+    return load_config(TINY, FAST + [f"run.out_dir={tmp_path}", *overrides])
 
 
 def initial_model(cfg, data_root):
     """The model exactly as a stage builds it before training (same seed, same data)."""
     splits = read_splits(cfg, data_root)
-    task = Task.from_training_data(cfg, splits.train, data_root)
-    trainer.seed_everything(cfg.train.seed)
-    return task.build_model(data_root, seed=cfg.train.seed)
+    task = TextCodec.from_training_data(cfg, splits.train, data_root)
+    trainer.seed_everything(cfg.run.seed)
+    return task.build_model(data_root, seed=cfg.run.seed)
 
 
 def split_state(state):
@@ -47,7 +47,7 @@ def test_stage_handoff_takes_encoder_and_leaves_a_fresh_head(tmp_path, data_root
     for p in stage1.parameters():
         p.data.add_(torch.randn_like(p))  # a "trained" stage-1 model: every weight differs from init
     ckpt = tmp_path / "stage1.pt"
-    task = Task.from_training_data(cfg, read_splits(cfg, data_root).train, data_root)
+    task = TextCodec.from_training_data(cfg, read_splits(cfg, data_root).train, data_root)
     save_checkpoint(ckpt, model_state=stage1.state_dict(), **task.state_dict())
     fresh = initial_model(cfg, data_root)
     fresh_head, _, _ = split_state(fresh.state_dict())
@@ -73,7 +73,7 @@ def test_both_stages_end_to_end(tmp_path, data_root):
 
 
 def test_head_only_epochs_change_only_the_head(tmp_path, data_root):
-    cfg = tiny_config(tmp_path, "train.head_only_epochs=1")
+    cfg = tiny_config(tmp_path, "finetune.head.optim.epochs=1")
     trainer.train(cfg, data_root, stage="finetune")
     head0, _, rest0 = split_state(initial_model(cfg, data_root).state_dict())
     head1, _, rest1 = split_state(load_checkpoint(tmp_path / "last.pt")["model"])
@@ -106,7 +106,7 @@ def test_joint_switch_adds_infonce_to_the_crf_loss(tmp_path, data_root, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "semantic_class_infonce", spy)
-    cfg = tiny_config(tmp_path, "contrastive.enabled=true", "contrastive.joint=true")
+    cfg = tiny_config(tmp_path, "contrastive.enabled=true", "ablation.joint=true")
     assert trainer.default_stage(cfg) == "finetune"  # one stage
     trainer.train(cfg, data_root)
     assert len(calls) > 10 and not (tmp_path / "contrastive").exists()
@@ -133,7 +133,7 @@ def literal_class_term(f, labels, c, tau):
 def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true")
     splits = read_splits(cfg, data_root)
-    task = Task.from_training_data(cfg, splits.train, data_root)
+    task = TextCodec.from_training_data(cfg, splits.train, data_root)
     pieces = task.encoder.encode(splits.train[:2])
     batch = next(iter(task.batches(pieces, [list(range(len(pieces)))])))
     model = task.build_model(data_root).double().eval()
@@ -141,7 +141,7 @@ def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_
     with torch.no_grad():
         features = model.encode(batch)
         filtered = trainer.contrastive_loss(run, model, batch, features)
-        cfg.contrastive.non_entity_queries = True
+        cfg.ablation.non_entity_queries = True
         unfiltered = trainer.contrastive_loss(run, model, batch, features)
     tokens = features[batch["char_mask"]]
     labels = batch["class_ids"][batch["char_mask"]].tolist()

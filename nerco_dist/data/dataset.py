@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
-from .lexicon import Lexicon
+from .lexicon import Lexicon, Match
 from .readers import Sentence
 from .tags import OUTSIDE, Entity, entities, semantic_class
 from .vocab import Vocabulary
@@ -26,7 +26,7 @@ CLAUSE_ENDS = "，；,;"
 END_BIGRAM = "</s>"
 
 
-def split_points(chars: Sequence[str], max_len: int, protected: Sequence[Entity] = ()) -> list[tuple[int, int]]:
+def piece_spans(chars: Sequence[str], max_len: int, protected: Sequence[Entity] = ()) -> list[tuple[int, int]]:
     """Cut a sentence into ``[start, end)`` pieces of at most ``max_len`` characters.
 
     Cuts go after a sentence end (。！？) if the window has one, else after a clause end (，；), else at the
@@ -61,10 +61,16 @@ class LabelSet:
     """BIO labels (``O`` first) and the semantic classes they map to (``O`` = class 0)."""
 
     labels: tuple[str, ...]
+    # label -> id, built once: every encoded piece looks its tags up here
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {t: i for i, t in enumerate(self.labels)})
 
     @classmethod
     def from_sentences(cls, sentences: Sequence[Sentence]) -> "LabelSet":
-        types = sorted({semantic_class(t) for s in sentences for t in s.tags} - {OUTSIDE})
+        tags = set().union(*(s.tags for s in sentences))
+        types = sorted({semantic_class(t) for t in tags} - {OUTSIDE})
         return cls((OUTSIDE,) + tuple(f"{p}-{t}" for t in types for p in "BI"))
 
     @property
@@ -77,9 +83,8 @@ class LabelSet:
         return [index[semantic_class(t)] for t in self.labels]
 
     def ids(self, tags: Sequence[str], where: str = "") -> list[int]:
-        index = {t: i for i, t in enumerate(self.labels)}
         try:
-            return [index[t] for t in tags]
+            return [self.index[t] for t in tags]
         except KeyError as err:
             raise ValueError(f"{where}label {err.args[0]!r} is not in the training label set") from None
 
@@ -91,12 +96,17 @@ class Vocabs:
     words: Vocabulary
 
     @classmethod
-    def build(cls, sentences: Sequence[Sentence], lexicon: Lexicon, min_freq: int = 1) -> "Vocabs":
+    def build(cls, sentences: Sequence[Sentence], lexicon: Lexicon, min_freq: int = 1,
+              matches: Sequence[Sequence[Match]] | None = None) -> "Vocabs":
+        """Vocabularies of the training sentences. ``matches``: their :func:`lexicon_matches`, when the caller
+        also encodes them and so need not match the lexicon twice."""
+        if matches is None:
+            matches = lexicon_matches(sentences, lexicon)
         chars, bigrams, words = Counter(), Counter(), Counter()
-        for s in sentences:
+        for s, found in zip(sentences, matches, strict=True):
             chars.update(s.chars)
             bigrams.update(char_bigrams(s.chars))
-            words.update(m.word for m in lexicon.match(s.chars))
+            words.update(m.word for m in found)
         return cls(Vocabulary.from_counts(chars, min_freq), Vocabulary.from_counts(bigrams, min_freq),
                    Vocabulary.from_counts(words, 1))
 
@@ -110,6 +120,20 @@ class Vocabs:
 
 def char_bigrams(chars: Sequence[str]) -> list[str]:
     return [a + b for a, b in zip(chars, list(chars[1:]) + [END_BIGRAM])]
+
+
+def lexicon_matches(sentences: Sequence[Sentence], lexicon: Lexicon) -> list[list[Match]]:
+    """Each sentence's lexicon words. Computed once, they serve both :meth:`Vocabs.build` and
+    :meth:`LatticeEncoder.encode` of the same sentences."""
+    return [lexicon.match(s.chars) for s in sentences]
+
+
+def _matches_within(matches: list[Match], start: int, end: int) -> list[Match]:
+    """The matches inside characters ``[start, end)``, renumbered from ``start``: exactly what matching the
+    piece alone finds (matches are ordered by head then tail, and a word's trie walk never leaves it)."""
+    if start == 0 and all(m.tail < end for m in matches):
+        return matches
+    return [Match(m.head - start, m.tail - start, m.word) for m in matches if m.head >= start and m.tail < end]
 
 
 @dataclass
@@ -144,25 +168,25 @@ class LatticeEncoder:
         self.bert_vocab = bert_vocab
 
     def encode(self, sentences: Sequence[Sentence], with_labels: bool = True, split_on_entities: bool = False,
-               source: str = "") -> list[Piece]:
-        """Encode sentences into pieces. ``split_on_entities`` (training) keeps gold entities whole."""
+               source: str = "", matches: Sequence[list[Match]] | None = None) -> list[Piece]:
+        """Encode sentences into pieces. ``split_on_entities`` (training) keeps gold entities whole.
+        ``matches``: the sentences' :func:`lexicon_matches` if the caller has them (else each sentence is
+        matched here, once, and its pieces share the result)."""
+        if matches is not None and len(matches) != len(sentences):
+            raise ValueError(f"{len(matches)} lexicon match lists for {len(sentences)} sentences")
         pieces = []
         for k, s in enumerate(sentences):
+            found = matches[k] if matches is not None else self.lexicon.match(s.chars)
             protected = entities(s.tags) if split_on_entities else ()
-            for start, end in split_points(s.chars, self.max_len, protected):
+            where = f"{s.origin}: " if s.origin else f"{source}sentence {k + 1}: "
+            for start, end in piece_spans(s.chars, self.max_len, protected):
                 tags = s.tags[start:end] if with_labels else None
-                where = f"{s.origin}: " if s.origin else f"{source}sentence {k + 1}: "
-                pieces.append(self._piece(k, start, s.chars[start:end], tags, where))
+                pieces.append(self._encode_piece(k, start, s.chars[start:end], _matches_within(found, start, end),
+                                                 tags, where))
         return pieces
 
-    def _piece(self, index: int, start: int, chars: list[str], tags: list[str] | None, where: str) -> Piece:
-        matches = self.lexicon.match(chars)
-        bert_ids = None
-        if self.bert_vocab is not None:
-            unk = self.bert_vocab["[UNK]"]
-            bert_ids = ([self.bert_vocab["[CLS]"]]
-                        + [self.bert_vocab.get(c, self.bert_vocab.get(c.lower(), unk)) for c in chars]
-                        + [self.bert_vocab["[SEP]"]])
+    def _encode_piece(self, index: int, start: int, chars: list[str], matches: list[Match], tags: list[str] | None,
+                      where: str) -> Piece:
         return Piece(
             sentence=index,
             start=start,
@@ -172,8 +196,14 @@ class LatticeEncoder:
             word_heads=[m.head for m in matches],
             word_tails=[m.tail for m in matches],
             label_ids=self.labels.ids(tags, where) if tags is not None else None,
-            bert_ids=bert_ids,
+            bert_ids=self._bert_ids(chars) if self.bert_vocab is not None else None,
         )
+
+    def _bert_ids(self, chars: list[str]) -> list[int]:
+        """[CLS] chars [SEP] in BERT's vocabulary; a character it lacks falls back to its lower case, then [UNK]."""
+        vocab = self.bert_vocab
+        unk = vocab["[UNK]"]
+        return [vocab["[CLS]"]] + [vocab.get(c, vocab.get(c.lower(), unk)) for c in chars] + [vocab["[SEP]"]]
 
 
 def collate(pieces: Sequence[Piece], label_to_class: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
@@ -229,7 +259,7 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
                  pool_batches: int = 50, rank: int = 0, world_size: int = 1):
         self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
-        self.pool = pool_batches * batch_size
+        self.pool_size = pool_batches * batch_size  # indices drawn, sorted and batched together
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -244,8 +274,8 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         rng = random.Random(self.seed * 100003 + self.epoch)
         rng.shuffle(order)
         batches = []
-        for p in range(0, len(order), self.pool):
-            pool = sorted(order[p : p + self.pool], key=lambda i: self.lengths[i])
+        for p in range(0, len(order), self.pool_size):
+            pool = sorted(order[p : p + self.pool_size], key=lambda i: self.lengths[i])
             batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
         rng.shuffle(batches)
         return batches

@@ -80,52 +80,61 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
     the token minus those digits.
     """
     path = Path(path)
-    text = _read_text(path)
-    sentences: list[Sentence] = []
-    start = 0  # line of the sentence being read
-    chars: list[str] = []
-    tags: list[str] = []
-    all_tags: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            if chars:
-                sentences.append(Sentence(chars, tags, f"{path}:{start}"))
-                chars, tags = [], []
-            continue
-        fields = line.split()
-        if len(fields) != 2:
-            raise InputError(path, f"malformed line {line!r}: expected 'char tag'", lineno)
-        token, tag = fields
-        if weibo:
-            token = _weibo_character(token)
-            if token is None:
-                raise InputError(path, f"Weibo token {fields[0]!r} is not a character followed by position digits",
-                                 lineno)
-        elif len(token) != 1:
-            raise InputError(path, f"token {token!r} is not a single character", lineno)
-        try:
-            split_tag(tag)
-        except ValueError as err:
-            raise InputError(path, str(err), lineno) from None
-        if not chars:
-            start = lineno
-        chars.append(token)
-        tags.append(tag)
-        all_tags.add(tag)
-    if chars:
-        sentences.append(Sentence(chars, tags, f"{path}:{start}"))
+    sentences, all_tags = _conll_sentences(path, _read_text(path), weibo)
     try:
         scheme = detect_scheme(all_tags)
     except ValueError as err:
         raise InputError(path, str(err)) from None
     orphans = 0
     for s in sentences:
-        orphans += count_orphan_inside(s.tags)
         s.tags = to_bio(s.tags)
+        orphans += count_orphan_inside(s.tags)
     if orphans:
         log.warning("%s: %d entities begin with I- and no B-; read as starting an entity (as conlleval does)",
                     path, orphans)
     return Corpus(path, sentences, scheme, orphans)
+
+
+def _conll_sentences(path: Path, text: str, weibo: bool) -> tuple[list[Sentence], set[str]]:
+    """The sentences with their tags as written (the file's own scheme), and the set of tags seen."""
+    sentences: list[Sentence] = []
+    start = 0  # line of the sentence being read
+    chars: list[str] = []
+    tags: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            if chars:
+                sentences.append(Sentence(chars, tags, f"{path}:{start}"))
+                chars, tags = [], []
+            continue
+        char, tag = _conll_token(path, line, lineno, weibo)
+        if not chars:
+            start = lineno
+        chars.append(char)
+        tags.append(tag)
+    if chars:
+        sentences.append(Sentence(chars, tags, f"{path}:{start}"))
+    return sentences, {t for s in sentences for t in s.tags}
+
+
+def _conll_token(path: Path, line: str, lineno: int, weibo: bool) -> tuple[str, str]:
+    """The character and tag of a non-blank line; an :class:`InputError` naming the line if it is malformed."""
+    fields = line.split()
+    if len(fields) != 2:
+        raise InputError(path, f"malformed line {line!r}: expected 'char tag'", lineno)
+    token, tag = fields
+    if weibo:
+        token = _weibo_character(token)
+        if token is None:
+            raise InputError(path, f"Weibo token {fields[0]!r} is not a character followed by position digits",
+                             lineno)
+    elif len(token) != 1:
+        raise InputError(path, f"token {token!r} is not a single character", lineno)
+    try:
+        split_tag(tag)
+    except ValueError as err:
+        raise InputError(path, str(err), lineno) from None
+    return token, tag
 
 
 def read_cluener(path: str | Path) -> Corpus:

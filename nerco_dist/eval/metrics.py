@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Sequence
 
 from nerco_dist.data.tags import entities
-from nerco_dist.errors import InputError
 from nerco_dist.atomic import atomic_path
 
 # Length buckets in characters: [0,20), [20,40), ..., [100, inf). Chinese NER test sentences mostly fall
@@ -58,22 +57,22 @@ class NerReport:
         rule = "-" * len(head)
         lines = [head, rule]
         for name, s in sorted(self.per_type.items()):
-            lines.append(_row(name, s.precision, s.recall, s.f1, s.support))
+            lines.append(_table_row(name, s.precision, s.recall, s.f1, s.support))
         lines += [
             rule,
-            _row("micro", self.precision, self.recall, self.f1, self.n_gold),
-            _row("span", self.span_precision, self.span_recall, self.span_f1, self.n_gold),
+            _table_row("micro", self.precision, self.recall, self.f1, self.n_gold),
+            _table_row("span", self.span_precision, self.span_recall, self.span_f1, self.n_gold),
             f"Span F {100 * self.span_f1:.2f}   Type Acc {100 * self.type_acc:.2f} "
             f"({self.n_correct}/{self.n_span_correct} predicted entities with a correct span)",
         ]
         return "\n".join(lines)
 
 
-def _row(name: str, p: float, r: float, f: float, support: int) -> str:
+def _table_row(name: str, p: float, r: float, f: float, support: int) -> str:
     return f"{name:<12}{100 * p:>10.2f}{100 * r:>10.2f}{100 * f:>10.2f}{support:>10d}"
 
 
-def _prf(n_correct: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
+def _precision_recall_f1(n_correct: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
     """Precision, recall, F1; 0 where undefined, as seqeval does."""
     p = n_correct / n_pred if n_pred else 0.0
     r = n_correct / n_gold if n_gold else 0.0
@@ -109,11 +108,11 @@ def evaluate(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> Ne
     n_correct_by_type = Counter(s[3] for s in correct)
     per_type = {}
     for etype in sorted(n_gold_by_type.keys() | n_pred_by_type.keys()):
-        p, r, f = _prf(n_correct_by_type[etype], n_pred_by_type[etype], n_gold_by_type[etype])
+        p, r, f = _precision_recall_f1(n_correct_by_type[etype], n_pred_by_type[etype], n_gold_by_type[etype])
         per_type[etype] = TypeScore(p, r, f, n_gold_by_type[etype])
 
-    p, r, f = _prf(len(correct), len(pred_set), len(gold_set))
-    sp, sr, sf = _prf(n_span_correct, len(pred_spans), len(gold_spans))
+    p, r, f = _precision_recall_f1(len(correct), len(pred_set), len(gold_set))
+    sp, sr, sf = _precision_recall_f1(n_span_correct, len(pred_spans), len(gold_spans))
     return NerReport(
         precision=p, recall=r, f1=f,
         span_precision=sp, span_recall=sr, span_f1=sf,
@@ -167,7 +166,7 @@ def f1_by_length(
     n_pred = Counter(bucket[s[0]] for s in pred_set)
     n_correct = Counter(bucket[s[0]] for s in gold_set & pred_set)
     return [
-        LengthRow(label, n_sent[k], n_gold[k], *_prf(n_correct[k], n_pred[k], n_gold[k]))
+        LengthRow(label, n_sent[k], n_gold[k], *_precision_recall_f1(n_correct[k], n_pred[k], n_gold[k]))
         for k, label in enumerate(labels)
     ]
 
@@ -183,19 +182,3 @@ def write_length_csv(rows_by_system: dict[str, Sequence[LengthRow]], path: str |
                 writer.writerow([system, row.bucket, row.sentences, row.gold_entities,
                                  repr(row.precision), repr(row.recall), repr(row.f1)])
 
-
-def read_length_csv(path: str | os.PathLike) -> dict[str, list[LengthRow]]:
-    """Inverse of :func:`write_length_csv`, so a figure can be redrawn without re-running the models."""
-    out: dict[str, list[LengthRow]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != LENGTH_CSV_FIELDS:
-            raise InputError(path, f"expected columns {','.join(LENGTH_CSV_FIELDS)}, got {reader.fieldnames}", 1)
-        for rec in reader:
-            try:
-                row = LengthRow(rec["bucket"], int(rec["sentences"]), int(rec["gold_entities"]),
-                                float(rec["precision"]), float(rec["recall"]), float(rec["f1"]))
-            except (TypeError, ValueError) as exc:
-                raise InputError(path, f"bad row: {exc}", reader.line_num) from exc
-            out.setdefault(rec["system"], []).append(row)
-    return out

@@ -97,13 +97,22 @@ def plot_tsne(
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         features.astype(np.float64)
     )
+    ax = fig.add_subplot()
+    _scatter_by_tag(ax, xy, parsed)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    _save_png(fig, path_png)
 
+
+def _scatter_by_tag(ax, xy: np.ndarray, parsed: Sequence[tuple[str, str | None]]) -> None:
+    """One scatter group per tag: the entity type's hue and the position's marker; O as small grey dots."""
     from matplotlib import colormaps
 
     types = sorted({etype for _, etype in parsed if etype is not None})
     palette = colormaps["tab10" if len(types) <= 10 else "tab20"]
     hue = {etype: palette(k % palette.N) for k, etype in enumerate(types)}
-    ax = fig.add_subplot()
     groups = sorted({(etype or "", prefix) for prefix, etype in parsed})
     for etype, prefix in groups:
         idx = [i for i, (p, t) in enumerate(parsed) if p == prefix and (t or "") == etype]
@@ -112,8 +121,3 @@ def plot_tsne(
         else:
             ax.scatter(xy[idx, 0], xy[idx, 1], s=18, color=hue[etype], marker=_MARKERS[prefix],
                        label=f"{prefix}-{etype}")
-    ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
-    _save_png(fig, path_png)

@@ -5,29 +5,15 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
 from ..data.tags import split_tag
 from ..kernels.crf import CRF, AllowedTransitions
 
-BACKENDS = ("auto", "torch", "triton", "pytorch-crf")
 
-
-def build_crf(num_tags: int, allowed: Optional[AllowedTransitions] = None, backend: str = "auto") -> nn.Module:
-    """A batch-first linear-chain CRF with pytorch-crf's interface and parameter names.
-
-    ``auto``: Triton kernels on CUDA tensors, the vectorised torch path otherwise; ``torch`` / ``triton`` force
-    one of them; ``pytorch-crf`` is the reference implementation (which cannot take ``allowed``).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "pytorch-crf":
-        if allowed is not None:
-            raise ValueError("pytorch-crf does not support transition constraints")
-        from torchcrf import CRF as TorchCRF
-
-        return TorchCRF(num_tags, batch_first=True)
-    return CRF(num_tags, batch_first=True, allowed=allowed, backend=backend)
+def build_crf(num_tags: int, allowed: Optional[AllowedTransitions] = None) -> CRF:
+    """A batch-first linear-chain CRF with pytorch-crf's interface and parameter names: Triton kernels on CUDA
+    tensors, the vectorised torch path otherwise (importable without Triton)."""
+    return CRF(num_tags, batch_first=True, allowed=allowed)
 
 
 def bio_allowed_transitions(labels: Sequence[str]) -> AllowedTransitions:

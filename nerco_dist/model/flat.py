@@ -18,13 +18,6 @@ from torch import nn
 POSITION_FUSIONS = ("four", "two")  # the paper's four distances; the reference code's head-head + tail-tail
 
 
-def relative_distances(heads: torch.Tensor, tails: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(B, L) heads and tails -> the four (B, L, L) distances d_hh, d_ht, d_th, d_tt, each ``x_i - y_j``."""
-    h, t = heads.unsqueeze(-1), tails.unsqueeze(-1)
-    hT, tT = heads.unsqueeze(-2), tails.unsqueeze(-2)
-    return h - hT, h - tT, t - hT, t - tT
-
-
 def sinusoid_table(max_distance: int, dim: int, device=None) -> torch.Tensor:
     """Sinusoid encodings of the distances ``-max_distance..max_distance`` (row ``d + max_distance``)."""
     positions = torch.arange(-max_distance, max_distance + 1, device=device, dtype=torch.float32).unsqueeze(1)

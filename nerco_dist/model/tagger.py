@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from .config import ModelConfig
 from .crf import bio_allowed_transitions, build_crf
 from .flat import FlatEncoder
 
@@ -81,10 +81,6 @@ class NerTagger(nn.Module):
         skip = {id(p) for p in self.bert_parameters()} | {id(p) for p in self.head.parameters()}
         return [p for p in self.parameters() if id(p) not in skip]
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean CRF negative log-likelihood over the batch's sentences."""
-        return self.head.nll(self.encode(batch), batch["labels"], batch["char_mask"])
-
     @torch.no_grad()
     def predict(self, batch: dict[str, torch.Tensor]) -> list[list[int]]:
         return self.head.decode(self.encode(batch), batch["char_mask"])
@@ -99,6 +95,7 @@ class OutputHead(nn.Module):
         self.crf = build_crf(len(labels), allowed=bio_allowed_transitions(labels) if constraints else None)
 
     def nll(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean CRF negative log-likelihood over the batch's sentences."""
         return -self.crf(self.emission(features), labels, mask, reduction="mean")
 
     def decode(self, features: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:

@@ -1,47 +1,43 @@
 """The one place that builds the training engine: what turns a loss into a parameter update.
 
 Two engines behind one small interface — ``forward(fn)``, ``backward(loss)``, ``step()``, ``lr``,
-``full_state_dict()``, ``inference_model()``, ``save_checkpoint``/``load_checkpoint`` — so the trainer reads
-the same with one process or many:
+``full_state_dict()``, ``inference_model()``, ``save_state``/``load_state`` — so the trainer reads the same
+with one process or many:
 
 - :class:`LocalEngine`: one process, a torch optimizer, gradient clipping by value (the paper's), gradient
   accumulation;
-- :class:`DeepSpeedEngine`: ``deepspeed.initialize`` with a ZeRO stage 0-3 JSON (``configs/ds/``), bf16 on
+- :class:`DeepSpeedEngine`: ``deepspeed.initialize`` with a ZeRO stage 0-3 JSON (``configs/ds/``, shipped
+  in the package as ``nerco_dist.ds_configs``), bf16 on
   GPU and fp32 on CPU, gradients averaged over ranks. Clipping there is DeepSpeed's ``gradient_clipping``
   (by global norm): clipping by value is element-wise and would need every partition of the flat ZeRO
   gradient buffers, which DeepSpeed does not expose, so ``train.clip_value`` does not apply.
 
-Both take the optimizer and LR schedule of the training config (``optim.py``), with the learning rate scaled
-for the global batch (``distributed.lr_scaling``). The model knows nothing of either.
+Both take the optimizer and LR schedule of a phase's optimiser section (``optim.py``), with the learning rate
+scaled for the global batch (``distributed.lr_scaling``). The model knows nothing of either.
 
-An engine trains a fixed set of parameters: DeepSpeed reads ``requires_grad`` once, in ``initialize``.
-When the trainable set changes (stage 1 to stage 2, head-only epochs, BERT unfreezing) the trainer builds a
-new engine; a DeepSpeed engine also needs a fresh model then (it partitions and hooks the one it is given).
+An engine trains a fixed set of parameters for one phase (DeepSpeed reads ``requires_grad`` once, in
+``initialize``): every phase gets a new engine on a fresh model, so its optimiser and warmup start anew.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, write_json
-from ..config import Config, DistributedConfig, TrainConfig
-from . import distributed as dist
+from .. import distributed as dist
+from ..atomic import atomic_path
+from ..config import DistributedConfig, OptimConfig
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("nerco_dist")
-
-REPO = Path(__file__).resolve().parents[2]
-LATEST = "latest.json"
-
 
 def scaled_lr(lr: float, micro_batch: int, d: DistributedConfig, world: int) -> float:
     """``lr`` for the global batch micro x accumulation x world size: unchanged (``none``), or scaled by
@@ -57,21 +53,26 @@ def scaled_lr(lr: float, micro_batch: int, d: DistributedConfig, world: int) -> 
     raise ValueError(f"distributed.lr_scaling={d.lr_scaling!r}: expected none, linear or sqrt")
 
 
-def uses_deepspeed(cfg: Config) -> bool:
+def uses_deepspeed(d: DistributedConfig) -> bool:
     """DeepSpeed when a DeepSpeed config is given or the launcher started several ranks."""
-    return bool(cfg.distributed.config) or dist.launched()
+    return bool(d.config) or dist.launched()
 
 
 def resolve_ds_config(path: str | None) -> Path | None:
-    """A DeepSpeed JSON: as given, else relative to the repository (``configs/ds/zero2.json``)."""
+    """A DeepSpeed JSON: the file as given, else the packaged one of that name (``zero2``, ``zero2.json`` or
+    ``configs/ds/zero2.json`` all find ``nerco_dist.ds_configs/zero2.json``, wherever the package lives)."""
     if not path:
         return None
     p = Path(path).expanduser()
-    if not p.is_file() and not p.is_absolute() and (REPO / p).is_file():
-        p = REPO / p
-    if not p.is_file():
-        raise FileNotFoundError(f"distributed.config={path!r}: DeepSpeed config not found")
-    return p
+    if p.is_file():
+        return p
+    packaged = importlib.resources.files("nerco_dist.ds_configs")
+    candidate = packaged / (p.name if p.suffix == ".json" else f"{p.name}.json")
+    if candidate.is_file():
+        return Path(str(candidate))
+    names = sorted(f.name for f in packaged.iterdir() if f.name.endswith(".json"))
+    raise FileNotFoundError(f"distributed.config={path!r}: no such file, and not a packaged DeepSpeed config "
+                            f"({', '.join(names)})")
 
 
 def deepspeed_config(d: DistributedConfig, micro_batch: int, device: torch.device) -> dict:
@@ -95,13 +96,8 @@ def deepspeed_config(d: DistributedConfig, micro_batch: int, device: torch.devic
     return ds
 
 
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
 class _Engine:
-    """What both engines share: optimizer-step bookkeeping and resume checkpoints (a tag per save, the newest
-    named in ``latest.json``, older tags removed)."""
+    """What both engines share: optimizer-step bookkeeping."""
 
     model: nn.Module
     grad_accum: int = 1
@@ -115,42 +111,8 @@ class _Engine:
         """No gradient accumulation pending: the last micro-batch ended with an optimizer step."""
         return self.micro_steps % self.grad_accum == 0
 
-    def save_checkpoint(self, directory: Path, progress: dict) -> None:
-        """Everything to continue training: weights, optimizer, LR schedule, every rank's RNG state and
-        ``progress`` (the trainer's JSON-able state). Collective: every rank calls it."""
-        directory = Path(directory)
-        tag = f"step{progress['step']}"
-        state = dict(progress=progress, rng=dist.gather_objects(dist.rng_state()), micro_steps=self.micro_steps)
-        self._save(directory, tag, state)
-        dist.barrier()
-        if dist.is_main():
-            write_json(directory / LATEST, dict(tag=tag, progress=progress), indent=1)
-            for old in directory.iterdir():
-                if old.is_dir() and old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
-    def load_checkpoint(self, directory: Path) -> dict | None:
-        """Restore the newest checkpoint under ``directory``; its ``progress``, or None when there is none."""
-        latest = read_latest(directory)
-        if latest is None:
-            return None
-        state = self._load(Path(directory), latest["tag"])
-        self.micro_steps = state["micro_steps"]
-        rng = state["rng"]
-        if len(rng) != dist.world_size():
-            raise ValueError(f"{directory}: saved by {len(rng)} ranks, resumed with {dist.world_size()}")
-        dist.set_rng_state(rng[dist.rank()])
-        return state["progress"]
-
     def close(self) -> None:
         pass
-
-
-def read_latest(directory: Path) -> dict | None:
-    """``{"tag", "progress"}`` of the newest resume checkpoint under ``directory``, or None."""
-    path = Path(directory) / LATEST
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class LocalEngine(_Engine):
@@ -193,24 +155,18 @@ class LocalEngine(_Engine):
             self.model.load_state_dict(weights)
         return self.model
 
-    def state_dict(self) -> dict:
-        return dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+    def save_state(self, path: Path, extra: dict) -> None:
+        """Weights, optimizer and ``extra`` (plain values and tensors) under ``path``. The LR schedule is not
+        saved: it is rebuilt at the resumed step."""
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path / "local.pt") as tmp:
+            torch.save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), extra=extra), tmp)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    def _save(self, directory: Path, tag: str, state: dict) -> None:
-        (directory / tag).mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / tag / "local.pt") as tmp:
-            torch.save(dict(model=self.model.state_dict(), steps=self.steps, **self.state_dict(), **state), tmp)
-
-    def _load(self, directory: Path, tag: str) -> dict:
-        state = torch.load(directory / tag / "local.pt", map_location="cpu", weights_only=False)
+    def load_state(self, path: Path) -> dict:
+        state = torch.load(path / "local.pt", map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])  # the LR schedule was built at the resumed step
-        self.steps = state["steps"]
-        return state
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]
 
 
 class _Forward(nn.Module):
@@ -245,10 +201,6 @@ class DeepSpeedEngine(_Engine):
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
-
-    @property
-    def zero_stage(self) -> int:
-        return zero_stage(self.config)
 
     @property
     def steps(self) -> int:
@@ -295,14 +247,14 @@ class DeepSpeedEngine(_Engine):
         self._eval_model.load_state_dict(self.full_state_dict() if weights is None else weights)
         return self._eval_model
 
-    def _save(self, directory: Path, tag: str, state: dict) -> None:
-        self.ds.save_checkpoint(str(directory), tag=tag, client_state=dict(nerco=state), save_latest=False)
+    def save_state(self, path: Path, extra: dict) -> None:
+        self.ds.save_checkpoint(str(path.parent), tag=path.name, client_state=dict(nerco=extra), save_latest=False)
 
-    def _load(self, directory: Path, tag: str) -> dict:
+    def load_state(self, path: Path) -> dict:
         # the LR schedule was built at the resumed step (``start_step``): its saved state is not loaded
-        path, client = self.ds.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
-        if path is None:
-            raise ValueError(f"{directory}/{tag}: DeepSpeed could not load this checkpoint")
+        loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError(f"{path}: DeepSpeed could not load this checkpoint")
         return client["nerco"]
 
     def close(self) -> None:
@@ -311,30 +263,28 @@ class DeepSpeedEngine(_Engine):
             destroy()
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Parameter],
-                 bert_params: Sequence[nn.Parameter], steps_per_epoch: int, epochs: int, *,
+def build_engine(model: nn.Module, optim: OptimConfig, params: Sequence[nn.Parameter],
+                 bert_params: Sequence[nn.Parameter], steps_per_epoch: int, *,
                  distributed: DistributedConfig | None = None, device: torch.device | None = None,
                  start_step: int = 0):
-    """An engine training ``params`` (at the scaled ``cfg.lr``) and ``bert_params`` (at ``bert_lr_ratio``
+    """An engine training ``params`` (at the scaled ``optim.lr``) and ``bert_params`` (at ``bert_lr_ratio``
     of it); every other parameter of ``model`` is frozen. ``steps_per_epoch`` counts micro-batches;
-    ``start_step`` is where the LR schedule starts (an engine built mid-stage continues the schedule).
+    ``start_step`` is where the LR schedule starts (a resumed phase continues its schedule).
     DeepSpeed when ``distributed.config`` is set or several ranks run, the local engine otherwise."""
     d = distributed or DistributedConfig()
-    use_ds = bool(d.config) or dist.world_size() > 1
     trainable = list(params) + list(bert_params)
     ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
-    lr = scaled_lr(cfg.lr, cfg.batch_size, d, dist.world_size())
-    stage_cfg = copy.copy(cfg)
-    stage_cfg.lr = lr
-    optimizer = build_optimizer(stage_cfg, params, bert_params)
-    scheduler = build_scheduler(optimizer, stage_cfg, max(1, steps_per_epoch // d.grad_accum), epochs, start_step)
-    if not use_ds:
-        return LocalEngine(model, optimizer, scheduler, cfg.clip_value, d.grad_accum)
-    ds = deepspeed_config(d, cfg.batch_size, device or next(model.parameters()).device)
+    lr = scaled_lr(optim.lr, optim.batch_size, d, dist.world_size())
+    optimizer = build_optimizer(optim, params, bert_params, lr)
+    scheduler = build_scheduler(optimizer, optim, max(1, steps_per_epoch // d.grad_accum), start_step)
+    if not uses_deepspeed(d):
+        return LocalEngine(model, optimizer, scheduler, optim.clip_value, d.grad_accum)
+    ds = deepspeed_config(d, optim.batch_size, device or next(model.parameters()).device)
     log.info("DeepSpeed: ZeRO stage %d, %s, micro batch %d x accumulation %d x %d ranks = global batch %d, "
-             "lr %.3g, clipping: %s", zero_stage(ds), "bf16" if ds["bf16"]["enabled"] else "fp32",
-             cfg.batch_size, d.grad_accum, dist.world_size(), ds["train_batch_size"], lr,
+             "lr %.3g, clipping: %s", ds.get("zero_optimization", {}).get("stage", 0),
+             "bf16" if ds["bf16"]["enabled"] else "fp32", optim.batch_size, d.grad_accum, dist.world_size(),
+             ds["train_batch_size"], lr,
              f"global norm {ds['gradient_clipping']}" if ds.get("gradient_clipping") else "none")
     return DeepSpeedEngine(model, optimizer, scheduler, ds, trainable)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from nerco_dist.config import DistributedConfig, load_config
-from nerco_dist.train import distributed as dist
+from nerco_dist import distributed as dist
 from nerco_dist.train import trainer
 from nerco_dist.train.engine import build_engine
-from nerco_dist.train.task import Task, read_splits
+from nerco_dist.codec import TextCodec, read_splits
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def main() -> None:
     root = Path(args.data_root)
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.max_len=40", "data.limit=40", "contrastive.enabled=true"])
     splits = read_splits(cfg, root)
-    task = Task.from_training_data(cfg, splits.train, root)
+    task = TextCodec.from_training_data(cfg, splits.train, root)
     pieces = task.encoder.encode(splits.train, split_on_entities=True)
     per_rank = 4
     everything = pieces[: per_rank * W]

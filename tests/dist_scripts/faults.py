@@ -14,7 +14,7 @@ import sys
 import time
 
 from nerco_dist.cli import main
-from nerco_dist.train import distributed as dist
+from nerco_dist import distributed as dist
 from nerco_dist.train import trainer
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_path
-from ..errors import InputError
+from .atomic import atomic_path
+from .errors import InputError
 
 FORMAT_VERSION = 1
 

@@ -11,13 +11,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..config import Config, ModelConfig, resolve_data_path
-from ..data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split
-from ..data.lexicon import Lexicon
-from ..data.readers import Sentence, read_corpus
-from ..data.vocab import embedding_matrix
-from ..errors import InputError
-from ..model.tagger import NerTagger
+from .config import Config, resolve_data_path
+from .model.config import ModelConfig
+from .data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split
+from .data.lexicon import Lexicon
+from .data.readers import Sentence, read_corpus
+from .data.vocab import embedding_matrix
+from .errors import InputError
+from .model.tagger import NerTagger
 
 log = logging.getLogger("nerco_dist")
 
@@ -45,15 +46,18 @@ def read_splits(cfg: Config, root: Path) -> Splits:
     if d.dev:
         dev = read_corpus(resolve_data_path(d.dev, root), d.format).sentences
     else:
-        train, dev = holdout_split(train, d.dev_fraction, cfg.train.seed)
-        log.info("no dev split: holding out %d of the training sentences (seed %d)", len(dev), cfg.train.seed)
+        train, dev = holdout_split(train, d.dev_fraction, cfg.run.seed)
+        log.info("no dev split: holding out %d of the training sentences (seed %d)", len(dev), cfg.run.seed)
     test = read_corpus(resolve_data_path(d.test, root), d.format).sentences if d.test else None
     if d.limit:
         train, dev, test = train[: d.limit], dev[: d.limit], test[: d.limit] if test else None
     return Splits(train, dev, test)
 
 
-class Task:
+class TextCodec:
+    """Vocabularies, lexicon and labels of one trained tagger, with the config that built it: text to lattice
+    batches, label ids back to BIO tags, and the model those inputs fit. Saved in every checkpoint."""
+
     def __init__(self, config: Config, encoder: LatticeEncoder):
         self.config, self.encoder = config, encoder
 
@@ -62,7 +66,7 @@ class Task:
         return self.encoder.labels
 
     @classmethod
-    def from_training_data(cls, cfg: Config, train: Sequence[Sentence], root: Path) -> "Task":
+    def from_training_data(cls, cfg: Config, train: Sequence[Sentence], root: Path) -> "TextCodec":
         lexicon = Lexicon.load(str(resolve_data_path(cfg.data.lexicon, root)) if cfg.data.lexicon else None)
         vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq)
         labels = LabelSet.from_sentences(train)
@@ -78,7 +82,7 @@ class Task:
                     lexicon=dict(source=lex.source, fingerprint=lex.fingerprint), config=self.config.to_dict())
 
     @classmethod
-    def from_checkpoint(cls, payload: dict) -> "Task":
+    def from_checkpoint(cls, payload: dict) -> "TextCodec":
         cfg = Config.from_dict(payload["config"], "checkpoint config")
         lex_ref = payload["lexicon"]
         lexicon = Lexicon.load(lex_ref["source"])

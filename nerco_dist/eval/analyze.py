@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_json, write_text
-from .data.readers import Sentence, read_corpus
-from .eval.metrics import evaluate, f1_by_length, write_length_csv
-from .train.task import Task
-from .train.trainer import load_for_inference
+from ..atomic import write_json, write_text
+from ..codec import TextCodec
+from ..data.readers import Sentence, read_corpus
+from ..inference import load_for_inference, model_device, predict
+from .metrics import evaluate, f1_by_length, write_length_csv
 
 log = logging.getLogger("nerco_dist")
 
 
 @torch.no_grad()
-def entity_token_features(task: Task, model, sentences: list[Sentence], max_tokens: int, seed: int,
+def entity_token_features(codec: TextCodec, model, sentences: list[Sentence], max_tokens: int, seed: int,
                           device: torch.device) -> tuple[np.ndarray, list[str]]:
     """Encoder features (eval mode) of up to ``max_tokens`` gold entity tokens, with their B-/I- tags.
 
@@ -31,7 +31,7 @@ def entity_token_features(task: Task, model, sentences: list[Sentence], max_toke
     for k, i in positions:
         wanted.setdefault(k, []).append(i)
     chosen = [sentences[k] for k in sorted(wanted)]
-    features = task.sentence_features(model, chosen, 64, device)
+    features = codec.sentence_features(model, chosen, 64, device)
     rows, tags = [], []
     for sentence, feats, k in zip(chosen, features, sorted(wanted)):
         for i in wanted[k]:
@@ -48,9 +48,9 @@ def analyze(baseline: Path, nerco: Path, data: Path, out: Path, stage1: Path | N
     models = {"baseline": baseline, "NerCo": nerco}
     reports, by_length, loaded = {}, {}, {}
     for name, path in models.items():
-        task, model = load_for_inference(path, device)
-        loaded[name] = (task, model)
-        pred = task.predict_tags(model, sentences, 64, next(model.parameters()).device)
+        codec, model = load_for_inference(path, device)
+        loaded[name] = (codec, model)
+        pred = predict(codec, model, sentences, 64)
         reports[name] = evaluate(gold, pred)
         by_length[name] = f1_by_length(gold, pred)
     summary = {name: dict(precision=r.precision, recall=r.recall, f1=r.f1, span_f=r.span_f1, type_acc=r.type_acc)
@@ -64,16 +64,15 @@ def analyze(baseline: Path, nerco: Path, data: Path, out: Path, stage1: Path | N
     write_text(out / "table4.md", "\n".join(lines) + "\n")
     write_length_csv(by_length, out / "f1_by_length.csv")
 
-    from .eval.plots import plot_f1_by_length, plot_tsne
+    from .plots import plot_f1_by_length, plot_tsne
 
     plot_f1_by_length(by_length, out / "f1_by_length.png")
     views = [("baseline", *loaded["baseline"])]
     if stage1 is not None:
         views.append(("after stage 1", *load_for_inference(stage1, device)))
     views.append(("NerCo after stage 2", *loaded["NerCo"]))
-    for title, task, model in views:
-        features, tags = entity_token_features(task, model, sentences, tsne_tokens, seed,
-                                               next(model.parameters()).device)
+    for title, codec, model in views:
+        features, tags = entity_token_features(codec, model, sentences, tsne_tokens, seed, model_device(model))
         name = "tsne_" + title.lower().replace(" ", "_") + ".png"
         plot_tsne(features, tags, out / name, f"{title}: entity tokens ({len(tags)})", seed=seed)
     log.info("analysis written to %s", out)

@@ -1,0 +1,83 @@
+"""A stage is a list of phases; a phase is what one engine trains.
+
+Each phase has a trainable set, a loss, an optimiser section (``config.OptimConfig``: optimizer, learning
+rate, warmup, decay, clipping, epochs, batch size), a selection metric with its patience, and what the next
+phase starts from. Stage 1 (``contrastive``) is one phase; stage 2 (``finetune``) is up to three: ``head``
+(Linear + CRF alone), ``frozen_bert`` (encoder + head) and ``full`` (everything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint
+from ..config import Config, OptimConfig, PhaseConfig
+from ..errors import InputError
+from ..model.tagger import NerTagger
+
+STAGES = ("contrastive", "finetune")
+
+# name -> (trainable parts, loss, selection metric); stage 2's phases run in this order
+FINETUNE_PHASES = {"head": (frozenset({"head"}), "crf", "dev_f1"),
+                   "frozen_bert": (frozenset({"encoder", "head"}), "crf", "dev_f1"),
+                   "full": (frozenset({"encoder", "head", "bert"}), "crf", "dev_f1")}
+
+
+@dataclass(frozen=True)
+class Phase:
+    stage: str
+    name: str
+    trains: frozenset[str]  # of "encoder", "head", "bert"
+    loss: str  # "infonce" | "crf" | "crf+infonce" (the joint ablation)
+    select: str  # "dev_loss" (the InfoNCE, lower is better) | "dev_f1"
+    optim: OptimConfig
+    patience: int
+    hand_off: str  # "last": the next phase starts from this one's last weights; "best": from the stage's best
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.select == "dev_loss"
+
+    def stopped(self, stale: int) -> bool:
+        """Whether ``stale`` epochs without a better dev score end this phase early."""
+        return bool(self.patience) and stale >= self.patience
+
+
+def _phase(stage: str, name: str, trains: frozenset, loss: str, select: str, cfg: PhaseConfig) -> Phase:
+    return Phase(stage, name, trains, loss, select, cfg.optim, cfg.patience, cfg.hand_off)
+
+
+def stage_phases(cfg: Config, stage: str) -> list[Phase]:
+    """The phases ``stage`` runs under ``cfg``, in order (a phase with 0 epochs is left out)."""
+    if stage == "contrastive":
+        phases = [_phase(stage, "contrastive", frozenset({"encoder"}), "infonce", "dev_loss", cfg.contrastive.phase)]
+    elif stage == "finetune":
+        phases = []
+        for name, (trains, loss, select) in FINETUNE_PHASES.items():
+            joint = cfg.ablation.joint and "encoder" in trains  # ablation: InfoNCE and CRF NLL in one stage
+            phases.append(_phase(stage, name, trains, "crf+infonce" if joint else loss, select,
+                                 getattr(cfg.finetune, name)))
+    else:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    phases = [p for p in phases if p.optim.epochs > 0]
+    if not phases:
+        where = "contrastive.phase" if stage == "contrastive" else "finetune.{head,frozen_bert,full}"
+        raise InputError("config", f"{stage}: no phase to train ({where}.optim.epochs are all 0)")
+    return phases
+
+
+def trainable_parameters(model: NerTagger, phase: Phase) -> tuple[list, list]:
+    """(parameters at the phase's learning rate, BERT parameters at ``bert_lr_ratio`` of it)."""
+    params = (model.encoder_parameters() if "encoder" in phase.trains else []) + (
+        list(model.head.parameters()) if "head" in phase.trains else [])
+    return params, model.bert_parameters() if "bert" in phase.trains else []
+
+
+def load_encoder(model: NerTagger, checkpoint: Path) -> None:
+    """Take every weight but the output head from a stage-1 checkpoint: stage 2 starts with a fresh head."""
+    state = load_checkpoint(checkpoint)["model"]
+    encoder_state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(encoder_state, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ValueError(f"{checkpoint}: does not match this model (missing {missing}, unexpected {unexpected})")

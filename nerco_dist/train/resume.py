@@ -1,0 +1,151 @@
+"""Resume state: where a stage stands, which config wrote it, and the engine checkpoints that continue it.
+
+``out_dir/resume/<stage>/`` holds one engine checkpoint per save (a tag ``p<phase>-step<step>``; the newest is
+named in ``latest.json`` with the :class:`Progress` it was saved at; older tags are removed), and
+``out_dir/resume/<stage>.done.json`` the results of a finished stage. A run started again with the same
+command continues from there; a checkpoint of another config (its :func:`fingerprint`) is not continued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import distributed as dist
+from ..atomic import write_json
+from ..config import Config
+
+log = logging.getLogger("nerco_dist")
+
+LATEST = "latest.json"
+
+
+@dataclass
+class Progress:
+    """Where a stage stands; saved with every resume checkpoint."""
+
+    phase: int = 0  # index of the phase being trained
+    epoch: int = 0  # the epoch being trained, within the phase
+    batch: int = 0  # this rank's batches of that epoch already trained
+    step: int = 0  # optimizer steps so far in this phase (where its LR schedule stands)
+    stage_step: int = 0  # ... in the stage (the x axis of its TensorBoard scalars)
+    epochs_done: int = 0  # epochs finished in the stage, all phases
+    best: float | None = None  # the stage's best dev score (stage 1: lowest InfoNCE; stage 2: highest F1)
+    best_epoch: int = -1  # the stage epoch (1-based) that scored it
+    stale: int = 0  # epochs of this phase since the stage's best
+    nonfinite: int = 0  # micro-batches skipped for a non-finite loss
+    nonfinite_run: int = 0  # ... in a row
+    fingerprint: str = ""  # the config and world size that wrote it
+    seconds: float = 0.0  # wall time spent in this stage, summed over every run that trained it
+
+    def __post_init__(self) -> None:
+        self._since = time.time()  # not a field: a resumed run counts from its own start
+
+    def elapsed(self) -> float:
+        """``seconds`` brought up to now: a killed and resumed stage reports its whole training time."""
+        now = time.time()
+        self.seconds, self._since = self.seconds + now - self._since, now
+        return self.seconds
+
+    def start_phase(self, phase: int) -> None:
+        self.phase, self.epoch, self.batch, self.step, self.stale = phase, 0, 0, 0, 0
+
+
+def resume_relevant(section) -> dict:
+    """A config section as a dict without the fields declared ``resume: False`` (see ``config.RESUMABLE``)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("resume", True):
+            out[f.name] = resume_relevant(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def fingerprint(cfg: Config, stage: str, init: Path | None) -> str:
+    """What must not change for a resume checkpoint to be continued."""
+    text = json.dumps(dict(cfg=resume_relevant(cfg), stage=stage, init=str(init), world_size=dist.world_size()),
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StageResume:
+    """The resume folder of one stage of one run."""
+
+    def __init__(self, out_dir: Path, stage: str, fingerprint: str):
+        self.directory, self.fingerprint = Path(out_dir) / "resume" / stage, fingerprint
+        self.done_file = self.directory.with_name(f"{stage}.done.json")
+        self.stage = stage
+
+    def finished(self) -> dict | None:
+        """The results of this stage when an earlier run of this command finished it."""
+        if not self.done_file.is_file():
+            return None
+        record = json.loads(self.done_file.read_text())
+        if record.get("fingerprint") != self.fingerprint:
+            return None
+        log.info("%s: finished by an earlier run (%s); --no-resume trains it again", self.stage, self.done_file)
+        return record["results"]
+
+    def mark_done(self, results: dict) -> None:
+        dist.barrier()
+        if dist.is_main():
+            write_json(self.done_file, dict(fingerprint=self.fingerprint, results=results))
+            shutil.rmtree(self.directory, ignore_errors=True)
+        dist.barrier()
+
+    def latest(self) -> dict | None:
+        """``{"tag", "progress"}`` of the newest checkpoint of this config, or None."""
+        path = self.directory / LATEST
+        if not path.is_file():
+            return None
+        latest = json.loads(path.read_text())
+        if latest["progress"]["fingerprint"] != self.fingerprint:
+            log.warning("%s: resume checkpoint of another config or world size: starting %s afresh",
+                        self.directory, self.stage)
+            return None
+        return latest
+
+    def progress(self) -> Progress:
+        """Where the last run of this command left the stage (a fresh start when it left nothing)."""
+        latest = self.latest()
+        if latest is None:
+            return Progress(fingerprint=self.fingerprint)
+        state = Progress(**latest["progress"])
+        log.info("%s: resuming at phase %d, epoch %d, batch %d (step %d)", self.stage, state.phase + 1,
+                 state.epoch + 1, state.batch, state.step)
+        return state
+
+    def save(self, engine, progress: Progress) -> None:
+        """An engine checkpoint at ``progress``, between optimizer steps only (gradients being accumulated
+        are not saved). Collective: every rank calls it."""
+        if not engine.at_boundary:
+            return
+        progress.elapsed()
+        state = dataclasses.asdict(progress)
+        tag = f"p{progress.phase}-step{progress.step}"
+        engine.save_state(self.directory / tag, dict(progress=state, rng=dist.gather_objects(dist.rng_state())))
+        dist.barrier()
+        if dist.is_main():
+            write_json(self.directory / LATEST, dict(tag=tag, progress=state), indent=1)
+            for old in self.directory.iterdir():
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def restore(self, engine) -> bool:
+        """Weights, optimizer and RNG of the newest checkpoint into ``engine``; False when there is none."""
+        latest = self.latest()
+        if latest is None:
+            return False
+        state = engine.load_state(self.directory / latest["tag"])
+        rng = state["rng"]
+        if len(rng) != dist.world_size():
+            raise ValueError(f"{self.directory}: saved by {len(rng)} ranks, resumed with {dist.world_size()}")
+        dist.set_rng_state(rng[dist.rank()])
+        return True

@@ -1,0 +1,87 @@
+"""One ``nerco train`` invocation: its config, data, device and output folder, shared by both stages."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import distributed as dist
+from ..checkpoint import save_checkpoint
+from ..codec import Splits, TextCodec, read_splits
+from ..config import Config
+from ..data.dataset import LengthBucketBatchSampler, Piece
+from ..model.tagger import NerTagger
+from .engine import uses_deepspeed
+from .phases import load_encoder
+
+log = logging.getLogger("nerco_dist")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainingRun:
+    """One ``nerco train``: its config, data, device and output folder, shared by both stages."""
+
+    cfg: Config
+    root: Path
+    codec: TextCodec
+    splits: Splits
+    train_pieces: list[Piece]
+    device: torch.device
+    out: Path
+
+    @classmethod
+    def start(cls, cfg: Config, root: Path) -> "TrainingRun":
+        """Seeds, threads, the process group when DeepSpeed is used, the data and its codec."""
+        seed_everything(cfg.run.seed)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        device = dist.device_for_rank(cfg.run.device)
+        if uses_deepspeed(cfg.distributed):
+            dist.init(device, cfg.distributed.timeout_s)
+        if not dist.is_main():
+            log.setLevel(logging.WARNING)
+        splits = read_splits(cfg, root)
+        codec = TextCodec.from_training_data(cfg, splits.train, root)
+        pieces = codec.encoder.encode(splits.train, split_on_entities=True, source="train ")
+        return cls(cfg, root, codec, splits, pieces, device, Path(cfg.run.out_dir))
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / "contrastive" if stage == "contrastive" else self.out
+
+    def initial_model(self, init: Path | None) -> NerTagger:
+        """The seeded model a stage starts from (stage 2: with the encoder of the stage-1 checkpoint)."""
+        seed_everything(self.cfg.run.seed)
+        model = self.codec.build_model(self.root, seed=self.cfg.run.seed).to(self.device)
+        if init is not None:
+            load_encoder(model, init)
+            log.info("stage 2 starts from the encoder of %s", init)
+        dist.seed_rank_stream(self.cfg.run.seed)  # after the identical init, each rank its own dropout stream
+        return model
+
+    @functools.cached_property
+    def dev_pieces(self) -> list[Piece]:
+        """Dev pieces cut as training cuts them (stage 1 scores its dev InfoNCE on them)."""
+        return self.codec.encoder.encode(self.splits.dev, split_on_entities=True, source="dev ")
+
+    def train_batches(self, batch_size: int):
+        """This rank's share of the shuffled, length-bucketed batches (``.sampler.set_epoch`` reshuffles)."""
+        sampler = LengthBucketBatchSampler([p.lattice_len for p in self.train_pieces], batch_size,
+                                           seed=self.cfg.run.seed, rank=dist.rank(), world_size=dist.world_size())
+        return self.codec.batches(self.train_pieces, sampler)
+
+    def checkpoint(self, path: Path, model: NerTagger, **extra) -> None:
+        """A plain fp32 checkpoint for ``eval``/``predict`` (rank 0 writes it, atomically)."""
+        if dist.is_main():
+            save_checkpoint(path, model_state=model.state_dict(), **self.codec.state_dict(), **extra)

@@ -9,7 +9,6 @@ so that a run cut short (a timeout, an out-of-memory kill) keeps every row alrea
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import os
 import platform
@@ -21,57 +20,59 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+import nerco_dist.machine
 from nerco_dist.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(benchmark: str, description: str, interpret_on_cpu: bool = True,
-               argv: list[str] | None = None) -> argparse.Namespace:
-    """The options every benchmark takes. Call it before importing the Triton kernels: on ``--device cpu``
-    it sets TRITON_INTERPRET=1 (read when a kernel is defined) so that they run in the interpreter."""
+def parse_args(benchmark: str, description: str, *,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+               interpret_on_cpu: bool = True) -> argparse.Namespace:
+    """The options every benchmark takes, plus those ``add_arguments`` adds. Call it before importing the
+    Triton kernels: on ``--device cpu`` it sets TRITON_INTERPRET=1 (``interpret_on_cpu``; read when a kernel
+    is defined) so that they run in the interpreter."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="the tiny grid (for the Triton interpreter on CPU)")
-    parser.add_argument("--out", type=Path, help=f"results JSON (default: results/{benchmark}_<device>[_quick].json)")
+    parser.add_argument("--out", type=Path, help=f"results JSON, or a folder for the default name "
+                        f"(default: results/{benchmark}_<device>[_quick].json)")
     parser.add_argument("--budget", type=float, help="seconds after which the remaining cases are skipped")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
-    args = parser.parse_args(argv)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
     if args.device == "cpu":
         if interpret_on_cpu:
             os.environ["TRITON_INTERPRET"] = "1"
         torch.set_num_threads(args.threads)
-    if args.out is None:
-        args.out = default_out(benchmark, args.device, args.quick)
+    if args.out is None or args.out.is_dir():
+        args.out = (args.out or RESULTS) / default_name(benchmark, args.device, args.quick)
     return args
 
 
-def default_out(benchmark: str, device: str, quick: bool) -> Path:
-    """results/<benchmark>_<card or cpu>[_quick].json; CPU runs with interpreted kernels say so in the name."""
+def default_name(benchmark: str, device: str, quick: bool) -> str:
+    """<benchmark>_<card or cpu>[_quick].json; CPU runs with interpreted kernels say so in the name."""
     if device == "cuda":
         where = "_".join(re.findall(r"[a-z0-9]+", torch.cuda.get_device_name().lower()))
     else:
         where = "cpu_interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
-    return RESULTS / f"{benchmark}_{where}{'_quick' if quick else ''}.json"
+    return f"{benchmark}_{where}{'_quick' if quick else ''}.json"
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """Where and with what a run was measured."""
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-    }
-    for package in ("torch", "triton", "transformers", "deepspeed", "pytorch-crf"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = None
+    """The trainer's machine record, plus what matters for timings: the CPU model and load, whether the
+    kernels were interpreted, the GPU's memory and pytorch-crf's version (the CRF baseline)."""
+    info = nerco_dist.machine.machine_info(torch.device(device))
+    info.update(cpu=_cpu_model(), cpu_count=os.cpu_count(), load_average=os.getloadavg(),
+                triton_interpret=os.environ.get("TRITON_INTERPRET") == "1")
+    try:
+        info["pytorch-crf"] = importlib.metadata.version("pytorch-crf")
+    except importlib.metadata.PackageNotFoundError:
+        info["pytorch-crf"] = None
     if device == "cuda":
         card = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info.update(gpu=card.name, gpu_memory_gib=round(card.total_memory / 2**30, 1),
-                    gpu_capability=f"{card.major}.{card.minor}", cuda=torch.version.cuda)
+        info.update(gpu_memory_gib=round(card.total_memory / 2**30, 1), gpu_capability=f"{card.major}.{card.minor}")
     return info
 
 
@@ -179,16 +180,16 @@ def _time_case(setup, case, args, baseline) -> dict[str, Any]:
     ms: dict[str, dict[str, Any]] = {}
     peak: dict[str, dict[str, Any]] = {}
     nonfinite = []
-    for (impl, op), fn in built.fns.items():
+    for impl, op in list(built.fns):
+        fn = built.fns.pop((impl, op))  # dropped once timed: the case's inputs are freed with the last one
         try:
-            first = fn()
-            if isinstance(first, torch.Tensor) and first.is_floating_point() and not torch.isfinite(first).all():
+            if not _finite(fn()):
                 nonfinite.append(f"{impl} {op}")
             ms.setdefault(impl, {})[op] = _round(median_ms(fn, args.device, args.quick))
             peak.setdefault(impl, {})[op] = _round(peak_extra_mib(fn, args.device))
         except torch.cuda.OutOfMemoryError:
             ms.setdefault(impl, {})[op] = peak.setdefault(impl, {})[op] = "OOM"
-    del built
+        del fn
     if args.device == "cuda":
         torch.cuda.empty_cache()
         row["peak_mib"] = peak
@@ -200,6 +201,11 @@ def _time_case(setup, case, args, baseline) -> dict[str, Any]:
     if nonfinite:
         row["nonfinite"] = nonfinite
     return row
+
+
+def _finite(result: Any) -> bool:
+    """The one sanity check a benchmark makes: a floating-point result has no inf or NaN."""
+    return not (isinstance(result, torch.Tensor) and result.is_floating_point()) or bool(torch.isfinite(result).all())
 
 
 def _round(value: float | None) -> float | None:

@@ -6,8 +6,8 @@ then reports mean ± std of test F1, Span F and Type Acc, and runs ``nerco analy
 one switch: ``joint`` (InfoNCE + CRF NLL in one stage), ``all_queries`` (O tokens are queries too).
 Finished runs (results.json present) are reused, so an interrupted sweep continues where it stopped.
 
-    python benchmarks/nerco_vs_baseline.py --corpus weibo --seeds 1 2 3 --set train.epochs=20
-    python benchmarks/nerco_vs_baseline.py --corpus weibo --systems baseline joint --set train.epochs=20
+    python3 benchmarks/nerco_vs_baseline.py --corpus weibo --seeds 1 2 3 --set finetune.full.optim.epochs=20
+    python3 benchmarks/nerco_vs_baseline.py --corpus weibo --systems baseline joint --set finetune.full.optim.epochs=20
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import statistics
 import time
 from pathlib import Path
 
-from nerco_dist.analyze import analyze
 from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import data_root, load_config, resolve_data_path
-from nerco_dist.train.trainer import machine_info, pick_device, train
+from nerco_dist.distributed import device_for_rank
+from nerco_dist.eval.analyze import analyze
+from nerco_dist.machine import machine_info
+from nerco_dist.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SYSTEMS = ["baseline", "NerCo"]
-ABLATIONS = {"joint": ["contrastive.joint=true"], "all_queries": ["contrastive.non_entity_queries=true"]}
+ABLATIONS = {"joint": ["ablation.joint=true"], "all_queries": ["ablation.non_entity_queries=true"]}
 
 
 def system_config(corpus: str, name: str) -> tuple[Path, list[str]]:
@@ -41,7 +43,7 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path) -> dict:
     stages (summed over resumes when the run was killed and started again)."""
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
-    cfg = load_config(config, overrides + [f"train.out_dir={out}"])
+    cfg = load_config(config, overrides + [f"run.out_dir={out}"])
     results = train(cfg, root)
     stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
     results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
@@ -74,7 +76,7 @@ def main() -> None:
     wall: dict[str, list[float]] = {name: [] for name in systems}
     for seed in args.seeds:
         for name, (config, switches) in systems.items():
-            res = run_one(config, switches + args.set + [f"train.seed={seed}"], runs / f"{name}_seed{seed}", root)
+            res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / f"{name}_seed{seed}", root)
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
 
@@ -96,7 +98,7 @@ def main() -> None:
             for name, runs_ in scores.items()}
     payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set,
                    systems={k: dict(config=str(c), switches=sw) for k, (c, sw) in systems.items()},
-                   results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(pick_device("auto")))
+                   results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(device_for_rank("auto")))
     write_json(results / f"{stem}.json", payload)
     plots_note = f"; plots in {plots.name}/" if with_plots else ""
     lines = [f"# {' vs '.join(systems)} on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",

@@ -248,16 +248,21 @@ def _sort_by_class(selection: QuerySelection) -> _SortedClasses:
 
 
 # (largest bytes per row, (block_rows, block_cols, num_warps, num_stages)): picked by compiling for sm_90
-# on a CPU-only machine, for no register spill and shared memory well under 227 KiB; not yet timed on a GPU.
+# on a CPU-only machine (ptxas -v), for no register spill and shared memory well under 227 KiB; not yet
+# timed on a GPU. fp32 with IEEE products has its own tables: its tl.dot is FMA-based, and the (128, 64)
+# forward tiles that suit tensor cores spill about 27 KB per thread there. Its backward spills at every
+# configuration tried (from about 0.3 KB at d = 160 to 2.8 KB at d = 1000 with the ones below).
 _FWD_CONFIGS = ((512, (128, 64, 8, 3)), (640, (128, 64, 8, 2)), (1024, (64, 64, 8, 2)), (1536, (64, 32, 8, 2)),
-                (None, (16, 32, 4, 1)))
+                (3072, (16, 32, 4, 1)), (None, (16, 32, 8, 1)))
 _BWD_CONFIGS = ((384, (64, 64, 8, 2)), (512, (32, 32, 8, 2)), (1536, (16, 64, 8, 1)), (3072, (16, 32, 8, 1)),
                 (None, (16, 16, 4, 1)))
+_IEEE_FWD_CONFIGS = ((1024, (32, 64, 8, 2)), (None, (16, 32, 8, 1)))
+_IEEE_BWD_CONFIGS = ((640, (16, 64, 8, 1)), (None, (16, 32, 16, 1)))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 1024  # feature columns
 
 
-def _config(d: int, elem_size: int, interpret: bool):
+def _config(d: int, elem_size: int, precision: str, interpret: bool):
     """(D_A, D_B) column pieces, and (block_rows, block_cols, num_warps, num_stages) for the forward and the
     backward sweeps (rows: the side whose statistics or gradient a program produces)."""
     d_a = max(16, 1 << (d.bit_length() - 1))
@@ -266,8 +271,10 @@ def _config(d: int, elem_size: int, interpret: bool):
     if interpret:
         return d_a, d_b, (16, 16, 4, 1), (16, 16, 4, 1)
     row_bytes = (d_a + d_b) * elem_size
-    fwd = next(cfg for limit, cfg in _FWD_CONFIGS if limit is None or row_bytes <= limit)
-    bwd = next(cfg for limit, cfg in _BWD_CONFIGS if limit is None or row_bytes <= limit)
+    ieee = elem_size == 4 and precision == "ieee"
+    fwd_configs, bwd_configs = (_IEEE_FWD_CONFIGS, _IEEE_BWD_CONFIGS) if ieee else (_FWD_CONFIGS, _BWD_CONFIGS)
+    fwd = next(cfg for limit, cfg in fwd_configs if limit is None or row_bytes <= limit)
+    bwd = next(cfg for limit, cfg in bwd_configs if limit is None or row_bytes <= limit)
     return d_a, d_b, fwd, bwd
 
 
@@ -294,7 +301,8 @@ def _grad_sweep(ctx, go: torch.Tensor, query_rows: bool) -> torch.Tensor:
     else:
         x, y, xs, ys, x_r, y_r = keys, features, sides.keys, sides.queries, k_r, q_r
     n_x, n_y, d = xs.idx.numel(), ys.idx.numel(), x.shape[1]
-    d_a, d_b, _, (block_r, block_c, warps, stages) = _config(d, x.element_size(), x.device.type != "cuda")
+    d_a, d_b, _, (block_r, block_c, warps, stages) = _config(d, x.element_size(), ctx.precision,
+                                                             x.device.type != "cuda")
     n_rb = triton.cdiv(n_x, block_r)
     s = _splits(n_rb, triton.cdiv(n_y, block_c), x.device, ctx.forced_splits)
     part = torch.empty((s, n_x, d), device=x.device, dtype=torch.float32 if s > 1 else x.dtype)
@@ -340,7 +348,7 @@ class _SemanticInfoNCE(torch.autograd.Function):
                 forced_splits: int | None):
         q, k = sides.queries, sides.keys
         n_q, n_k, d = q.idx.numel(), k.idx.numel(), features.shape[1]
-        d_a, d_b, (block_m, block_n, warps, stages), _ = _config(d, features.element_size(),
+        d_a, d_b, (block_m, block_n, warps, stages), _ = _config(d, features.element_size(), precision,
                                                                  features.device.type != "cuda")
         q_r = _inv_norms(features)[q.idx.long()]
         k_r = _inv_norms(keys)[k.idx.long()]

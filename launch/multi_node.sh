@@ -3,7 +3,7 @@
 #   HOSTFILE=launch/hostfile NUM_NODES=2 NUM_GPUS=8 MASTER_ADDR=node-0 \
 #     launch/multi_node.sh configs/msra.yaml --set distributed.config=configs/ds/zero2.json
 # Needs passwordless ssh to every host in the hostfile (see hostfile.example), pdsh, the same checkout
-# and environment on every node, a shared train.out_dir, and .deepspeed_env for the variables the remote
+# and environment on every node, a shared run.out_dir, and .deepspeed_env for the variables the remote
 # ranks need (see deepspeed_env.example). A subset of hosts/GPUs: INCLUDE="node-0:0,1@node-1:0,1".
 set -euo pipefail
 cd "$(dirname "$0")/.."

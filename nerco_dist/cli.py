@@ -105,20 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK is read from the environment
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_inference(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a tagger from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.epochs=5")
+                   help="override a config value (repeatable), e.g. --set finetune.full.optim.epochs=5")
     p.add_argument("--data-root", help="root of the corpus paths in the config (default $NERCO_DATA_ROOT or data/)")
     p.add_argument("--stage", choices=("contrastive", "finetune", "both"),
                    help="which stage(s) to run (default: both when contrastive.enabled, else finetune)")
     p.add_argument("--init", help="stage-1 checkpoint for fine-tuning to start from")
     p.add_argument("--no-resume", action="store_true",
-                   help="start afresh instead of continuing from the resume checkpoints in train.out_dir")
+                   help="start afresh instead of continuing from the resume checkpoints in run.out_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
 
+
+def _add_inference(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a labelled corpus file")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="labelled corpus file (CoNLL, Weibo or CLUENER JSON lines)")
@@ -145,15 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_analyze)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, wrap_loss=None) -> int:
+    """``wrap_loss``: for ``train``, the trainer's seam for a test's own loss (see ``train.trainer.train``)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        return args.func(args)
+        return args.func(args, wrap_loss) if args.command == "train" else args.func(args)
     except (InputError, FileNotFoundError, ValueError) as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import torch
 
 from .config import Config, resolve_data_path
 from .model.config import ModelConfig
-from .data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split
+from .data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split, lexicon_matches
 from .data.lexicon import Lexicon
 from .data.readers import Sentence, read_corpus
 from .data.vocab import embedding_matrix
@@ -66,15 +66,19 @@ class TextCodec:
         return self.encoder.labels
 
     @classmethod
-    def from_training_data(cls, cfg: Config, train: Sequence[Sentence], root: Path) -> "TextCodec":
+    def for_training(cls, cfg: Config, train: Sequence[Sentence], root: Path) -> tuple["TextCodec", list[Piece]]:
+        """A codec built from the training split, and that split encoded (cut so that no entity is split);
+        each sentence is matched against the lexicon once, for the vocabulary and the lattice alike."""
         lexicon = Lexicon.load(str(resolve_data_path(cfg.data.lexicon, root)) if cfg.data.lexicon else None)
-        vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq)
+        matches = lexicon_matches(train, lexicon)
+        vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq, matches=matches)
         labels = LabelSet.from_sentences(train)
         bert_vocab = read_bert_vocab(cfg.model.bert) if cfg.model.bert else None
         log.info("lexicon %s: %d words; vocab chars %d, bigrams %d, lattice words %d; labels %s",
                  lexicon.source, len(lexicon), len(vocabs.chars), len(vocabs.bigrams), len(vocabs.words),
                  " ".join(labels.labels))
-        return cls(cfg, LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab))
+        codec = cls(cfg, LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab))
+        return codec, codec.encoder.encode(train, split_on_entities=True, source="train ", matches=matches)
 
     def state_dict(self) -> dict:
         lex = self.encoder.lexicon

@@ -1,4 +1,4 @@
-"""What the trainer needs to know about the other processes of a run.
+"""What training and inference need to know about the other processes of a run.
 
 Rank and world size, joining the process group the launcher describes (with a timeout, so a rank that dies
 or hangs makes the others fail instead of waiting forever), gathering token features with their gradients
@@ -17,13 +17,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as tdist
-
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class PeerFailure(RuntimeError):
-    """Another rank died, hung past the timeout, or failed: this rank cannot go on."""
-
 
 def launched() -> bool:
     """Started by a launcher (deepspeed, torchrun, srun wrapper) for more than one process."""
@@ -118,15 +111,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows, concatenated in rank order. Backward: the gradient of every rank's loss with respect
     to the gathered rows is summed over ranks, and each rank keeps the rows it contributed."""
@@ -191,8 +175,6 @@ def seed_rank_stream(seed: int) -> None:
 
 def is_peer_failure(err: BaseException) -> bool:
     """Whether an exception means the collective's peers are gone or stuck (not a bug on this rank)."""
-    if isinstance(err, PeerFailure):
-        return True
     dist_error = getattr(tdist, "DistError", None)
     if dist_error is not None and isinstance(err, dist_error):
         return True

@@ -7,7 +7,7 @@ import pytest
 from nerco_dist.cli import main
 from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
-from nerco_dist.inference import load_for_inference
+from nerco_dist.inference import load_for_inference, predict
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -20,8 +20,8 @@ def test_analyze_writes_tables_and_plots(trained, dev_subset, tmp_path):
                  "--out", str(out), "--tsne-tokens", "120"]) == 0
     table = json.loads((out / "table4.json").read_text())["scores"]
     sentences = read_corpus(dev_subset).sentences
-    task, model = load_for_inference(trained / "best.pt", "cpu")
-    report = evaluate([s.tags for s in sentences], task.predict_tags(model, sentences, 32, next(model.parameters()).device))
+    codec, model = load_for_inference(trained / "best.pt", "cpu")
+    report = evaluate([s.tags for s in sentences], predict(codec, model, sentences, 32))
     for name in ("baseline", "NerCo"):
         assert table[name]["span_f"] == pytest.approx(report.span_f1)
         assert table[name]["type_acc"] == pytest.approx(report.type_acc)
@@ -36,12 +36,12 @@ def test_sentence_features_join_pieces(trained):
 
     from nerco_dist.data.readers import Sentence
 
-    task, model = load_for_inference(trained / "best.pt", "cpu")
+    codec, model = load_for_inference(trained / "best.pt", "cpu")
     text = list("高勇，男，中国国籍，无境外居留权。" * 5)  # 85 characters > max_len 60
-    whole = task.sentence_features(model, [Sentence(text, ["O"] * len(text))], 8, torch.device("cpu"))[0]
-    pieces = task.encoder.encode([Sentence(text, ["O"] * len(text))], with_labels=False)
+    whole = codec.sentence_features(model, [Sentence(text, ["O"] * len(text))], 8, torch.device("cpu"))[0]
+    pieces = codec.encoder.encode([Sentence(text, ["O"] * len(text))], with_labels=False)
     assert len(pieces) == 2
     for p in pieces:
-        alone = task.sentence_features(model, [Sentence(text[p.start:p.start + p.num_chars], ["O"] * p.num_chars)], 8,
+        alone = codec.sentence_features(model, [Sentence(text[p.start:p.start + p.num_chars], ["O"] * p.num_chars)], 8,
                                        torch.device("cpu"))[0]
         assert abs(whole[p.start:p.start + p.num_chars] - alone).max() < 1e-5

@@ -15,7 +15,7 @@ from nerco_dist.data.readers import read_corpus
 from nerco_dist.data.tags import entities
 from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
-from nerco_dist.inference import load_for_inference
+from nerco_dist.inference import load_for_inference, predict
 
 from .conftest import LIMIT, REPO, TINY
 
@@ -32,8 +32,8 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained, data_root, t
     sentences = read_corpus(data_root / "resume/dev.char.bmes").sentences[:LIMIT]
     preds = []
     for _ in range(2):
-        task, model = load_for_inference(trained / "best.pt", "cpu")
-        preds.append(task.predict_tags(model, sentences, 64, torch.device("cpu")))
+        codec, model = load_for_inference(trained / "best.pt", "cpu")
+        preds.append(predict(codec, model, sentences, 64))
     assert preds[0] == preds[1]
     report = evaluate([s.tags for s in sentences], preds[0])
     assert report.f1 == pytest.approx(json.loads((trained / "results.json").read_text())["test"]["f1"], abs=1e-12)
@@ -53,6 +53,25 @@ def test_eval_prints_table_and_writes_json(trained, dev_subset, tmp_path, capsys
     assert out.with_suffix(".length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+NO_TENSORBOARD = """import sys
+sys.modules["tensorboard"] = sys.modules["torch.utils.tensorboard"] = None  # as if not installed
+from nerco_dist.cli import main
+code = main(sys.argv[1:])
+assert not [m for m in sys.modules if m.startswith("nerco_dist.train")], "inference imported training code"
+sys.exit(code)
+"""
+
+
+def test_eval_and_predict_need_no_training_code_nor_tensorboard(trained, dev_subset, tmp_path):
+    text = tmp_path / "raw.txt"
+    text.write_text("高勇，男，中国国籍。\n", encoding="utf-8")
+    for args in (["eval", str(trained / "best.pt"), "--data", str(dev_subset), "--output", str(tmp_path / "r.json")],
+                 ["predict", str(trained / "best.pt"), str(text)]):
+        proc = subprocess.run([sys.executable, "-c", NO_TENSORBOARD, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["text"] == "高勇，男，中国国籍。"
+
+
 def test_predict_raw_text_json_lines(trained, tmp_path):
     text = tmp_path / "raw.txt"
     lines = ["高勇，男，中国国籍，无境外居留权。", "", "1966年出生，汉族，中共党员，本科学历，工程师。"]
@@ -61,10 +80,10 @@ def test_predict_raw_text_json_lines(trained, tmp_path):
                           capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["text"] for r in rows] == [lines[0], lines[2]]  # blank lines skipped
-    task, model = load_for_inference(trained / "best.pt", "cpu")
+    codec, model = load_for_inference(trained / "best.pt", "cpu")
     from nerco_dist.data.readers import Sentence
 
-    expected = task.predict_tags(model, [Sentence(list(lines[0]), ["O"] * len(lines[0]))], 8, torch.device("cpu"))
+    expected = codec.predict_tags(model, [Sentence(list(lines[0]), ["O"] * len(lines[0]))], 8, torch.device("cpu"))
     assert [(e["start"], e["end"], e["type"]) for e in rows[0]["entities"]] == [tuple(e) for e in entities(expected[0])]
     for r in rows:
         for e in r["entities"]:
@@ -74,13 +93,13 @@ def test_predict_raw_text_json_lines(trained, tmp_path):
 def test_long_sentences_are_evaluated_whole(trained, tmp_path):
     """A sentence longer than max_len (60 in tiny.yaml) is cut into pieces and joined back: one prediction of full
     length per input sentence."""
-    task, model = load_for_inference(trained / "best.pt", "cpu")
+    codec, model = load_for_inference(trained / "best.pt", "cpu")
     from nerco_dist.data.readers import Sentence
 
     long = Sentence(list("高勇，男，中国国籍，无境外居留权。" * 9), ["O"] * 153)
-    pred = task.predict_tags(model, [long], 8, torch.device("cpu"))
+    pred = codec.predict_tags(model, [long], 8, torch.device("cpu"))
     assert len(pred) == 1 and len(pred[0]) == 153
-    assert len(task.encoder.encode([long], with_labels=False)) > 1
+    assert len(codec.encoder.encode([long], with_labels=False)) > 1
 
 
 def run_cli(*args):
@@ -99,7 +118,7 @@ def test_bad_corpus_exits_nonzero_with_file_and_line(tmp_path, data_root):
 
 def test_bad_config_and_checkpoint(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  lr: 0.1\n  epochz: 3\n")
+    cfg.write_text("finetune:\n  full:\n    optim:\n      lr: 0.1\n      epochz: 3\n")
     proc = run_cli("train", str(cfg))
     assert proc.returncode == 2 and "epochz" in proc.stderr
     junk = tmp_path / "junk.pt"
@@ -116,11 +135,12 @@ def test_bert_name_that_is_not_a_directory_is_refused(tmp_path, data_root):
 
 def test_base_config_is_merged_under_the_file(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text("train:\n  lr: 0.1\n  epochs: 3\nmodel:\n  hidden: 64\n")
+    base.write_text("finetune:\n  full:\n    patience: 4\n    optim:\n      lr: 0.1\n      epochs: 3\nmodel:\n  hidden: 64\n")
     child = tmp_path / "child.yaml"
-    child.write_text("base: base.yaml\ntrain:\n  epochs: 7\n")
-    cfg = load_config(child)
-    assert (cfg.train.lr, cfg.finetune.full.optim.epochs, cfg.model.hidden) == (0.1, 7, 64)
+    child.write_text("base: base.yaml\nfinetune:\n  full:\n    optim:\n      epochs: 7\n")
+    cfg = load_config(child)  # merged at every depth
+    full = cfg.finetune.full
+    assert (full.optim.lr, full.optim.epochs, full.patience, cfg.model.hidden) == (0.1, 7, 4, 64)
     loop = tmp_path / "loop.yaml"
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(Exception, match="loops"):
@@ -132,27 +152,46 @@ def test_base_config_is_merged_under_the_file(tmp_path):
 
 def test_overrides_are_typed():
     cfg = load_config(TINY, ["finetune.full.optim.lr=0.5", "model.bert=null", "data.max_len=7"])
-    assert cfg.train.lr == 0.5 and cfg.model.bert is None and cfg.data.max_len == 7
+    assert cfg.finetune.full.optim.lr == 0.5 and cfg.model.bert is None and cfg.data.max_len == 7
 
 
 def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("base: " + str(TINY) + "\ntrain:\n  lr: 1e-3\n  weight_decay: 0\n")  # YAML 1.1: '1e-3' is a str
-    cfg = load_config(path, ["contrastive.lr=3e-4"])
-    assert cfg.train.lr == 0.001 and cfg.contrastive.lr == 0.0003 and type(cfg.train.weight_decay) is float
+    path.write_text("base: " + str(TINY) + "\nfinetune:\n  full:\n    optim:\n      lr: 1e-3\n      weight_decay: 0\n")
+    cfg = load_config(path, ["contrastive.phase.optim.lr=3e-4"])  # YAML 1.1 reads '1e-3' as a string
+    full = cfg.finetune.full.optim
+    assert full.lr == 0.001 and cfg.contrastive.phase.optim.lr == 0.0003 and type(full.weight_decay) is float
 
 
 @pytest.mark.parametrize("override, message", [
     ("finetune.full.optim.epochs=2.5", "finetune.full.optim.epochs: expected int, got 2.5"),
     ("finetune.full.optim.epochs=true", "finetune.full.optim.epochs: expected int, got True"),
     ("contrastive.enabled=1", "contrastive.enabled: expected bool, got 1"),
-    ("finetune.full.optim.lr=fast", "train.lr: expected float, got 'fast'"),
-    ("train.device=3", "train.device: expected str, got 3"),
+    ("finetune.full.optim.lr=fast", "finetune.full.optim.lr: expected float, got 'fast'"),
+    ("run.device=3", "run.device: expected str, got 3"),
+    ("finetune.head.hand_off=first", "finetune.head.hand_off='first': expected one of last, best"),
     ("data.max_len=null", "data.max_len: expected int, got None"),
 ])
 def test_values_of_the_wrong_type_are_refused_by_name(override, message):
     with pytest.raises(InputError, match=re.escape(message)):
         load_config(TINY, [override])
+
+
+@pytest.mark.parametrize("key, moved_to", [
+    ("train.lr=0.1", "train.lr -> finetune.full.optim.lr"),
+    ("train.head_only_epochs=1", "train.head_only_epochs -> finetune.head.optim.epochs"),
+    ("contrastive.epochs=3", "contrastive.epochs has moved to contrastive.phase.optim.epochs"),
+    ("contrastive.joint=true", "contrastive.joint has moved to ablation.joint"),
+    ("train.seed=2", "train.seed -> run.seed"),
+])
+def test_a_key_that_moved_is_refused_naming_its_new_place(key, moved_to):
+    with pytest.raises(InputError, match=re.escape(moved_to)):
+        load_config(TINY, [key])
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "predict"])

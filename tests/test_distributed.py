@@ -33,6 +33,7 @@ from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.train import trainer
 from nerco_dist.checkpoint import load_checkpoint
+from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.engine import scaled_lr
 
 
@@ -108,7 +109,8 @@ def launched(tmp_path_factory, data_root, tiny_bert):
     over 2 micro-batches with the learning rate scaled for the global batch; ZeRO 3 has a (tiny) BERT,
     frozen in stage 1 and in the first fine-tuning epoch."""
     extra = {1: ["distributed.grad_accum=2", "distributed.lr_scaling=linear"], 2: [],
-             3: [f"model.bert={tiny_bert}", "finetune.frozen_bert.optim.epochs=1"]}
+             3: [f"model.bert={tiny_bert}", "finetune.frozen_bert.optim.epochs=1", "finetune.frozen_bert.optim.batch_size=8",
+                 "finetune.full.optim.epochs=1"]}
     runs = {}
     for zero in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"zero{zero}")
@@ -133,13 +135,13 @@ def test_both_stages_and_export_for_one_device(launched, zero, data_root):
     # the exported fp32 checkpoint, on one process, scores exactly what the 2-rank run measured: every test
     # sentence was predicted once (no duplicates from the sampler's padding, none missing)
     sentences = subset_sentences(data_root)
-    task, model = trainer.load_for_inference(out / "best.pt", "cpu")
-    report = evaluate([s.tags for s in sentences], task.predict_tags(model, sentences, 16, torch.device("cpu")))
+    codec, model = load_for_inference(out / "best.pt", "cpu")
+    report = evaluate([s.tags for s in sentences], predict(codec, model, sentences, 16))
     assert report.to_dict() == results["test"]
     assert not (out / "resume" / "finetune").exists()  # resume checkpoints go once the stage is done
     log = (out / "launch.log").read_text()
     micro, accum = 8, 2 if zero == 1 else 1
-    lr = load_config(REPO / "configs" / "tiny.yaml").train.lr
+    lr = load_config(REPO / "configs" / "tiny.yaml").finetune.full.optim.lr
     assert f"ZeRO stage {zero}, fp32, micro batch {micro} x accumulation {accum} x 2 ranks = global batch " \
            f"{micro * accum * 2}, lr {lr * accum * 2 if zero == 1 else lr:g}" in log
     tags = tensorboard_tags(out / "tensorboard")
@@ -166,8 +168,9 @@ def test_stage_one_of_zero3_starts_zero1_finetuning_without_launcher(launched, t
                                                                     tiny_bert):
     """Also: a new engine for each trainable set of fine-tuning (head alone, + encoder, + BERT)."""
     init = launched[3] / "contrastive" / "best.pt"
-    sets = [f"run.out_dir={tmp_path}", "distributed.config=zero1.json", *RUN, "finetune.full.optim.epochs=3",
-            "finetune.head.optim.epochs=1", "finetune.frozen_bert.optim.epochs=2", f"model.bert={tiny_bert}"]
+    phases = [f"finetune.{name}.optim.{key}={value}" for name in ("head", "frozen_bert", "full")
+              for key, value in (("epochs", 1), ("batch_size", 8))]
+    sets = [f"run.out_dir={tmp_path}", "distributed.config=zero1.json", *RUN, *phases, f"model.bert={tiny_bert}"]
     cmd = [sys.executable, "-m", "nerco_dist.cli", "train", "configs/tiny.yaml", "--stage", "finetune",
            "--init", str(init), *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(cmd, cwd=REPO, env=env(data_root), capture_output=True, text=True, timeout=300)
@@ -208,13 +211,13 @@ def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp
     kill_when(args, data_root, out / "resume" / "contrastive" / "latest.json", tmp_path / "1.log")  # mid stage 1
     assert not (out / "resume" / "contrastive.done.json").exists()
     second = kill_when(args, data_root, out / "resume" / "finetune" / "latest.json", tmp_path / "2.log")  # mid 2
-    assert re.search(r"contrastive: resuming at epoch \d+, batch \d+ \(step [1-9]", second), second[-3000:]
+    assert re.search(r"contrastive: resuming at phase 1, epoch \d+, batch \d+ \(step [1-9]", second), second[-3000:]
     assert (out / "resume" / "contrastive.done.json").exists() and not (out / "results.json").exists()
     saved = json.loads((out / "resume" / "finetune" / "latest.json").read_text())
     seconds_before_last_kill = saved["progress"]["seconds"]
     assert seconds_before_last_kill > 0
     proc = launch(args, data_root)
-    assert re.search(r"finetune: resuming at epoch \d+, batch \d+ \(step [1-9]", proc.stdout + proc.stderr)
+    assert re.search(r"finetune: resuming at phase 1, epoch \d+, batch \d+ \(step [1-9]", proc.stdout + proc.stderr)
 
     reference = launched[2]  # the same command, never interrupted
     ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, reference))
@@ -270,17 +273,17 @@ def test_dead_or_hung_rank_fails_the_others_and_nan_is_skipped_everywhere(tmp_pa
 
 
 def test_local_engine_accumulation_equals_one_step_on_the_whole_batch():
-    from nerco_dist.config import TrainConfig
+    from nerco_dist.config import OptimConfig
     from nerco_dist.train.engine import build_engine
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
-    cfg = TrainConfig(optimizer="sgd", momentum=0.0, lr=0.1, warmup=0.0, clip_value=None, batch_size=4)
+    cfg = OptimConfig(optimizer="sgd", momentum=0.0, lr=0.1, warmup=0.0, clip_value=None, batch_size=4, epochs=1)
     after = []
     for accum, chunks in ((1, [slice(0, 8)]), (2, [slice(0, 4), slice(4, 8)])):
         torch.manual_seed(1)
         model = torch.nn.Linear(3, 1)
-        engine = build_engine(model, cfg, list(model.parameters()), [], 2, 1,
+        engine = build_engine(model, cfg, list(model.parameters()), [], 2,
                               distributed=DistributedConfig(grad_accum=accum))
         for part in chunks:
             engine.backward(torch.nn.functional.mse_loss(model(x[part]), y[part]))
@@ -290,10 +293,11 @@ def test_local_engine_accumulation_equals_one_step_on_the_whole_batch():
     assert torch.allclose(after[0], after[1], atol=1e-6)
 
 
-def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root, monkeypatch):
-    real = trainer.finetune_loss
-    monkeypatch.setattr(trainer, "finetune_loss", lambda *a: real(*a) * float("nan"))
+def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root):
+    def nan_loss(phase, loss):
+        return lambda model, batch: loss(model, batch) * float("nan")
+
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run.out_dir={tmp_path}", "data.limit=40",
                                                         "distributed.max_nonfinite=3"])
     with pytest.raises(trainer.NonFiniteLoss, match="3 non-finite losses in a row"):
-        trainer.train(cfg, data_root, stage="finetune")
+        trainer.train(cfg, data_root, stage="finetune", wrap_loss=nan_loss)

@@ -16,6 +16,7 @@ def test_wheel_maps_kernels_into_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "nerco_dist/kernels/crf.py" in names and "nerco_dist/kernels/infonce.py" in names
     assert not [n for n in names if n.startswith("kernels/")]
+    assert "nerco_dist/ds_configs/zero2.json" in names  # the DeepSpeed configs travel with the package
     # a normal install of that wheel imports the kernels under the package
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -24,6 +25,12 @@ def test_wheel_maps_kernels_into_the_package(tmp_path):
                          cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, capture_output=True,
                          text=True, check=True)
     assert str(target) in out.stdout
+    # a DeepSpeed config named as in the repository is found in the installed package, from any folder
+    out = subprocess.run([sys.executable, "-c", "from nerco_dist.train.engine import resolve_ds_config as r; "
+                          "print(r('configs/ds/zero2.json')); print(r('zero3'))"], cwd=tmp_path,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(target / "nerco_dist" / "ds_configs" / f"zero{z}.json") for z in (2, 3)]
 
 
 def test_editable_install_imports_kernels_from_the_source_tree():

@@ -1,16 +1,21 @@
-"""NerCo's two stages and the paper's ablation switches, on a tiny model and real data."""
+"""NerCo's two stages, their phases and the paper's ablation switches, on a tiny model and real data.
+Losses are plugged in through ``train(..., wrap_loss=...)``."""
 
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
 
-from nerco_dist import losses
-from nerco_dist.config import load_config
-from nerco_dist.train import trainer
 from nerco_dist.checkpoint import load_checkpoint, save_checkpoint
 from nerco_dist.codec import TextCodec, read_splits
+from nerco_dist.config import load_config
+from nerco_dist.train import trainer
+from nerco_dist.train.objectives import InfoNCELoss, phase_loss
+from nerco_dist.train.phases import load_encoder, stage_phases
+from nerco_dist.train.resume import Progress
+from nerco_dist.train.run import seed_everything
 
 from .conftest import TINY
 
@@ -24,9 +29,9 @@ def tiny_config(tmp_path, *overrides):
 def initial_model(cfg, data_root):
     """The model exactly as a stage builds it before training (same seed, same data)."""
     splits = read_splits(cfg, data_root)
-    task = TextCodec.from_training_data(cfg, splits.train, data_root)
-    trainer.seed_everything(cfg.run.seed)
-    return task.build_model(data_root, seed=cfg.run.seed)
+    codec = TextCodec.for_training(cfg, splits.train, data_root)[0]
+    seed_everything(cfg.run.seed)
+    return codec.build_model(data_root, seed=cfg.run.seed)
 
 
 def split_state(state):
@@ -47,11 +52,11 @@ def test_stage_handoff_takes_encoder_and_leaves_a_fresh_head(tmp_path, data_root
     for p in stage1.parameters():
         p.data.add_(torch.randn_like(p))  # a "trained" stage-1 model: every weight differs from init
     ckpt = tmp_path / "stage1.pt"
-    task = TextCodec.from_training_data(cfg, read_splits(cfg, data_root).train, data_root)
-    save_checkpoint(ckpt, model_state=stage1.state_dict(), **task.state_dict())
+    codec = TextCodec.for_training(cfg, read_splits(cfg, data_root).train, data_root)[0]
+    save_checkpoint(ckpt, model_state=stage1.state_dict(), **codec.state_dict())
     fresh = initial_model(cfg, data_root)
     fresh_head, _, _ = split_state(fresh.state_dict())
-    trainer.load_encoder(fresh, ckpt)
+    load_encoder(fresh, ckpt)
     head, _, rest = split_state(fresh.state_dict())
     s1_head, _, s1_rest = split_state(stage1.state_dict())
     assert equal(rest, s1_rest)  # encoder from stage 1
@@ -72,8 +77,8 @@ def test_both_stages_end_to_end(tmp_path, data_root):
     assert equal(head1, head0) and not equal(rest1, rest0)
 
 
-def test_head_only_epochs_change_only_the_head(tmp_path, data_root):
-    cfg = tiny_config(tmp_path, "finetune.head.optim.epochs=1")
+def test_head_phase_changes_only_the_head(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, "finetune.head.optim.epochs=1", "finetune.full.optim.epochs=0")
     trainer.train(cfg, data_root, stage="finetune")
     head0, _, rest0 = split_state(initial_model(cfg, data_root).state_dict())
     head1, _, rest1 = split_state(load_checkpoint(tmp_path / "last.pt")["model"])
@@ -97,22 +102,47 @@ def test_baseline_switch_skips_stage_one(tmp_path, data_root):
     assert "contrastive" not in results and not (tmp_path / "contrastive").exists()
 
 
-def test_joint_switch_adds_infonce_to_the_crf_loss(tmp_path, data_root, monkeypatch):
-    calls = []
-    real = losses.semantic_class_infonce
+def record_phases(seen):
+    """A ``wrap_loss`` that notes which phase trains with which loss and leaves the loss as it is."""
+    def wrap(phase, loss):
+        seen.append((phase.name, phase.loss))
+        return loss
+    return wrap
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("non_entity_queries"))
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "semantic_class_infonce", spy)
+def test_joint_switch_trains_crf_and_infonce_in_one_stage(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true", "ablation.joint=true")
     assert trainer.default_stage(cfg) == "finetune"  # one stage
-    trainer.train(cfg, data_root)
-    assert len(calls) > 10 and not (tmp_path / "contrastive").exists()
-    calls.clear()
-    trainer.train(tiny_config(tmp_path / "plain"), data_root)
-    assert calls == []
+    seen = []
+    trainer.train(cfg, data_root, wrap_loss=record_phases(seen))
+    assert seen == [("full", "crf+infonce")] and not (tmp_path / "contrastive").exists()
+    seen.clear()
+    trainer.train(tiny_config(tmp_path / "plain"), data_root, wrap_loss=record_phases(seen))
+    assert seen == [("full", "crf")]
+
+
+def test_joint_loss_is_crf_nll_plus_weighted_infonce(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, "contrastive.enabled=true", "ablation.joint=true", "ablation.joint_weight=0.25")
+    model, batch = double_model_and_batch(cfg, data_root)
+    (phase,) = stage_phases(cfg, "finetune")
+    with torch.no_grad():
+        joint = phase_loss(cfg, phase, num_classes=int(batch["class_ids"].max()) + 1)(model, batch)
+        features = model.encode(batch)
+        nll = model.head.nll(features, batch["labels"], batch["char_mask"])
+    tokens = features[batch["char_mask"]]
+    labels = batch["class_ids"][batch["char_mask"]].tolist()
+    classes = [c for c in set(labels) - {0} if labels.count(c) >= 2]
+    infonce = sum(literal_class_term(tokens, labels, c, cfg.contrastive.temperature) for c in classes)
+    assert classes and joint.item() == pytest.approx(nll.item() + 0.25 * infonce, rel=1e-9)
+
+
+def double_model_and_batch(cfg, data_root):
+    """The tiny model in float64, eval mode (no dropout), and a batch of two training sentences."""
+    splits = read_splits(cfg, data_root)
+    codec = TextCodec.for_training(cfg, splits.train, data_root)[0]
+    pieces = codec.encoder.encode(splits.train[:2])
+    batch = next(iter(codec.batches(pieces, [list(range(len(pieces)))])))
+    return codec.build_model(data_root).double().eval(), batch
 
 
 def literal_class_term(f, labels, c, tau):
@@ -132,17 +162,13 @@ def literal_class_term(f, labels, c, tau):
 
 def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true")
-    splits = read_splits(cfg, data_root)
-    task = TextCodec.from_training_data(cfg, splits.train, data_root)
-    pieces = task.encoder.encode(splits.train[:2])
-    batch = next(iter(task.batches(pieces, [list(range(len(pieces)))])))
-    model = task.build_model(data_root).double().eval()
-    run = trainer.Run(cfg, data_root, task, splits, pieces, torch.device("cpu"), tmp_path)
+    model, batch = double_model_and_batch(cfg, data_root)
+    num_classes = int(batch["class_ids"].max()) + 1
     with torch.no_grad():
         features = model.encode(batch)
-        filtered = trainer.contrastive_loss(run, model, batch, features)
+        filtered = InfoNCELoss(cfg, num_classes, across_ranks=False)(model, batch, features)
         cfg.ablation.non_entity_queries = True
-        unfiltered = trainer.contrastive_loss(run, model, batch, features)
+        unfiltered = InfoNCELoss(cfg, num_classes, across_ranks=False)(model, batch, features)
     tokens = features[batch["char_mask"]]
     labels = batch["class_ids"][batch["char_mask"]].tolist()
     assert 0 in labels and len(set(labels)) > 2
@@ -161,9 +187,9 @@ def test_seeded_runs_repeat_exactly_on_cpu(tmp_path, data_root):
 
 def test_stage_time_is_summed_over_a_kill_and_a_resume(monkeypatch):
     clock = iter([100.0, 130.0, 500.0, 510.0])  # run 1 starts, saves; run 2 starts, finishes
-    monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
-    first = trainer.Progress()
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    first = Progress()
     assert first.elapsed() == 30.0
     saved = dataclasses.asdict(first)  # what the resume checkpoint holds
-    resumed = trainer.Progress(**saved)
+    resumed = Progress(**saved)
     assert resumed.elapsed() == 40.0  # 30 s before the kill + 10 s after; the 370 s in between not counted

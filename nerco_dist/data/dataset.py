@@ -129,8 +129,8 @@ def lexicon_matches(sentences: Sequence[Sentence], lexicon: Lexicon) -> list[lis
 
 
 def _matches_within(matches: list[Match], start: int, end: int) -> list[Match]:
-    """The matches inside characters ``[start, end)``, renumbered from ``start``: exactly what matching the
-    piece alone finds (matches are ordered by head then tail, and a word's trie walk never leaves it)."""
+    """The matches inside characters ``[start, end)``, renumbered from ``start``, in the same order: exactly
+    what matching those characters alone finds, without walking the trie again."""
     if start == 0 and all(m.tail < end for m in matches):
         return matches
     return [Match(m.head - start, m.tail - start, m.word) for m in matches if m.head >= start and m.tail < end]
@@ -185,10 +185,10 @@ class LatticeEncoder:
                                                  tags, where))
         return pieces
 
-    def _encode_piece(self, index: int, start: int, chars: list[str], matches: list[Match], tags: list[str] | None,
-                      where: str) -> Piece:
+    def _encode_piece(self, sentence_index: int, start: int, chars: list[str], matches: list[Match],
+                      tags: list[str] | None, where: str) -> Piece:
         return Piece(
-            sentence=index,
+            sentence=sentence_index,
             start=start,
             char_ids=self.vocabs.chars.lookup(chars),
             bigram_ids=self.vocabs.bigrams.lookup(char_bigrams(chars)),

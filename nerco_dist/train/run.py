@@ -53,8 +53,7 @@ class TrainingRun:
         if not dist.is_main():
             log.setLevel(logging.WARNING)
         splits = read_splits(cfg, root)
-        codec = TextCodec.from_training_data(cfg, splits.train, root)
-        pieces = codec.encoder.encode(splits.train, split_on_entities=True, source="train ")
+        codec, pieces = TextCodec.for_training(cfg, splits.train, root)
         return cls(cfg, root, codec, splits, pieces, device, Path(cfg.run.out_dir))
 
     def stage_dir(self, stage: str) -> Path:

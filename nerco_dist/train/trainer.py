@@ -155,12 +155,14 @@ def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: 
 
 
 def train_epoch(run: TrainingRun, phase: Phase, engine, batches, progress: Progress, loss_fn: LossFn,
-                resume: StageResume, scalars: Scalars) -> None:
+                resume: StageResume | None, scalars: Scalars) -> None:
     """This rank's batches of one epoch, from ``progress.batch`` on (a resumed run skips what it trained).
-    A loss that is not finite on some rank skips the step on every rank; ``max_nonfinite`` in a row abort."""
+    A loss that is not finite on some rank skips the step on every rank; ``max_nonfinite`` in a row abort.
+    ``resume``: where ``distributed.checkpoint_every`` saves (None: nowhere, as in the benchmarks)."""
     d = run.cfg.distributed
+    quiet = {} if dist.is_main() else {"disable": True}  # rank 0 leaves it to tqdm (TQDM_DISABLE=1 turns it off)
     bar = tqdm(total=len(batches), initial=progress.batch, leave=False, dynamic_ncols=True,
-               desc=f"{phase.name} {progress.epoch + 1}/{phase.optim.epochs}", disable=not dist.is_main())
+               desc=f"{phase.name} {progress.epoch + 1}/{phase.optim.epochs}", **quiet)
     meter = Throughput()
     for batch in itertools.islice(batches, progress.batch, None):
         batch = {k: v.to(run.device) for k, v in batch.items()}
@@ -182,7 +184,7 @@ def train_epoch(run: TrainingRun, phase: Phase, engine, batches, progress: Progr
         progress.step, progress.stage_step = progress.step + 1, progress.stage_step + 1
         if progress.stage_step % run.cfg.run.log_every == 0:
             log_step(phase, engine, loss_fn, mean_loss, meter, bar, scalars, progress.stage_step)
-        if d.checkpoint_every and progress.stage_step % d.checkpoint_every == 0:
+        if resume is not None and d.checkpoint_every and progress.stage_step % d.checkpoint_every == 0:
             resume.save(engine, progress)
     bar.close()
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from nerco_dist.config import DistributedConfig, load_config
 from nerco_dist import distributed as dist
-from nerco_dist.train import trainer
-from nerco_dist.train.engine import build_engine
 from nerco_dist.codec import TextCodec, read_splits
+from nerco_dist.config import DistributedConfig, OptimConfig, load_config
+from nerco_dist.train.engine import build_engine
+from nerco_dist.train.objectives import CrfLoss, InfoNCELoss
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,20 +41,12 @@ def grads_after_averaging(engine, model) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference(run, model, batch, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
+def reference(model, batch, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
     ref = copy.deepcopy(model)
-    loss = loss_fn(run, ref, batch)
+    loss = loss_fn(ref, batch)
     loss.backward()
     return loss.item(), {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
                          for n, p in ref.named_parameters() if p.requires_grad}
-
-
-def stage1_loss(run, model, batch, across_ranks=True):
-    return trainer.contrastive_loss(run, model, batch, model.encode(batch), across_ranks=across_ranks)
-
-
-def stage2_loss(run, model, batch):
-    return trainer.finetune_loss(run, model, batch, head_only=False)
 
 
 def main() -> None:
@@ -70,32 +62,29 @@ def main() -> None:
     root = Path(args.data_root)
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.max_len=40", "data.limit=40", "contrastive.enabled=true"])
     splits = read_splits(cfg, root)
-    task = TextCodec.from_training_data(cfg, splits.train, root)
-    pieces = task.encoder.encode(splits.train, split_on_entities=True)
+    codec, pieces = TextCodec.for_training(cfg, splits.train, root)
     per_rank = 4
     everything = pieces[: per_rank * W]
     mine = everything[r * per_rank : (r + 1) * per_rank]
-    collate = lambda ps: next(iter(task.batches(ps, [list(range(len(ps)))])))  # noqa: E731
+    collate = lambda ps: next(iter(codec.batches(ps, [list(range(len(ps)))])))  # noqa: E731
     global_batch, local_batch = collate(everything), collate(mine)
-    run = trainer.Run(cfg, root, task, splits, pieces, torch.device("cpu"), Path(args.out).parent)
+    num_classes = len(codec.labels.classes)
+    losses = {"contrastive": (InfoNCELoss(cfg, num_classes), InfoNCELoss(cfg, num_classes, across_ranks=False)),
+              "finetune": (CrfLoss(trains_encoder=True),) * 2}  # (this rank's, the one process's)
 
     report = {}
     for zero in [int(z) for z in args.stages.split(",")]:
         d = DistributedConfig(config=str(REPO / "configs" / "ds" / f"zero{zero}.json"))
-        for stage, loss_fn in (("contrastive", stage1_loss), ("finetune", stage2_loss)):
+        for stage, (loss_fn, reference_loss) in losses.items():
             torch.manual_seed(0)
-            model = task.build_model(root, seed=0).eval()  # no dropout: both sides compute the same function
+            model = codec.build_model(root, seed=0).eval()  # no dropout: both sides compute the same function
             params = model.encoder_parameters() + (list(model.head.parameters()) if stage == "finetune" else [])
             for p in model.parameters():
                 p.requires_grad_(any(p is q for q in params))
-            if stage == "contrastive":
-                ref_loss, ref_grads = reference(run, model, global_batch, lambda *a: stage1_loss(*a, across_ranks=False))
-            else:
-                ref_loss, ref_grads = reference(run, model, global_batch, loss_fn)
-            train_cfg = copy.copy(cfg.train)
-            train_cfg.optimizer, train_cfg.batch_size = "sgd", per_rank
-            engine = build_engine(model, train_cfg, params, [], 1, 1, distributed=d, device=torch.device("cpu"))
-            loss = engine.forward(lambda: loss_fn(run, model, local_batch))
+            ref_loss, ref_grads = reference(model, global_batch, reference_loss)
+            optim = OptimConfig(optimizer="sgd", batch_size=per_rank, epochs=1)
+            engine = build_engine(model, optim, params, [], 1, distributed=d, device=torch.device("cpu"))
+            loss = engine.forward(lambda: loss_fn(model, local_batch))
             engine.backward(loss)
             grads = grads_after_averaging(engine, model)
             (loss_sum,) = dist.sum_over_ranks([loss.item()])

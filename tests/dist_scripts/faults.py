@@ -13,33 +13,32 @@ import os
 import sys
 import time
 
-from nerco_dist.cli import main
 from nerco_dist import distributed as dist
-from nerco_dist.train import trainer
+from nerco_dist.cli import main
 
 
-def inject(mode: str, at: int) -> None:
-    real = trainer.finetune_loss
+def fault(mode: str, at: int):
+    """A ``wrap_loss`` for ``nerco train`` that injects ``mode`` on rank 1 at its ``at``-th batch."""
     calls = 0
 
-    def faulty(run, model, batch, head_only):
-        nonlocal calls
-        calls += 1
-        loss = real(run, model, batch, head_only)
-        if dist.rank() == 1 and calls == at:
-            if mode == "die":
-                os._exit(17)
-            if mode == "hang":
-                time.sleep(3600)
-            if mode == "nan":
-                return loss * float("nan")
-        return loss
-
-    trainer.finetune_loss = faulty
+    def wrap(phase, loss):
+        def faulty(model, batch):
+            nonlocal calls
+            calls += 1
+            value = loss(model, batch)
+            if dist.rank() == 1 and calls == at:
+                if mode == "die":
+                    os._exit(17)
+                if mode == "hang":
+                    time.sleep(3600)
+                if mode == "nan":
+                    return value * float("nan")
+            return value
+        return faulty
+    return wrap
 
 
 if __name__ == "__main__":
     mode, at, sep, *argv = sys.argv[1:]
     assert sep == "--"
-    inject(mode, int(at))
-    sys.exit(main(argv))
+    sys.exit(main(argv, wrap_loss=fault(mode, int(at))))

@@ -1,0 +1,82 @@
+"""Phases of a stage: what the next phase starts from, and a run killed inside a later phase resuming there
+exactly. Losses are observed and altered through ``train(..., wrap_loss=...)``."""
+
+import json
+
+import pytest
+import torch
+
+from nerco_dist.checkpoint import load_checkpoint
+from nerco_dist.config import load_config
+from nerco_dist.train.run import TrainingRun
+from nerco_dist.train.trainer import train
+
+from .conftest import TINY
+
+FIRST = "frozen_bert"  # the first of two phases: encoder + head (the tiny model has no BERT), then full
+PHASES = ["data.max_len=40", f"finetune.{FIRST}.optim.epochs=3", f"finetune.{FIRST}.optim.optimizer=adamw",
+          f"finetune.{FIRST}.optim.lr=0.01", f"finetune.{FIRST}.optim.batch_size=8", "finetune.full.optim.epochs=2"]
+
+
+def config(out, *overrides):
+    return load_config(TINY, PHASES + [f"run.out_dir={out}", *overrides])
+
+
+def batches_per_epoch(cfg, data_root, phase=FIRST) -> int:
+    return len(TrainingRun.start(cfg, data_root).train_batches(getattr(cfg.finetune, phase).optim.batch_size))
+
+
+@pytest.mark.parametrize("hand_off", ["best", "last"])
+def test_next_phase_starts_from_the_stage_best_or_the_last_weights(tmp_path, data_root, hand_off):
+    cfg = config(tmp_path, f"finetune.{FIRST}.hand_off={hand_off}")
+    per_epoch = batches_per_epoch(cfg, data_root)
+    out, calls, seen = tmp_path, {FIRST: 0}, {}
+
+    def wrap(phase, loss):
+        def wrapped(model, batch):
+            if phase.name == FIRST:
+                calls[FIRST] += 1  # the last epoch climbs the loss: the phase's last weights are not the best
+                return loss(model, batch) * (-1.0 if calls[FIRST] > 2 * per_epoch else 1.0)
+            if not seen:  # the first batch of the next phase, before any step
+                seen.update(model={k: v.detach().clone() for k, v in model.state_dict().items()},
+                            best=load_checkpoint(out / "best.pt"), last=load_checkpoint(out / "last.pt"))
+            return loss(model, batch)
+        return wrapped
+
+    train(cfg, data_root, wrap_loss=wrap)
+    best, last = seen["best"], seen["last"]
+    assert best["phase"] == last["phase"] == FIRST and best["epoch"] < 3 and last["epoch"] == 3
+    assert last["dev"]["f1"] < best["dev"]["f1"]
+    expected = best if hand_off == "best" else last
+    assert all(torch.equal(seen["model"][k], v) for k, v in expected["model"].items())
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_killed_inside_the_second_phase_resumes_there_and_ends_like_an_uninterrupted_run(tmp_path, data_root):
+    sets = ["distributed.checkpoint_every=1"]
+    reference = train(config(tmp_path / "reference", *sets), data_root)
+    cfg = config(tmp_path / "run", *sets)
+    stop_at = batches_per_epoch(cfg, data_root, "full") + 3  # the second epoch of the full phase
+    calls = 0
+
+    def wrap(phase, loss):
+        def wrapped(model, batch):
+            nonlocal calls
+            calls += phase.name == "full"
+            if calls == stop_at:
+                raise Interrupted
+            return loss(model, batch)
+        return wrapped
+
+    with pytest.raises(Interrupted):
+        train(cfg, data_root, wrap_loss=wrap)
+    latest = json.loads((tmp_path / "run" / "resume" / "finetune" / "latest.json").read_text())["progress"]
+    assert (latest["phase"], latest["epoch"], latest["batch"]) == (1, 1, 2)
+    resumed = train(cfg, data_root)
+    assert resumed["test"] == reference["test"] and resumed["best_epoch"] == reference["best_epoch"]
+    for name in ("best.pt", "last.pt"):
+        a, b = (load_checkpoint(d / name)["model"] for d in (tmp_path / "run", tmp_path / "reference"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -42,14 +42,22 @@ def _lse_tile(x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _crf_forward_kernel(em, s_eb, s_el, tags, s_tb, s_tl, lengths, start, end, trans,
-                        alpha, dlog, llh, L, T, TP: tl.constexpr):
+def _sequence(lengths, trans, T, TP: tl.constexpr):
+    """This program's sequence: its index and length, the tag ranges (rows i, columns j, valid columns) and
+    the transition matrix padded to TP x TP."""
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(lengths + b)
     i = tl.arange(0, TP)
     j = tl.arange(0, TP)
     on = j < T
     tr = tl.load(trans + i[:, None] * T + j[None, :], mask=(i[:, None] < T) & on[None, :], other=PAD)
+    return b, n, i, j, on, tr
+
+
+@triton.jit
+def _crf_forward_kernel(em, s_eb, s_el, tags, s_tb, s_tl, lengths, start, end, trans,
+                        alpha, dlog, llh, L, T, TP: tl.constexpr):
+    b, n, i, j, on, tr = _sequence(lengths, trans, T, TP)
     end_t = tl.load(end + j, mask=on, other=PAD)
     em_b = em + b * s_eb
     tags_b = tags + b * s_tb
@@ -142,12 +150,7 @@ def _crf_backward_kernel(em, s_eb, s_el, tags, s_tb, s_tl, lengths, end, trans, 
 
 @triton.jit
 def _crf_viterbi_kernel(em, s_eb, s_el, lengths, start, end, trans, bp, path, s_pb, L, T, TP: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    n = tl.load(lengths + b)
-    i = tl.arange(0, TP)
-    j = tl.arange(0, TP)
-    on = j < T
-    tr = tl.load(trans + i[:, None] * T + j[None, :], mask=(i[:, None] < T) & on[None, :], other=PAD)
+    b, n, i, j, on, tr = _sequence(lengths, trans, T, TP)
     em_b = em + b * s_eb
     bp_b = bp + b * L * T
 
@@ -187,21 +190,12 @@ class _TritonLogLikelihood(torch.autograd.Function):
         dlog = emissions.new_empty((B, L), dtype=torch.float32)
         llh = emissions.new_empty((B,), dtype=torch.float32)
         _crf_forward_kernel[(B,)](
-            emissions,
-            emissions.stride(0),
-            emissions.stride(1),
-            tags,
-            tags.stride(0),
-            tags.stride(1),
-            lengths,
-            start,
-            end,
-            transitions,
-            alpha,
-            dlog,
+            emissions, emissions.stride(0), emissions.stride(1),
+            tags, tags.stride(0), tags.stride(1),
+            lengths, start, end, transitions,
+            alpha, dlog,
             llh,
-            L,
-            T,
+            L, T,
             TP=tp,
             num_warps=warps,
         )
@@ -218,26 +212,16 @@ class _TritonLogLikelihood(torch.autograd.Function):
         g_end = alpha.new_empty((B, T))
         g_trans = alpha.new_empty((B, T, T))
         _crf_backward_kernel[(B,)](
-            emissions,
-            emissions.stride(0),
-            emissions.stride(1),
-            tags,
-            tags.stride(0),
-            tags.stride(1),
-            lengths,
-            end,
-            transitions,
-            alpha,
-            dlog,
+            emissions, emissions.stride(0), emissions.stride(1),
+            tags, tags.stride(0), tags.stride(1),
+            lengths, end, transitions,
+            alpha, dlog,
             grad_llh.float().contiguous(),
-            g_em,
-            g_em.stride(0),
-            g_em.stride(1),
+            g_em, g_em.stride(0), g_em.stride(1),
             g_start,
             g_end,
             g_trans,
-            L,
-            T,
+            L, T,
             TP=tp,
             num_warps=warps,
         )
@@ -259,9 +243,7 @@ def triton_viterbi(emissions, lengths, start, end, transitions, pad: int) -> tor
     backpointers = emissions.new_empty((B, L, T), dtype=torch.int8)
     path = torch.full((B, L), pad, dtype=torch.long, device=emissions.device)
     _crf_viterbi_kernel[(B,)](
-        emissions,
-        emissions.stride(0),
-        emissions.stride(1),
+        emissions, emissions.stride(0), emissions.stride(1),
         lengths,
         start,
         end,
@@ -269,8 +251,7 @@ def triton_viterbi(emissions, lengths, start, end, transitions, pad: int) -> tor
         backpointers,
         path,
         path.stride(0),
-        L,
-        T,
+        L, T,
         TP=tp,
         num_warps=warps,
     )

@@ -86,16 +86,24 @@ def _split(n_iter):
 
 
 @triton.jit
-def _lse_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, LSE_PART,
-                n_q, n_k, d, stride_q, stride_k, scale2,
-                D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """Base-2 log-sum-exp of each query's negative logits over this program's split of the key blocks."""
+def _query_block(Q, q_idx, q_r, q_cls, n_q, d, stride_q, scale2, BLOCK_M: tl.constexpr, D_A: tl.constexpr,
+                 D_B: tl.constexpr):
+    """This program's block of query rows: their mask, classes, scaled inverse norms and raw features."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_q
     cls = tl.load(q_cls + rows, mask=rmask, other=-1)
     rq = tl.load(q_r + rows, mask=rmask, other=0.0) * scale2
     qa, qb = _load_rows(Q, q_idx, rows, n_q, stride_q, d, D_A, D_B)
+    return rows, rmask, cls, rq, qa, qb
+
+
+@triton.jit
+def _lse_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, LSE_PART,
+                n_q, n_k, d, stride_q, stride_k, scale2,
+                D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Base-2 log-sum-exp of each query's negative logits over this program's split of the key blocks."""
+    rows, rmask, cls, rq, qa, qb = _query_block(Q, q_idx, q_r, q_cls, n_q, d, stride_q, scale2, BLOCK_M, D_A, D_B)
     skip_at, skip_len, n_neg, _, _ = _column_ranges(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
     t0, t1 = _split(n_neg)
     m = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a row with no negative in a tile stays NaN-free
@@ -121,13 +129,9 @@ def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_se
                 D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Per query, over its positives: w * sum softplus(LSE - a) (its loss) and w * sum sigmoid(LSE - a) (g)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_q
-    cls = tl.load(q_cls + rows, mask=rmask, other=-1)
-    rq = tl.load(q_r + rows, mask=rmask, other=0.0) * scale2
+    rows, rmask, cls, rq, qa, qb = _query_block(Q, q_idx, q_r, q_cls, n_q, d, stride_q, scale2, BLOCK_M, D_A, D_B)
     me = tl.load(q_self + rows, mask=rmask, other=-1)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    qa, qb = _load_rows(Q, q_idx, rows, n_q, stride_q, d, D_A, D_B)
     _, _, _, pos_first, n_pos = _column_ranges(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
     t0, t1 = _split(n_pos)
     sp = tl.zeros([BLOCK_M], tl.float32)
@@ -248,10 +252,11 @@ def _sort_by_class(selection: QuerySelection) -> _SortedClasses:
 
 
 # (largest bytes per row, (block_rows, block_cols, num_warps, num_stages)): picked by compiling for sm_90
-# on a CPU-only machine (ptxas -v), for no register spill and shared memory well under 227 KiB; not yet
-# timed on a GPU. fp32 with IEEE products has its own tables: its tl.dot is FMA-based, and the (128, 64)
-# forward tiles that suit tensor cores spill about 27 KB per thread there. Its backward spills at every
-# configuration tried (from about 0.3 KB at d = 160 to 2.8 KB at d = 1000 with the ones below).
+# on a CPU-only machine (ptxas -v, see test_compiles_for_hopper); not yet timed on a GPU. The forward ones do
+# not spill registers; fp32 with IEEE products has its own, as its tl.dot is FMA-based (the (128, 64) tiles
+# that suit tensor cores spill about 27 KB per thread there). The backward ones fit shared memory but spill a
+# little at some sizes (148 B for bf16, d = 160, keys as rows), the IEEE ones at every configuration tried
+# (0.4 KB at d = 160 to 2.8 KB at d = 1000 with these; 17 KB at d = 768 with the tensor-core ones).
 _FWD_CONFIGS = ((512, (128, 64, 8, 3)), (640, (128, 64, 8, 2)), (1024, (64, 64, 8, 2)), (1536, (64, 32, 8, 2)),
                 (3072, (16, 32, 4, 1)), (None, (16, 32, 8, 1)))
 _BWD_CONFIGS = ((384, (64, 64, 8, 2)), (512, (32, 32, 8, 2)), (1536, (16, 64, 8, 1)), (3072, (16, 32, 8, 1)),
@@ -271,7 +276,7 @@ def _config(d: int, elem_size: int, precision: str, interpret: bool):
     if interpret:
         return d_a, d_b, (16, 16, 4, 1), (16, 16, 4, 1)
     row_bytes = (d_a + d_b) * elem_size
-    ieee = elem_size == 4 and precision == "ieee"
+    ieee = precision == "ieee"  # only fp32 inputs get it
     fwd_configs, bwd_configs = (_IEEE_FWD_CONFIGS, _IEEE_BWD_CONFIGS) if ieee else (_FWD_CONFIGS, _BWD_CONFIGS)
     fwd = next(cfg for limit, cfg in fwd_configs if limit is None or row_bytes <= limit)
     bwd = next(cfg for limit, cfg in bwd_configs if limit is None or row_bytes <= limit)
@@ -331,13 +336,11 @@ def _grad_sweep(ctx, go: torch.Tensor, query_rows: bool) -> torch.Tensor:
         LOG2E / ctx.temperature,
         1.0 / ctx.temperature,
         QUERY_ROWS=query_rows,
-        D_A=d_a,
-        D_B=d_b,
+        D_A=d_a, D_B=d_b,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         PRECISION=ctx.precision,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     return part[0] if s == 1 else part.sum(0).to(x.dtype)
 
@@ -357,64 +360,33 @@ class _SemanticInfoNCE(torch.autograd.Function):
 
         lse_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
         _lse_kernel[(n_qb, s)](
-            features,
-            keys,
-            q.idx,
-            k.idx,
-            q_r,
-            k_r,
-            q.cls,
-            k.cls,
-            k.start,
-            k.end,
+            features, keys,
+            q.idx, k.idx, q_r, k_r,
+            q.cls, k.cls,
+            k.start, k.end,
             lse_part,
-            n_q,
-            n_k,
-            d,
-            features.stride(0),
-            keys.stride(0),
-            LOG2E / temperature,
-            D_A=d_a,
-            D_B=d_b,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
+            n_q, n_k, d, features.stride(0), keys.stride(0), LOG2E / temperature,
+            D_A=d_a, D_B=d_b,
+            BLOCK_M=block_m, BLOCK_N=block_n,
             PRECISION=precision,
-            num_warps=warps,
-            num_stages=stages,
+            num_warps=warps, num_stages=stages,
         )
         lse = torch.logsumexp(lse_part * LN2, 0) * LOG2E if s > 1 else lse_part[0]
 
         loss_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
         g_part = torch.empty_like(loss_part)
         _pos_kernel[(n_qb, s)](
-            features,
-            keys,
-            q.idx,
-            k.idx,
-            q_r,
-            k_r,
-            q.cls,
-            k.cls,
-            k.start,
-            k.end,
-            sides.q_self,
-            sides.q_weight,
-            lse,
-            loss_part,
-            g_part,
-            n_q,
-            n_k,
-            d,
-            features.stride(0),
-            keys.stride(0),
-            LOG2E / temperature,
-            D_A=d_a,
-            D_B=d_b,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
+            features, keys,
+            q.idx, k.idx, q_r, k_r,
+            q.cls, k.cls,
+            k.start, k.end,
+            sides.q_self, sides.q_weight,
+            lse, loss_part, g_part,
+            n_q, n_k, d, features.stride(0), keys.stride(0), LOG2E / temperature,
+            D_A=d_a, D_B=d_b,
+            BLOCK_M=block_m, BLOCK_N=block_n,
             PRECISION=precision,
-            num_warps=warps,
-            num_stages=stages,
+            num_warps=warps, num_stages=stages,
         )
 
         ctx.save_for_backward(features, keys, q_r, k_r, lse, g_part.sum(0))

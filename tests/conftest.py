@@ -1,14 +1,17 @@
-"""Test setup: Triton kernels run in the interpreter on CPU tensors; corpora are read from the data root."""
+"""Test setup: without CUDA, Triton kernels run in the interpreter on CPU tensors (with CUDA they compile,
+for ``pytest -m gpu``); corpora are read from the data root."""
 import os
 import shutil
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit launch
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a @triton.jit kernel is defined
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 # One intra-op thread: the tests' tensors are small, and on a shared 2-core machine extra OpenMP threads
 # spin against each other (training epochs ran several times slower with 2 threads than with 1 under load).

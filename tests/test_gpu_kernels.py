@@ -1,8 +1,8 @@
 """The Triton kernels compiled for the GPU, on GPU-sized inputs and in every dtype they take (bf16 included,
 which the interpreter gets wrong), against float64 references. Marked ``gpu`` and skipped without CUDA.
 
-The tests run compiled kernels: tests/conftest.py turns the interpreter on unless told otherwise, so run
-them as ``TRITON_INTERPRET=0 python -m pytest -m gpu``.
+The tests run compiled kernels: tests/conftest.py turns the interpreter on only where there is no CUDA, so
+``python -m pytest -m gpu`` on a GPU machine runs them compiled (TRITON_INTERPRET=1 set by hand skips them).
 """
 
 import itertools
@@ -24,7 +24,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:where received a uint8 condition:UserWarning"),  # pytorch-crf
 ]
 
-F64 = torch.float64
 CUDA = "cuda"
 # (dtype, input precision of fp32 products): fp16/bf16 products always run on tensor cores
 PRECISIONS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")]

@@ -1,6 +1,9 @@
 """Dense torch path of the semantic-class InfoNCE against a literal transcription of the formula."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -282,3 +285,22 @@ def test_contrastive_loss_across_ranks(tmp_path, labels):
     # the gather's backward sums the ranks' key gradients in fp32
     torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), 2 * x.grad, rtol=1e-6, atol=1e-6)
     assert ranks[0]["stats"] == ranks[1]["stats"] == batch_selection(labels, num_classes=5).stats()
+
+
+WITHOUT_TRITON = textwrap.dedent("""
+    import sys
+    sys.modules["triton"] = None  # every import of triton fails from here on
+    import torch
+    from nerco_dist.losses import contrastive_loss
+
+    x = torch.randn(6, 4, requires_grad=True)
+    loss, selection = contrastive_loss(x, torch.tensor([0, 1, 1, 2, 2, 0]), temperature=0.1, num_classes=3)
+    loss.backward()
+    assert selection.num_queries == 4 and x.grad.abs().max() > 0
+""")
+
+
+def test_torch_path_needs_no_triton():
+    """The query selection and the dense loss import and run where Triton is not installed."""
+    r = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

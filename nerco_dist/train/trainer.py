@@ -123,6 +123,7 @@ def phase_engine(run: TrainingRun, phase: Phase, model: NerTagger, step: int):
 def hand_off(run: TrainingRun, phase: Phase, next_phase: Phase, engine, progress: Progress):
     """The next phase's engine, on a fresh model with this phase's last weights or the stage's best."""
     if phase.hand_off == "best":
+        dist.barrier()  # rank 0 has written best.pt
         weights = load_checkpoint(run.stage_dir(phase.stage) / "best.pt")["model"]
     else:
         weights = engine.full_state_dict()
@@ -139,7 +140,8 @@ def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: 
     """The phase's epochs from where ``progress`` stands, each scored on dev; stops early after ``patience``
     epochs without a better dev score than the stage's best."""
     batches = run.train_batches(phase.optim.batch_size)
-    log.info("%s phase %r: %d batches per epoch and rank, lr %g", phase.stage, phase.name, len(batches), engine.lr)
+    log.info("%s phase %r: its own %s optimizer (lr %g, warmup over %g of its steps), %d batches per epoch and "
+             "rank", phase.stage, phase.name, phase.optim.optimizer, phase.optim.lr, phase.optim.warmup, len(batches))
     while progress.epoch < phase.optim.epochs and not phase.stopped(progress.stale):
         batches.sampler.set_epoch(progress.epochs_done)
         engine.model.train()

@@ -88,6 +88,23 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vectors(args: argparse.Namespace) -> int:
+    from .codec import lexicon_reference
+    from .config import data_root, resolve_data_path
+    from .data.lexicon import Lexicon
+    from .data.vectors import build_vectors, check_options
+
+    check_options(args.dim, args.epochs, args.min_count, args.window)
+    root = data_root(args.data_root)
+    written = build_vectors([resolve_data_path(p, root) for p in args.raw],
+                            [resolve_data_path(p, root) for p in args.corpus],
+                            Lexicon.load(lexicon_reference(args.lexicon, root)), Path(args.out), dim=args.dim,
+                            epochs=args.epochs, min_count=args.min_count, window=args.window, seed=args.seed,
+                            kinds=args.kinds)
+    print("wrote " + ", ".join(map(str, written.values())))
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from .eval.analyze import analyze
 
@@ -106,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_vectors(sub)
     _add_inference(sub)
     return parser
 
@@ -123,6 +141,25 @@ def _add_train(sub) -> None:
                    help="start afresh instead of continuing from the resume checkpoints in run.out_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
+
+
+def _add_vectors(sub) -> None:
+    from .data.vectors import KINDS
+
+    p = sub.add_parser("vectors", help="train character, bigram and word vectors (word2vec text files)")
+    p.add_argument("out", help="folder for char.vec, bigram.vec, word.vec")
+    p.add_argument("--raw", action="append", default=[], help="raw text file, one paragraph per line (repeatable)")
+    p.add_argument("--corpus", action="append", default=[],
+                   help="labelled TRAINING split whose characters are added (repeatable; never a test split)")
+    p.add_argument("--lexicon", help="segments the words: as data.lexicon (default jieba; a+b: a union)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--dim", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--min-count", type=int, default=1)
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--data-root", help="root of relative --raw/--corpus/--lexicon paths")
+    p.set_defaults(func=_vectors)
 
 
 def _add_inference(sub) -> None:

@@ -14,7 +14,7 @@ import torch
 from .config import Config, resolve_data_path
 from .model.config import ModelConfig
 from .data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split, lexicon_matches
-from .data.lexicon import Lexicon
+from .data.lexicon import JIEBA, Lexicon
 from .data.readers import Sentence, read_corpus
 from .data.vocab import embedding_matrix
 from .errors import InputError
@@ -31,6 +31,12 @@ def read_bert_vocab(bert_dir: str) -> dict[str, int]:
                                "model.bert at that directory; nothing is downloaded at run time")
     with open(path, encoding="utf-8") as f:
         return {line.rstrip("\n"): i for i, line in enumerate(f)}
+
+
+def lexicon_reference(config_value: str | None, root: Path) -> str:
+    """``data.lexicon`` with each file of a ``a+b`` union under the data root (``jieba`` stays as it is)."""
+    parts = (config_value or JIEBA).split("+")
+    return "+".join(p if p == JIEBA else str(resolve_data_path(p, root)) for p in parts)
 
 
 @dataclass
@@ -69,7 +75,7 @@ class TextCodec:
     def for_training(cls, cfg: Config, train: Sequence[Sentence], root: Path) -> tuple["TextCodec", list[Piece]]:
         """A codec built from the training split, and that split encoded (cut so that no entity is split);
         each sentence is matched against the lexicon once, for the vocabulary and the lattice alike."""
-        lexicon = Lexicon.load(str(resolve_data_path(cfg.data.lexicon, root)) if cfg.data.lexicon else None)
+        lexicon = Lexicon.load(lexicon_reference(cfg.data.lexicon, root))
         matches = lexicon_matches(train, lexicon)
         vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq, matches=matches)
         labels = LabelSet.from_sentences(train)

@@ -32,7 +32,7 @@ class DataConfig:
     format: str = "auto"  # auto | conll | weibo | cluener
     dev_fraction: float = 0.05
     max_len: int = 200  # characters per model input; longer sentences are cut into pieces
-    lexicon: str | None = None  # None: jieba's dictionary; else a word list or word2vec file
+    lexicon: str | None = None  # None: jieba's dictionary; else a word list or word2vec file; a+b: their union
     char_vectors: str | None = None
     bigram_vectors: str | None = None
     word_vectors: str | None = None

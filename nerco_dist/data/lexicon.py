@@ -8,6 +8,7 @@ string that is neither a word nor a prefix.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -55,20 +56,24 @@ class Lexicon:
     @classmethod
     def load(cls, reference: str | None) -> "Lexicon":
         """``None`` or ``'jieba'``: jieba's bundled dictionary; otherwise a file of one word per line or a
-        word2vec text file (the first field of each line is the word)."""
-        if reference in (None, JIEBA):
-            import jieba
-
-            path = Path(jieba.__file__).parent / "dict.txt"
-            return cls(_first_fields(path), source=JIEBA)
-        path = Path(reference)
-        return cls(_first_fields(path, skip_word2vec_header=True), source=str(path))
+        word2vec text file (the first field of each line is the word); ``a+b+...``: the union of several."""
+        parts = (reference or JIEBA).split("+")
+        words = itertools.chain.from_iterable(_words_of(part) for part in parts)
+        return cls(words, source=reference or JIEBA)
 
     @property
     def fingerprint(self) -> str:
         """A short hash of the word list, stored in checkpoints to detect a changed lexicon file."""
         digest = hashlib.sha1("\n".join(sorted(self.words)).encode("utf-8")).hexdigest()
         return digest[:16]
+
+
+def _words_of(reference: str) -> Iterator[str]:
+    if reference == JIEBA:
+        import jieba
+
+        return _first_fields(Path(jieba.__file__).parent / "dict.txt")
+    return _first_fields(Path(reference), skip_word2vec_header=True)
 
 
 def _first_fields(path: Path, skip_word2vec_header: bool = False) -> Iterator[str]:

@@ -1,0 +1,96 @@
+"""``nerco vectors``: word2vec character, bigram and word vectors from raw text, read back by the configs'
+reader; word2vec files with and without their header line; the lexicon union."""
+
+import random
+
+import numpy as np
+import pytest
+
+from nerco_dist.cli import main
+from nerco_dist.data.dataset import char_bigrams
+from nerco_dist.data.lexicon import Lexicon, read_word2vec
+from nerco_dist.data.vectors import segment
+from nerco_dist.data.vocab import Vocabulary, embedding_matrix
+
+PAIR = "甲乙"  # interchangeable: each stands, at random, in the same planted context 山_水
+
+
+def planted_text(path, lines=600, seed=0):
+    """Random characters from a small alphabet, with 山甲水 or 山乙水 planted in every line."""
+    rng = random.Random(seed)
+    alphabet = list("天地人你我他火木金土日月星云风雨")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(lines):
+            chars = [rng.choice(alphabet) for _ in range(12)]
+            at = rng.randrange(len(chars))
+            f.write("".join(chars[:at]) + "山" + rng.choice(PAIR) + "水" + "".join(chars[at:]) + "\n")
+    return path
+
+
+def cosine(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_vectors_are_written_read_back_and_put_the_planted_pair_together(tmp_path):
+    raw = planted_text(tmp_path / "raw.txt")
+    lexicon = tmp_path / "words.txt"
+    lexicon.write_text("山甲水\n天地\n", encoding="utf-8")
+    out = tmp_path / "vec"
+    assert main(["vectors", str(out), "--raw", str(raw), "--lexicon", str(lexicon), "--dim", "16", "--epochs", "20",
+                 "--window", "1"]) == 0
+    index, vectors = read_word2vec(out / "char.vec")
+    others = [c for c in index if c not in PAIR + "山水"]  # the random characters: chance
+    together = cosine(vectors[index["甲"]], vectors[index["乙"]])
+    assert together > max(cosine(vectors[index["甲"]], vectors[index[c]]) for c in others)
+    bigrams, _ = read_word2vec(out / "bigram.vec")
+    lines = raw.read_text(encoding="utf-8").split()
+    assert set(bigrams) == {b for line in lines for b in char_bigrams(list(line))} and "山甲" in bigrams
+    words, _ = read_word2vec(out / "word.vec")
+    assert "山甲水" in words and "乙" in words and "甲" not in words  # 山甲水 is a word of the lexicon, 山乙水 not
+    # what a config's data.char_vectors reads: the file's rows for the vocabulary's tokens
+    vocab = Vocabulary(["甲", "乙", "未"])
+    matrix = embedding_matrix(vocab, 16, str(out / "char.vec"), np.random.default_rng(0))
+    assert np.array_equal(matrix[vocab["甲"]], vectors[index["甲"]]) and not matrix[0].any()
+
+
+def test_forward_maximum_matching():
+    lexicon = Lexicon(["南京", "南京市", "市长", "长江", "长江大桥", "大桥"])
+    assert segment(list("南京市长江大桥"), lexicon) == ["南京市", "长江大桥"]
+    assert segment(list("我在南京"), lexicon) == ["我", "在", "南京"]
+
+
+def test_headered_and_headerless_word2vec_files_read_the_same(tmp_path):
+    rows = "南京 0.1 0.2 0.3\n长江 -1 0.5 2\n"
+    headered, headerless = tmp_path / "a.vec", tmp_path / "b.vec"
+    headered.write_text("2 3\n" + rows, encoding="utf-8")
+    headerless.write_text(rows, encoding="utf-8")
+    (index_a, a), (index_b, b) = read_word2vec(headered), read_word2vec(headerless)
+    assert index_a == index_b == {"南京": 0, "长江": 1}
+    assert np.array_equal(a, b) and a.dtype == np.float32
+    assert np.allclose(b, [[0.1, 0.2, 0.3], [-1, 0.5, 2]])
+
+
+def test_a_union_of_lexicons_has_the_words_of_each(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("南京\n长江\n", encoding="utf-8")
+    b.write_text("长江\n大桥\n", encoding="utf-8")
+    union = Lexicon.load(f"{a}+{b}")
+    assert union.words == {"南京", "长江", "大桥"} and union.source == f"{a}+{b}"
+    with_jieba = Lexicon.load(f"jieba+{a}")
+    assert {"南京", "长江"} <= with_jieba.words and len(with_jieba) > len(Lexicon.load("jieba")) - 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dim", "0"], "--dim=0"),
+    (["--raw", "missing.txt"], "raw text file not found"),
+])
+def test_bad_options_and_inputs_are_refused(tmp_path, capsys, args, message):
+    assert main(["vectors", str(tmp_path / "out"), "--data-root", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_undecodable_line_is_named(tmp_path, capsys):
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes("好的\n".encode() + b"\xff\xfe\n")
+    assert main(["vectors", str(tmp_path / "out"), "--raw", str(raw)]) == 2
+    assert f"{raw}:2: not valid UTF-8" in capsys.readouterr().err

@@ -13,17 +13,25 @@ Finished runs (results.json present) are reused, so an interrupted sweep continu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from nerco_dist.atomic import write_json, write_text
+from nerco_dist.codec import read_splits
 from nerco_dist.config import data_root, load_config, resolve_data_path
+from nerco_dist.data.dataset import LengthBucketBatchSampler
 from nerco_dist.distributed import device_for_rank
 from nerco_dist.eval.analyze import analyze
+from nerco_dist.eval.metrics import mentions, scores_by_seen
+from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.machine import machine_info
+from nerco_dist.train.objectives import InfoNCELoss, mean_dev_infonce
 from nerco_dist.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +55,35 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path) -> dict:
     results = train(cfg, root)
     stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
     results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
+    results["diagnostics"] = diagnostics(cfg, root, out)
     write_json(out / "results.json", results)
     return results
+
+
+def diagnostics(cfg, root: Path, out: Path) -> dict:
+    """Test scores over the mentions seen and unseen in training, and the dev InfoNCE of the encoder's
+    features: the final model's, and for NerCo the stage-1 encoder's (does fine-tuning erase the structure?)."""
+    splits = read_splits(cfg, root)
+    codec, model = load_for_inference(out / "best.pt", "cpu")
+    seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
+    pred = predict(codec, model, splits.test, cfg.run.eval_batch_size)
+    by_seen = scores_by_seen([s.chars for s in splits.test], [s.tags for s in splits.test], pred, seen)
+    pieces = codec.encoder.encode(splits.dev, split_on_entities=True)
+    dev = codec.batches(pieces, LengthBucketBatchSampler([p.lattice_len for p in pieces], 32, shuffle=False))
+    loss = InfoNCELoss(cfg, len(codec.labels.classes), across_ranks=False)
+    infonce = {"final model": mean_dev_infonce(loss, model, dev, torch.device("cpu"))}
+    if (out / "contrastive" / "best.pt").is_file():
+        infonce["after stage 1"] = mean_dev_infonce(loss, load_for_inference(out / "contrastive" / "best.pt", "cpu")[1],
+                                                    dev, torch.device("cpu"))
+    return dict(test_by_seen_mention=by_seen, dev_infonce=infonce)
+
+
+def input_checksums(cfg, root: Path) -> dict[str, str]:
+    """sha256 of the vector and lexicon files a config reads (generated files are not committed)."""
+    d = cfg.data
+    files = [d.char_vectors, d.bigram_vectors, d.word_vectors] + (d.lexicon or "").split("+")
+    paths = [resolve_data_path(f, root) for f in files if f and f != "jieba"]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
 def mean_std(values: list[float]) -> str:
@@ -67,6 +102,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
     parser.add_argument("--data-root")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--name", help="results file stem (default nerco_vs_baseline_CORPUS[_systems][_tag])")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     root = data_root(args.data_root)
@@ -74,16 +110,19 @@ def main() -> None:
     runs = Path(args.runs) / args.corpus
     scores: dict[str, list[dict]] = {name: [] for name in systems}
     wall: dict[str, list[float]] = {name: [] for name in systems}
+    diags: dict[str, list[dict | None]] = {name: [] for name in systems}
     for seed in args.seeds:
         for name, (config, switches) in systems.items():
             res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / f"{name}_seed{seed}", root)
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
+            diags[name].append(res.get("diagnostics"))
 
     results = Path(args.results)
     tag = [args.tag] if args.tag else []
-    stem = "_".join([f"nerco_vs_baseline_{args.corpus}"] + [n for n in args.systems if n not in DEFAULT_SYSTEMS] + tag)
-    plots = results / "_".join([f"nerco_vs_baseline_{args.corpus}"] + tag)  # baseline vs NerCo, whatever else ran
+    stem = args.name or "_".join([f"nerco_vs_baseline_{args.corpus}"]
+                                 + [n for n in args.systems if n not in DEFAULT_SYSTEMS] + tag)
+    plots = results / (f"{args.name}_plots" if args.name else "_".join([f"nerco_vs_baseline_{args.corpus}"] + tag))
     with_plots = set(DEFAULT_SYSTEMS) <= set(systems)
     if with_plots:
         first = args.seeds[0]
@@ -94,10 +133,13 @@ def main() -> None:
     rows = {name: dict(f1=mean_std([s["f1"] for s in runs_]), span_f=mean_std([s["span_f1"] for s in runs_]),
                        type_acc=mean_std([s["type_acc"] for s in runs_]),
                        per_seed_f1=[round(100 * s["f1"], 2) for s in runs_], per_seed_test=runs_,
-                       per_seed_wall_time_s=wall[name], mean_wall_time_s=round(statistics.mean(wall[name]), 1))
+                       per_seed_wall_time_s=wall[name], mean_wall_time_s=round(statistics.mean(wall[name]), 1),
+                       per_seed_diagnostics=diags[name])
             for name, runs_ in scores.items()}
     payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set,
-                   systems={k: dict(config=str(c), switches=sw) for k, (c, sw) in systems.items()},
+                   systems={k: dict(config=str(c), switches=sw, resolved=load_config(c, sw + args.set).to_dict())
+                            for k, (c, sw) in systems.items()},
+                   inputs=input_checksums(load_config(next(iter(systems.values()))[0], args.set), root),
                    results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(device_for_rank("auto")))
     write_json(results / f"{stem}.json", payload)
     plots_note = f"; plots in {plots.name}/" if with_plots else ""

@@ -147,7 +147,8 @@ def test_base_config_is_merged_under_the_file(tmp_path):
         load_config(loop)
     nerco = load_config(REPO / "configs" / "weibo_nerco.yaml")
     assert nerco.contrastive.enabled and nerco.contrastive.temperature == 0.08
-    assert nerco.data.format == "weibo" and nerco.finetune.head.optim.epochs == 1
+    assert nerco.data.format == "weibo" and nerco.contrastive.phase.optim.batch_size == 40
+    assert nerco.finetune == load_config(REPO / "configs" / "weibo.yaml").finetune  # the baseline's phases
 
 
 def test_overrides_are_typed():

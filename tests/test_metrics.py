@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from nerco_dist.eval.metrics import LengthRow, evaluate, f1_by_length, write_length_csv
+from nerco_dist.eval.metrics import LengthRow, evaluate, f1_by_length, mentions, scores_by_seen, write_length_csv
 
 TAGS = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -233,3 +233,17 @@ def test_plots_without_matplotlib(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install nerco-dist\[plots\]"):
         plot_f1_by_length(rows, tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scores_by_seen_split_a_hand_counted_example():
+    train_chars, train_tags = [list("张三在北京")], [["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]]
+    seen = mentions(train_chars, train_tags)
+    assert seen == {"张三", "北京"}
+    chars = [list("张三去上海"), list("李四在北京")]
+    gold = [["B-PER", "I-PER", "O", "B-LOC", "I-LOC"], ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]]
+    pred = [["B-PER", "I-PER", "O", "O", "O"], ["B-PER", "I-PER", "O", "B-ORG", "I-ORG"]]
+    split = scores_by_seen(chars, gold, pred, seen)
+    # seen gold: 张三, 北京 (LOC); seen predicted: 张三, 北京 (ORG) -> 1 correct of 2 and 2
+    assert split["seen"] == dict(precision=0.5, recall=0.5, f1=0.5, n_gold=2, n_pred=2)
+    # unseen gold: 上海, 李四; unseen predicted: 李四 -> 1 of 1 predicted, 1 of 2 gold
+    assert split["unseen"] == dict(precision=1.0, recall=0.5, f1=2 / 3, n_gold=2, n_pred=1)

@@ -11,7 +11,7 @@ from nerco_dist.config import load_config
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
-from .conftest import TINY
+from .conftest import REPO, TINY
 
 FIRST = "frozen_bert"  # the first of two phases: encoder + head (the tiny model has no BERT), then full
 PHASES = ["data.max_len=40", f"finetune.{FIRST}.optim.epochs=3", f"finetune.{FIRST}.optim.optimizer=adamw",
@@ -80,3 +80,41 @@ def test_killed_inside_the_second_phase_resumes_there_and_ends_like_an_uninterru
     for name in ("best.pt", "last.pt"):
         a, b = (load_checkpoint(d / name)["model"] for d in (tmp_path / "run", tmp_path / "reference"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_reference_schedule_restarts_the_optimiser_and_its_warmup_at_every_phase(tmp_path, data_root):
+    """configs/weibo_nerco.yaml's phases on a tiny model: the LR ramps up from its start in each phase."""
+    small = ["data.train=resume/dev.char.bmes", "data.dev=resume/dev.char.bmes", "data.test=resume/dev.char.bmes",
+             "data.format=auto", "data.limit=60", "data.max_len=40", "data.char_vectors=null",
+             "data.bigram_vectors=null", "data.word_vectors=null", "model.hidden=32", "model.heads=2",
+             "model.head_dim=16", "model.char_dim=16", "model.bigram_dim=16", "model.word_dim=16",
+             f"run.out_dir={tmp_path}", "run.log_every=1"]
+    phases = [f"{p}.optim.{k}={v}" for p in ("contrastive.phase", "finetune.head", "finetune.full")
+              for k, v in (("epochs", 2), ("warmup", 0.5), ("batch_size", 10))]
+    cfg = load_config(REPO / "configs" / "weibo_nerco.yaml", small + phases)
+    steps = batches_per_epoch(cfg, data_root, "head")  # every phase has batches of 10
+    train(cfg, data_root)
+    ramp = int(0.5 * 2 * steps)
+    for stage, tag, lrs in (("contrastive", "contrastive/lr", [cfg.contrastive.phase.optim.lr]),
+                            ("finetune", "train/lr", [cfg.finetune.head.optim.lr, cfg.finetune.full.optim.lr])):
+        logged = scalars(run_dir(tmp_path, stage) / "tensorboard", tag)
+        assert len(logged) == 2 * steps * len(lrs)
+        for k, lr in enumerate(lrs):  # after each optimizer step: lr x min(1, (step + 1) / ramp) of its phase
+            phase = logged[k * 2 * steps : (k + 1) * 2 * steps]
+            expected = [lr * min(1.0, (i + 2) / ramp) for i in range(2 * steps)]
+            assert phase == pytest.approx(expected, rel=1e-6), (stage, k)
+
+
+def run_dir(out, stage):
+    return out / "contrastive" if stage == "contrastive" else out
+
+
+def scalars(directory, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for events in sorted(directory.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        values += [e.value for e in acc.Scalars(tag)]
+    return values

@@ -1,4 +1,5 @@
-"""Entity-level NER metrics: micro and per-type P/R/F1, Span F and Type Acc, and F1 by sentence length.
+"""Entity-level NER metrics: micro and per-type P/R/F1, Span F and Type Acc, F1 by sentence length, and
+scores over the mentions seen and unseen in training.
 
 Entities are read conlleval-style by :func:`nerco_dist.data.tags.entities`, so the scores match seqeval's
 default mode. Span F and Type Acc split an entity error into a boundary error and a type error (NerCo
@@ -121,6 +122,27 @@ def evaluate(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> Ne
         n_correct=len(correct), n_span_correct=n_span_correct,
         per_type=per_type,
     )
+
+
+def mentions(chars: Sequence[Sequence[str]], tags: Sequence[Sequence[str]]) -> set[str]:
+    """The surface strings of the entities of a corpus (e.g. its training split)."""
+    return {"".join(c[e.start : e.end]) for c, t in zip(chars, tags) for e in entities(t)}
+
+
+def scores_by_seen(chars: Sequence[Sequence[str]], gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]],
+                   seen: set[str]) -> dict[str, dict]:
+    """P/R/F1 over the entities whose surface string is in ``seen`` (gold and predicted alike) and over the
+    others: does the model recognise new names or recall the training set's?"""
+    _check_aligned(gold, pred)
+    out = {}
+    for group, wanted in (("seen", True), ("unseen", False)):
+        def keep(spans):
+            return {s for s in spans if ("".join(chars[s[0]][s[1] : s[2]]) in seen) == wanted}
+
+        gold_set, pred_set = keep(_typed_spans(gold)), keep(_typed_spans(pred))
+        p, r, f = _precision_recall_f1(len(gold_set & pred_set), len(pred_set), len(gold_set))
+        out[group] = dict(precision=p, recall=r, f1=f, n_gold=len(gold_set), n_pred=len(pred_set))
+    return out
 
 
 class LengthRow(NamedTuple):

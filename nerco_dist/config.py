@@ -53,6 +53,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     bert_lr_ratio: float = 0.05  # BERT, in a phase that trains it, learns at this fraction of lr
+    encoder_lr_ratio: float = 1.0  # the encoder (all but the head and BERT) learns at this fraction of lr
     warmup: float = 0.1  # linear ramp from 0 over this fraction of the phase's optimizer steps
     lr_decay: float = 0.05  # then lr / (1 + lr_decay * epoch), epochs counted within the phase; 0: constant
     clip_value: float | None = 5.0  # gradient clipping by value (local engine; DeepSpeed clips by norm)
@@ -67,6 +68,7 @@ class PhaseConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     patience: int = 0  # epochs without a better dev score (the stage's best) before the phase ends; 0: never
     hand_off: str = "last"  # the next phase starts from the last weights of this one, or the stage's best
+    freeze_embeddings: bool = False  # the character, bigram and word tables are not trained in this phase
 
 
 def _phase(epochs: int, **optim) -> Callable[[], PhaseConfig]:

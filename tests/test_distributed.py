@@ -283,7 +283,7 @@ def test_local_engine_accumulation_equals_one_step_on_the_whole_batch():
     for accum, chunks in ((1, [slice(0, 8)]), (2, [slice(0, 4), slice(4, 8)])):
         torch.manual_seed(1)
         model = torch.nn.Linear(3, 1)
-        engine = build_engine(model, cfg, list(model.parameters()), [], 2,
+        engine = build_engine(model, cfg, [(list(model.parameters()), 1.0)], 2,
                               distributed=DistributedConfig(grad_accum=accum))
         for part in chunks:
             engine.backward(torch.nn.functional.mse_loss(model(x[part]), y[part]))

@@ -118,3 +118,19 @@ def scalars(directory, tag):
         acc.Reload()
         values += [e.value for e in acc.Scalars(tag)]
     return values
+
+
+@pytest.mark.parametrize("switch", ["freeze_embeddings=true", "optim.encoder_lr_ratio=0.0"])
+def test_frozen_embeddings_and_the_encoder_lr_ratio(tmp_path, data_root, switch):
+    """freeze_embeddings keeps the lattice's tables, and only them, as initialised; encoder_lr_ratio 0 keeps
+    the whole encoder while the head trains at the phase's learning rate."""
+    cfg = load_config(TINY, ["data.max_len=40", f"run.out_dir={tmp_path}", "finetune.full.optim.epochs=1",
+                             f"finetune.full.{switch}"])
+    initial = TrainingRun.start(cfg, data_root).initial_model(None).state_dict()
+    train(cfg, data_root)
+    trained = load_checkpoint(tmp_path / "last.pt")["model"]
+    unchanged = {k for k in initial if torch.equal(trained[k], initial[k])}
+    if switch.startswith("freeze"):
+        assert unchanged == {"char_embed.weight", "bigram_embed.weight", "word_embed.weight"}
+    else:
+        assert unchanged == {k for k in initial if not k.startswith("head.")}

@@ -75,6 +75,10 @@ class NerTagger(nn.Module):
     def bert_parameters(self) -> list[nn.Parameter]:
         return list(self.bert.parameters()) if self.bert is not None else []
 
+    def embedding_tables(self) -> list[nn.Parameter]:
+        """The lattice's character, bigram and word embeddings (pretrained or random)."""
+        return [self.char_embed.weight, self.bigram_embed.weight, self.word_embed.weight]
+
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Everything but the output head (and BERT, listed by :meth:`bert_parameters`); includes the
         projection head, which only the contrastive loss uses."""

@@ -35,7 +35,7 @@ from torch import nn
 from .. import distributed as dist
 from ..atomic import atomic_path
 from ..config import DistributedConfig, OptimConfig
-from .optim import build_optimizer, build_scheduler
+from .optim import ParamGroups, build_optimizer, build_scheduler
 
 log = logging.getLogger("nerco_dist")
 
@@ -263,21 +263,20 @@ class DeepSpeedEngine(_Engine):
             destroy()
 
 
-def build_engine(model: nn.Module, optim: OptimConfig, params: Sequence[nn.Parameter],
-                 bert_params: Sequence[nn.Parameter], steps_per_epoch: int, *,
+def build_engine(model: nn.Module, optim: OptimConfig, groups: ParamGroups, steps_per_epoch: int, *,
                  distributed: DistributedConfig | None = None, device: torch.device | None = None,
                  start_step: int = 0):
-    """An engine training ``params`` (at the scaled ``optim.lr``) and ``bert_params`` (at ``bert_lr_ratio``
-    of it); every other parameter of ``model`` is frozen. ``steps_per_epoch`` counts micro-batches;
-    ``start_step`` is where the LR schedule starts (a resumed phase continues its schedule).
-    DeepSpeed when ``distributed.config`` is set or several ranks run, the local engine otherwise."""
+    """An engine training the parameters of ``groups`` (each at its fraction of the scaled ``optim.lr``);
+    every other parameter of ``model`` is frozen. ``steps_per_epoch`` counts micro-batches; ``start_step`` is
+    where the LR schedule starts (a resumed phase continues its schedule). DeepSpeed when
+    ``distributed.config`` is set or several ranks run, the local engine otherwise."""
     d = distributed or DistributedConfig()
-    trainable = list(params) + list(bert_params)
+    trainable = [p for params, _ in groups for p in params]
     ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
     lr = scaled_lr(optim.lr, optim.batch_size, d, dist.world_size())
-    optimizer = build_optimizer(optim, params, bert_params, lr)
+    optimizer = build_optimizer(optim, groups, lr)
     scheduler = build_scheduler(optimizer, optim, max(1, steps_per_epoch // d.grad_accum), start_step)
     if not uses_deepspeed(d):
         return LocalEngine(model, optimizer, scheduler, optim.clip_value, d.grad_accum)

@@ -1,9 +1,10 @@
-"""A phase's optimisation: SGD (momentum) or AdamW with a BERT parameter group at a fraction of the learning
-rate, a linear warmup over a fraction of the phase's steps, then a per-epoch decay 1 / (1 + decay * epoch)."""
+"""A phase's optimisation: SGD (momentum) or AdamW with parameter groups at fractions of the learning rate
+(encoder, head, BERT), a linear warmup over a fraction of the phase's steps, then a per-epoch decay
+1 / (1 + decay * epoch)."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -11,14 +12,14 @@ from torch import nn
 from ..config import OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter], bert_params: Iterable[nn.Parameter] = (),
-                    lr: float | None = None) -> torch.optim.Optimizer:
-    """``lr``: the learning rate to use (the configured one scaled for the global batch); default ``cfg.lr``."""
+ParamGroups = Sequence[tuple[Sequence[nn.Parameter], float]]  # (parameters, fraction of the learning rate)
+
+
+def build_optimizer(cfg: OptimConfig, groups: ParamGroups, lr: float | None = None) -> torch.optim.Optimizer:
+    """One parameter group per (parameters, ratio), at ``ratio`` x ``lr`` (the configured learning rate
+    scaled for the global batch; default ``cfg.lr``); empty groups are left out."""
     lr = cfg.lr if lr is None else lr
-    groups = [{"params": list(params), "lr": lr}]
-    bert_params = list(bert_params)
-    if bert_params:
-        groups.append({"params": bert_params, "lr": lr * cfg.bert_lr_ratio})
+    groups = [{"params": list(params), "lr": lr * ratio} for params, ratio in groups if len(params)]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)

@@ -34,6 +34,7 @@ class Phase:
     optim: OptimConfig
     patience: int
     hand_off: str  # "last": the next phase starts from this one's last weights; "best": from the stage's best
+    freeze_embeddings: bool  # the lattice's embedding tables stay as they are
 
     @property
     def lower_is_better(self) -> bool:
@@ -45,7 +46,7 @@ class Phase:
 
 
 def _phase(stage: str, name: str, trains: frozenset, loss: str, select: str, cfg: PhaseConfig) -> Phase:
-    return Phase(stage, name, trains, loss, select, cfg.optim, cfg.patience, cfg.hand_off)
+    return Phase(stage, name, trains, loss, select, cfg.optim, cfg.patience, cfg.hand_off, cfg.freeze_embeddings)
 
 
 def stage_phases(cfg: Config, stage: str) -> list[Phase]:
@@ -67,11 +68,14 @@ def stage_phases(cfg: Config, stage: str) -> list[Phase]:
     return phases
 
 
-def trainable_parameters(model: NerTagger, phase: Phase) -> tuple[list, list]:
-    """(parameters at the phase's learning rate, BERT parameters at ``bert_lr_ratio`` of it)."""
-    params = (model.encoder_parameters() if "encoder" in phase.trains else []) + (
-        list(model.head.parameters()) if "head" in phase.trains else [])
-    return params, model.bert_parameters() if "bert" in phase.trains else []
+def trainable_parameters(model: NerTagger, phase: Phase) -> list[tuple[list, float]]:
+    """The phase's parameter groups with their fractions of its learning rate: the encoder (without the
+    embedding tables when ``freeze_embeddings``), the head, BERT."""
+    frozen = {id(p) for p in model.embedding_tables()} if phase.freeze_embeddings else set()
+    encoder = [p for p in model.encoder_parameters() if id(p) not in frozen] if "encoder" in phase.trains else []
+    return [(encoder, phase.optim.encoder_lr_ratio),
+            (list(model.head.parameters()) if "head" in phase.trains else [], 1.0),
+            (model.bert_parameters() if "bert" in phase.trains else [], phase.optim.bert_lr_ratio)]
 
 
 def load_encoder(model: NerTagger, checkpoint: Path) -> None:

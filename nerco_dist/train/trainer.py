@@ -114,10 +114,9 @@ def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLo
 
 def phase_engine(run: TrainingRun, phase: Phase, model: NerTagger, step: int):
     """An engine training the phase's parameters of ``model``, its LR schedule at ``step``."""
-    params, bert_params = trainable_parameters(model, phase)
     steps_per_epoch = len(run.train_batches(phase.optim.batch_size))
-    return build_engine(model, phase.optim, params, bert_params, steps_per_epoch, distributed=run.cfg.distributed,
-                        device=run.device, start_step=step)
+    return build_engine(model, phase.optim, trainable_parameters(model, phase), steps_per_epoch,
+                        distributed=run.cfg.distributed, device=run.device, start_step=step)
 
 
 def hand_off(run: TrainingRun, phase: Phase, next_phase: Phase, engine, progress: Progress):

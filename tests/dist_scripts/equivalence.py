@@ -83,7 +83,7 @@ def main() -> None:
                 p.requires_grad_(any(p is q for q in params))
             ref_loss, ref_grads = reference(model, global_batch, reference_loss)
             optim = OptimConfig(optimizer="sgd", batch_size=per_rank, epochs=1)
-            engine = build_engine(model, optim, params, [], 1, distributed=d, device=torch.device("cpu"))
+            engine = build_engine(model, optim, [(params, 1.0)], 1, distributed=d, device=torch.device("cpu"))
             loss = engine.forward(lambda: loss_fn(model, local_batch))
             engine.backward(loss)
             grads = grads_after_averaging(engine, model)

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The NerCo-vs-baseline accuracy measurements on a 2-core CPU: the baseline and NerCo seeds as two lanes at
 # once (one torch thread each), then one sweep call that reuses every finished run and writes
-# benchmarks/results/accuracy/CORPUS.json (+ .md and the analysis plots). Runs resume where a stop left them:
-# re-run the same command. Logs go to runs/accuracy/logs/.
+# benchmarks/results/accuracy/CORPUS.json (+ .md, and the analysis plots when seed 1's checkpoints are there).
+# Each finished run's summary goes to benchmarks/results/accuracy/runs/ (commit it): a later sitting re-runs
+# the same command and trains only what is missing (a run killed mid-way resumes from runs/accuracy/ when
+# that folder is still there). Logs go to runs/accuracy/logs/.
+#
+# The CPU budget: the reference schedule's phases with fewer epochs, the same for both arms (stage 1 at most
+# 30 epochs, patience 5; the head phase 30, patience 5; the full phase 50, patience 10): a Weibo run then
+# ends within a sitting.
 #
 #   bash benchmarks/accuracy_cpu.sh weibo            # seeds 1 2 3
 #   bash benchmarks/accuracy_cpu.sh msra --seeds 1   # extra arguments go to nerco_vs_baseline.py
@@ -14,7 +20,11 @@ corpus=$1
 shift
 export NERCO_DATA_ROOT=${NERCO_DATA_ROOT:-data} OMP_NUM_THREADS=1 TQDM_DISABLE=1
 mkdir -p runs/accuracy/logs
-sweep=(python3 benchmarks/nerco_vs_baseline.py --corpus "$corpus" --runs runs/accuracy --set run.threads=1 "$@")
+budget=(--set contrastive.phase.optim.epochs=30 --set contrastive.phase.patience=5
+        --set finetune.head.optim.epochs=30 --set finetune.head.patience=5
+        --set finetune.full.optim.epochs=50 --set finetune.full.patience=10)
+sweep=(python3 benchmarks/nerco_vs_baseline.py --corpus "$corpus" --runs runs/accuracy --store benchmarks/results/accuracy/runs
+       --set run.threads=1 "${budget[@]}" "$@")
 for system in baseline NerCo; do
     "${sweep[@]}" --systems "$system" --results runs/accuracy/lanes >> "runs/accuracy/logs/${corpus}_${system}.log" 2>&1 &
 done

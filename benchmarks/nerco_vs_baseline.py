@@ -4,7 +4,9 @@ For each corpus and seed, trains the baseline (CONFIG) and NerCo (CONFIG_nerco: 
 then reports mean ± std of test F1, Span F and Type Acc, and runs ``nerco analyze`` on the first seed
 (F1 by length, t-SNE plots). ``--systems`` adds the paper's ablations (Table 5), each the NerCo config with
 one switch: ``joint`` (InfoNCE + CRF NLL in one stage), ``all_queries`` (O tokens are queries too).
-Finished runs (results.json present) are reused, so an interrupted sweep continues where it stopped.
+Finished runs are reused, so an interrupted sweep continues where it stopped: a run's results.json in its
+folder, or its summary in ``--store`` (committed, so that finished runs outlive the run folders), which is
+written as each run ends.
 
     python3 benchmarks/nerco_vs_baseline.py --corpus weibo --seeds 1 2 3 --set finetune.full.optim.epochs=20
     python3 benchmarks/nerco_vs_baseline.py --corpus weibo --systems baseline joint --set finetune.full.optim.epochs=20
@@ -46,17 +48,20 @@ def system_config(corpus: str, name: str) -> tuple[Path, list[str]]:
     return REPO / "configs" / f"{corpus}_nerco.yaml", ABLATIONS.get(name, [])
 
 
-def run_one(config: Path, overrides: list[str], out: Path, root: Path) -> dict:
+def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: Path | None) -> dict:
     """Train one system (both of its stages), or reuse a finished run; records the training time of both
-    stages (summed over resumes when the run was killed and started again)."""
-    if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
+    stages (summed over resumes when the run was killed and started again) and the diagnostics."""
+    for done in ([stored] if stored else []) + [out / "results.json"]:
+        if done.is_file():
+            return json.loads(done.read_text())
     cfg = load_config(config, overrides + [f"run.out_dir={out}"])
     results = train(cfg, root)
     stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
     results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
     results["diagnostics"] = diagnostics(cfg, root, out)
     write_json(out / "results.json", results)
+    if stored:
+        write_json(stored, results)
     return results
 
 
@@ -102,6 +107,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
     parser.add_argument("--data-root")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--store", help="folder of finished runs' summaries, read before training and written "
+                        "after (e.g. benchmarks/results/accuracy/runs)")
     parser.add_argument("--name", help="results file stem (default nerco_vs_baseline_CORPUS[_systems][_tag])")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -113,7 +120,9 @@ def main() -> None:
     diags: dict[str, list[dict | None]] = {name: [] for name in systems}
     for seed in args.seeds:
         for name, (config, switches) in systems.items():
-            res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / f"{name}_seed{seed}", root)
+            stored = Path(args.store) / args.corpus / f"{name}_seed{seed}.json" if args.store else None
+            res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / f"{name}_seed{seed}", root,
+                          stored)
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
             diags[name].append(res.get("diagnostics"))
@@ -123,9 +132,10 @@ def main() -> None:
     stem = args.name or "_".join([f"nerco_vs_baseline_{args.corpus}"]
                                  + [n for n in args.systems if n not in DEFAULT_SYSTEMS] + tag)
     plots = results / (f"{args.name}_plots" if args.name else "_".join([f"nerco_vs_baseline_{args.corpus}"] + tag))
-    with_plots = set(DEFAULT_SYSTEMS) <= set(systems)
+    first = args.seeds[0]
+    with_plots = set(DEFAULT_SYSTEMS) <= set(systems) and all(
+        (runs / f"{name}_seed{first}" / "best.pt").is_file() for name in DEFAULT_SYSTEMS)
     if with_plots:
-        first = args.seeds[0]
         test_file = resolve_data_path(load_config(systems["baseline"][0]).data.test, root)
         analyze(runs / f"baseline_seed{first}" / "best.pt", runs / f"NerCo_seed{first}" / "best.pt", test_file,
                 plots, stage1=runs / f"NerCo_seed{first}" / "contrastive" / "best.pt")
@@ -142,7 +152,7 @@ def main() -> None:
                    inputs=input_checksums(load_config(next(iter(systems.values()))[0], args.set), root),
                    results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(device_for_rank("auto")))
     write_json(results / f"{stem}.json", payload)
-    plots_note = f"; plots in {plots.name}/" if with_plots else ""
+    plots_note = f"; plots in {plots.name}/" if plots.is_dir() else ""
     lines = [f"# {' vs '.join(systems)} on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",
              f"Shared overrides: {' '.join(args.set) or '(none)'}{plots_note}", "",
              "| system | switches | F1 | Span F | Type Acc | F1 per seed | wall time per run (s) |",

@@ -78,11 +78,13 @@ def _phase(epochs: int, **optim) -> Callable[[], PhaseConfig]:
 @dataclass
 class ContrastiveConfig:
     """Stage 1 of NerCo: the encoder (BERT frozen, no output head) on semantic-class InfoNCE, selected by
-    the lowest dev InfoNCE; stage 2 starts from that encoder."""
+    the lowest dev InfoNCE (or the dev F1 of a head probe); stage 2 starts from that encoder."""
 
     enabled: bool = False  # false: the baseline, fine-tuning only
     temperature: float = 0.07
     backend: str = "auto"  # auto | torch | triton: where the loss runs (auto: Triton on CUDA)
+    select: str = "dev_loss"  # dev_loss: lowest dev InfoNCE | head_f1: dev F1 of a head trained on the features
+    head_probe_epochs: int = 1  # head_f1: epochs of that head (finetune.head's optimiser), one process only
     phase: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         optim=OptimConfig(optimizer="adamw", warmup=0.05, epochs=30, batch_size=32), patience=10,
         hand_off="best"))
@@ -164,7 +166,7 @@ MOVED = {
     **{f"contrastive.{k}": f"ablation.{k}" for k in ("joint", "joint_weight", "non_entity_queries")},
 }
 
-_CHOICES = {"optimizer": ("sgd", "adamw"), "hand_off": ("last", "best"), "backend": ("auto", "torch", "triton"),
+_CHOICES = {"optimizer": ("sgd", "adamw"), "select": ("dev_loss", "head_f1"), "hand_off": ("last", "best"), "backend": ("auto", "torch", "triton"),
             "format": ("auto", "conll", "weibo", "cluener"), "position_fusion": ("four", "two"),
             "lr_scaling": ("none", "linear", "sqrt"), "precision": ("auto", "bf16", "fp32")}
 

@@ -134,3 +134,21 @@ def test_frozen_embeddings_and_the_encoder_lr_ratio(tmp_path, data_root, switch)
         assert unchanged == {"char_embed.weight", "bigram_embed.weight", "word_embed.weight"}
     else:
         assert unchanged == {k for k in initial if not k.startswith("head.")}
+
+
+def test_stage_one_selected_by_a_head_probe_trains_exactly_as_without_it(tmp_path, data_root):
+    """contrastive.select=head_f1 scores each stage-1 epoch by the dev F1 of a head trained on its frozen
+    features; the probe draws nothing from the training's random streams, so the stage-1 weights are those
+    of a run selected on the dev InfoNCE."""
+    sets = ["data.max_len=40", "contrastive.enabled=true", "contrastive.phase.optim.epochs=2",
+            "finetune.head.optim.optimizer=adamw", "finetune.head.optim.lr=0.05", "finetune.head.optim.batch_size=8"]
+    probed = train(load_config(TINY, sets + [f"run.out_dir={tmp_path / 'probe'}", "contrastive.select=head_f1",
+                                                  "contrastive.head_probe_epochs=6"]),
+                   data_root, stage="contrastive")
+    plain = train(load_config(TINY, sets + [f"run.out_dir={tmp_path / 'plain'}"]), data_root, stage="contrastive")
+    a, b = (load_checkpoint(tmp_path / d / "contrastive" / "last.pt") for d in ("probe", "plain"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    best = load_checkpoint(tmp_path / "probe" / "contrastive" / "best.pt")
+    assert probed["contrastive"]["best_head_f1"] == best["dev"]["f1"] >= a["dev"]["f1"]
+    assert best["dev"]["f1"] > 0 and best["epoch"] == probed["contrastive"]["best_epoch"]
+    assert "best_dev_loss" in plain["contrastive"] and "dev_loss" in b

@@ -15,9 +15,11 @@ import torch
 
 from .. import distributed as dist
 from ..config import Config
-from ..eval.metrics import NerReport
+from ..eval.metrics import NerReport, evaluate
+from ..inference import predict
 from ..losses import contrastive_loss
 from ..model.tagger import NerTagger
+from .engine import build_engine
 from .phases import Phase
 
 LossFn = Callable[[NerTagger, dict], "torch.Tensor | None"]
@@ -96,6 +98,27 @@ class DevScore:
     @classmethod
     def from_loss(cls, loss: float) -> "DevScore":
         return cls(loss, True, dict(dev_loss=loss), {"contrastive/dev_loss": loss}, f"dev InfoNCE {loss:.4f}")
+
+
+def head_probe_report(run, model: NerTagger, epochs: int) -> NerReport:
+    """Dev scores of a Linear + CRF head trained for ``epochs`` on the frozen features of ``model`` (its
+    untrained head, as stage 1 leaves it), with ``finetune.head``'s optimiser. The model is copied and the
+    random streams are left as they were, so the probe does not change the training it scores."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        probe = run.codec.build_model().to(run.device)
+        probe.load_state_dict(model.state_dict())
+        optim = run.cfg.finetune.head.optim
+        batches = run.train_batches(optim.batch_size)
+        engine = build_engine(probe, optim, [(list(probe.head.parameters()), 1.0)], len(batches))
+        loss = CrfLoss(trains_encoder=False)
+        probe.train()
+        for epoch in range(epochs):
+            batches.sampler.set_epoch(epoch)
+            for batch in batches:
+                engine.backward(loss(probe, {k: v.to(run.device) for k, v in batch.items()}))
+                engine.step()
+        dev = run.splits.dev
+        return evaluate([s.tags for s in dev], predict(run.codec, probe, dev, run.cfg.run.eval_batch_size))
 
 
 @torch.no_grad()

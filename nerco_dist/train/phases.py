@@ -30,7 +30,7 @@ class Phase:
     name: str
     trains: frozenset[str]  # of "encoder", "head", "bert"
     loss: str  # "infonce" | "crf" | "crf+infonce" (the joint ablation)
-    select: str  # "dev_loss" (the InfoNCE, lower is better) | "dev_f1"
+    select: str  # "dev_loss" (the InfoNCE, lower is better) | "dev_f1" | "head_f1" (a head probe's dev F1)
     optim: OptimConfig
     patience: int
     hand_off: str  # "last": the next phase starts from this one's last weights; "best": from the stage's best
@@ -52,7 +52,8 @@ def _phase(stage: str, name: str, trains: frozenset, loss: str, select: str, cfg
 def stage_phases(cfg: Config, stage: str) -> list[Phase]:
     """The phases ``stage`` runs under ``cfg``, in order (a phase with 0 epochs is left out)."""
     if stage == "contrastive":
-        phases = [_phase(stage, "contrastive", frozenset({"encoder"}), "infonce", "dev_loss", cfg.contrastive.phase)]
+        phases = [_phase(stage, "contrastive", frozenset({"encoder"}), "infonce", cfg.contrastive.select,
+                         cfg.contrastive.phase)]
     elif stage == "finetune":
         phases = []
         for name, (trains, loss, select) in FINETUNE_PHASES.items():

@@ -36,7 +36,7 @@ from ..machine import machine_info
 from ..model.tagger import NerTagger
 from .engine import build_engine
 from .monitor import Scalars, Throughput
-from .objectives import DevScore, InfoNCELoss, LossFn, mean_dev_infonce, phase_loss
+from .objectives import DevScore, InfoNCELoss, LossFn, head_probe_report, mean_dev_infonce, phase_loss
 from .phases import Phase, stage_phases, trainable_parameters
 from .resume import Progress, StageResume, fingerprint
 from .run import TrainingRun
@@ -63,6 +63,8 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
     stage = stage or default_stage(cfg)
     if stage not in ("contrastive", "finetune", "both"):
         raise ValueError(f"stage {stage!r}: expected contrastive, finetune or both")
+    if cfg.contrastive.select == "head_f1" and dist.launched():
+        raise ValueError("contrastive.select=head_f1 trains its probe head in one process: run without the launcher")
     run = TrainingRun.start(cfg, root)
     if dist.is_main():
         run.out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +235,8 @@ def dev_score(run: TrainingRun, phase: Phase, model: NerTagger) -> DevScore:
             [p.lattice_len for p in pieces], phase.optim.batch_size, shuffle=False))
         loss = InfoNCELoss(run.cfg, len(run.codec.labels.classes), across_ranks=False)
         return DevScore.from_loss(mean_dev_infonce(loss, model, batches, run.device))
+    if phase.select == "head_f1":
+        return DevScore.from_report(head_probe_report(run, model, run.cfg.contrastive.head_probe_epochs))
     dev = run.splits.dev
     return DevScore.from_report(evaluate([s.tags for s in dev], predict(run.codec, model, dev,
                                                                         run.cfg.run.eval_batch_size)))
@@ -261,7 +265,7 @@ def stage_results(run: TrainingRun, stage: str, engine, progress: Progress) -> d
     """The stage's summary; fine-tuning also scores its best checkpoint on test."""
     results = dict(best_epoch=progress.best_epoch, epochs_run=progress.epochs_done,
                    wall_time_s=round(progress.elapsed(), 1), nonfinite_skipped=progress.nonfinite)
-    results["best_dev_loss" if stage == "contrastive" else "best_dev_f1"] = progress.best
+    results[f"best_{stage_phases(run.cfg, stage)[-1].select}"] = progress.best  # best_dev_loss, _dev_f1, _head_f1
     if stage == "finetune" and run.splits.test is not None:
         dist.barrier()  # best.pt is on disk
         best = engine.inference_model(load_checkpoint(run.out / "best.pt")["model"])

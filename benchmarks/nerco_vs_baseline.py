@@ -26,7 +26,7 @@ import torch
 
 from nerco_dist.atomic import write_json, write_text
 from nerco_dist.codec import read_splits
-from nerco_dist.config import data_root, load_config, resolve_data_path
+from nerco_dist.config import Config, data_root, load_config, resolve_data_path
 from nerco_dist.data.dataset import LengthBucketBatchSampler
 from nerco_dist.distributed import device_for_rank
 from nerco_dist.eval.analyze import analyze
@@ -51,10 +51,13 @@ def system_config(corpus: str, name: str) -> tuple[Path, list[str]]:
 def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: Path | None) -> dict:
     """Train one system (both of its stages), or reuse a finished run; records the training time of both
     stages (summed over resumes when the run was killed and started again) and the diagnostics."""
+    cfg = load_config(config, overrides + [f"run.out_dir={out}"])
     for done in ([stored] if stored else []) + [out / "results.json"]:
         if done.is_file():
-            return json.loads(done.read_text())
-    cfg = load_config(config, overrides + [f"run.out_dir={out}"])
+            results = json.loads(done.read_text())
+            if same_recipe(Config.from_dict(results["config"]).to_dict(), cfg.to_dict()):
+                return results
+            logging.warning("%s: a run of another config; training it again", done)
     results = train(cfg, root)
     stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
     results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
@@ -63,6 +66,14 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: P
     if stored:
         write_json(stored, results)
     return results
+
+
+def same_recipe(a: dict, b: dict) -> bool:
+    """Whether two runs' configs train the same way (where they ran and with how many threads aside; keys
+    added since a run have their defaults through ``Config.from_dict``)."""
+    def recipe(cfg: dict) -> dict:
+        return {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in ("out_dir", "threads")}}
+    return recipe(a) == recipe(b)
 
 
 def diagnostics(cfg, root: Path, out: Path) -> dict:

@@ -15,8 +15,7 @@ import torch
 
 from .. import distributed as dist
 from ..config import Config
-from ..eval.metrics import NerReport, evaluate
-from ..inference import predict
+from ..eval.metrics import NerReport
 from ..losses import contrastive_loss
 from ..model.tagger import NerTagger
 from .engine import build_engine
@@ -105,8 +104,7 @@ def head_probe_report(run, model: NerTagger, epochs: int) -> NerReport:
     untrained head, as stage 1 leaves it), with ``finetune.head``'s optimiser. The model is copied and the
     random streams are left as they were, so the probe does not change the training it scores."""
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        probe = run.codec.build_model().to(run.device)
-        probe.load_state_dict(model.state_dict())
+        probe = run.model_with(model.state_dict())
         optim = run.cfg.finetune.head.optim
         batches = run.train_batches(optim.batch_size)
         engine = build_engine(probe, optim, [(list(probe.head.parameters()), 1.0)], len(batches))
@@ -117,8 +115,7 @@ def head_probe_report(run, model: NerTagger, epochs: int) -> NerReport:
             for batch in batches:
                 engine.backward(loss(probe, {k: v.to(run.device) for k, v in batch.items()}))
                 engine.step()
-        dev = run.splits.dev
-        return evaluate([s.tags for s in dev], predict(run.codec, probe, dev, run.cfg.run.eval_batch_size))
+        return run.scores(probe, run.splits.dev)
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ from ..checkpoint import save_checkpoint
 from ..codec import Splits, TextCodec, read_splits
 from ..config import Config
 from ..data.dataset import LengthBucketBatchSampler, Piece
+from ..eval.metrics import NerReport, evaluate
+from ..inference import predict
 from ..model.tagger import NerTagger
 from .engine import uses_deepspeed
 from .phases import load_encoder
@@ -79,6 +81,18 @@ class TrainingRun:
         sampler = LengthBucketBatchSampler([p.lattice_len for p in self.train_pieces], batch_size,
                                            seed=self.cfg.run.seed, rank=dist.rank(), world_size=dist.world_size())
         return self.codec.batches(self.train_pieces, sampler)
+
+    def model_with(self, weights: dict) -> NerTagger:
+        """A fresh model holding ``weights``; building it draws no random numbers from the training stream."""
+        with torch.random.fork_rng(devices=[]):
+            model = self.codec.build_model().to(self.device)
+        model.load_state_dict(weights)
+        return model
+
+    def scores(self, model: NerTagger, sentences: list) -> NerReport:
+        """Entity scores of ``model`` on labelled sentences (predicted across ranks)."""
+        return evaluate([s.tags for s in sentences], predict(self.codec, model, sentences,
+                                                             self.cfg.run.eval_batch_size))
 
     def checkpoint(self, path: Path, model: NerTagger, **extra) -> None:
         """A plain fp32 checkpoint for ``eval``/``predict`` (rank 0 writes it, atomically)."""

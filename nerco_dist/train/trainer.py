@@ -30,8 +30,6 @@ from ..atomic import write_json
 from ..checkpoint import load_checkpoint
 from ..config import Config
 from ..data.dataset import LengthBucketBatchSampler
-from ..eval.metrics import evaluate
-from ..inference import predict
 from ..machine import machine_info
 from ..model.tagger import NerTagger
 from .engine import build_engine
@@ -129,11 +127,8 @@ def hand_off(run: TrainingRun, phase: Phase, next_phase: Phase, engine, progress
     else:
         weights = engine.full_state_dict()
     engine.close()
-    with torch.random.fork_rng(devices=[]):  # a new model draws no random numbers from the training stream
-        model = run.codec.build_model().to(run.device)
-    model.load_state_dict(weights)
     progress.start_phase(progress.phase + 1)
-    return phase_engine(run, next_phase, model, 0)
+    return phase_engine(run, next_phase, run.model_with(weights), 0)
 
 
 def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: Progress, resume: StageResume,
@@ -237,9 +232,7 @@ def dev_score(run: TrainingRun, phase: Phase, model: NerTagger) -> DevScore:
         return DevScore.from_loss(mean_dev_infonce(loss, model, batches, run.device))
     if phase.select == "head_f1":
         return DevScore.from_report(head_probe_report(run, model, run.cfg.contrastive.head_probe_epochs))
-    dev = run.splits.dev
-    return DevScore.from_report(evaluate([s.tags for s in dev], predict(run.codec, model, dev,
-                                                                        run.cfg.run.eval_batch_size)))
+    return DevScore.from_report(run.scores(model, run.splits.dev))
 
 
 def record_epoch(run: TrainingRun, phase: Phase, weights: NerTagger, score: DevScore, progress: Progress,
@@ -269,8 +262,7 @@ def stage_results(run: TrainingRun, stage: str, engine, progress: Progress) -> d
     if stage == "finetune" and run.splits.test is not None:
         dist.barrier()  # best.pt is on disk
         best = engine.inference_model(load_checkpoint(run.out / "best.pt")["model"])
-        test = evaluate([s.tags for s in run.splits.test], predict(run.codec, best, run.splits.test,
-                                                                   run.cfg.run.eval_batch_size))
+        test = run.scores(best, run.splits.test)
         results["test"] = test.to_dict()
         log.info("test (best dev epoch %d):\n%s", progress.best_epoch, test.format_table())
     return results

@@ -12,6 +12,10 @@
 #
 #   bash benchmarks/accuracy_cpu.sh weibo            # seeds 1 2 3
 #   bash benchmarks/accuracy_cpu.sh msra --seeds 1   # extra arguments go to nerco_vs_baseline.py
+#   SYSTEMS="frozen_embeddings low_encoder_lr" bash benchmarks/accuracy_cpu.sh weibo   # other lanes: variants
+#
+# SYSTEMS (default "baseline NerCo") names one lane per system; the closing sweep reports them beside the
+# baseline and NerCo (CORPUS.json, or CORPUS_SYSTEMS.json for variants).
 #
 # Needs the data root with the generated vectors (README, "Pretrained inputs"); default data/.
 set -euo pipefail
@@ -25,11 +29,16 @@ budget=(--set contrastive.phase.optim.epochs=30 --set contrastive.phase.patience
         --set finetune.full.optim.epochs=50 --set finetune.full.patience=10)
 sweep=(python3 benchmarks/nerco_vs_baseline.py --corpus "$corpus" --runs runs/accuracy --store benchmarks/results/accuracy/runs
        --set run.threads=1 "${budget[@]}" "$@")
-for system in baseline NerCo; do
+read -r -a lanes <<< "${SYSTEMS:-baseline NerCo}"
+for system in "${lanes[@]}"; do
     "${sweep[@]}" --systems "$system" --results runs/accuracy/lanes >> "runs/accuracy/logs/${corpus}_${system}.log" 2>&1 &
 done
 status=0
-wait -n || status=1
-wait -n || status=1
+for _ in "${lanes[@]}"; do wait -n || status=1; done
 [ "$status" = 0 ] || { echo "a lane failed: see runs/accuracy/logs/${corpus}_*.log" >&2; exit 1; }
-"${sweep[@]}" --results benchmarks/results/accuracy --name "$corpus"
+extra=()
+for system in "${lanes[@]}"; do
+    [[ $system = baseline || $system = NerCo ]] || extra+=("$system")
+done
+name=$(IFS=_; echo "${corpus}${extra[*]:+_${extra[*]}}")
+"${sweep[@]}" --systems baseline NerCo "${extra[@]}" --results benchmarks/results/accuracy --name "$name"

@@ -3,7 +3,9 @@
 For each corpus and seed, trains the baseline (CONFIG) and NerCo (CONFIG_nerco: the same plus stage 1),
 then reports mean ± std of test F1, Span F and Type Acc, and runs ``nerco analyze`` on the first seed
 (F1 by length, t-SNE plots). ``--systems`` adds the paper's ablations (Table 5), each the NerCo config with
-one switch: ``joint`` (InfoNCE + CRF NLL in one stage), ``all_queries`` (O tokens are queries too).
+one switch: ``joint`` (InfoNCE + CRF NLL in one stage), ``all_queries`` (O tokens are queries too), and the
+variants of NerCo's training in ``VARIANTS``. A ``--tag`` names the runs of other shared ``--set`` overrides:
+their folders and stored summaries carry the tag, so they never replace the untagged runs.
 Finished runs are reused, so an interrupted sweep continues where it stopped: a run's results.json in its
 folder, or its summary in ``--store`` (committed, so that finished runs outlive the run folders), which is
 written as each run ends.
@@ -39,13 +41,22 @@ from nerco_dist.train.trainer import train
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SYSTEMS = ["baseline", "NerCo"]
 ABLATIONS = {"joint": ["ablation.joint=true"], "all_queries": ["ablation.non_entity_queries=true"]}
+# NerCo with one change to its training, tried because it lost to the baseline (issue 11, point 5)
+VARIANTS = {
+    "frozen_embeddings": ["contrastive.phase.freeze_embeddings=true"],  # stage 1 cannot memorise mentions in the tables
+    "low_encoder_lr": ["finetune.full.optim.encoder_lr_ratio=0.1"],  # fine-tuning keeps more of stage 1's encoder
+    "head_f1_select": ["contrastive.select=head_f1"],  # the stage-1 epoch whose features a head tags best
+    "stage1_batch20": ["contrastive.phase.optim.batch_size=20"],  # half the negatives of the reference's 40
+    "stage1_batch40": ["contrastive.phase.optim.batch_size=40"],  # twice the reference's 20 (Resume)
+}
+SWITCHES = {**ABLATIONS, **VARIANTS}
 
 
 def system_config(corpus: str, name: str) -> tuple[Path, list[str]]:
     """The config and switches of one system: the baseline, NerCo, or NerCo with one ablation switch."""
     if name == "baseline":
         return REPO / "configs" / f"{corpus}.yaml", []
-    return REPO / "configs" / f"{corpus}_nerco.yaml", ABLATIONS.get(name, [])
+    return REPO / "configs" / f"{corpus}_nerco.yaml", SWITCHES.get(name, [])
 
 
 def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: Path | None) -> dict:
@@ -112,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", required=True, help="config stem: configs/CORPUS.yaml and configs/CORPUS_nerco.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=DEFAULT_SYSTEMS + list(ABLATIONS))
+    parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=DEFAULT_SYSTEMS + list(SWITCHES))
     parser.add_argument("--set", action="append", default=[], help="override for every system (the shared budget)")
     parser.add_argument("--tag", default="", help="suffix of the results files (a variant run with other --set)")
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
@@ -129,27 +140,28 @@ def main() -> None:
     scores: dict[str, list[dict]] = {name: [] for name in systems}
     wall: dict[str, list[float]] = {name: [] for name in systems}
     diags: dict[str, list[dict | None]] = {name: [] for name in systems}
+    tag = [args.tag] if args.tag else []
     for seed in args.seeds:
         for name, (config, switches) in systems.items():
-            stored = Path(args.store) / args.corpus / f"{name}_seed{seed}.json" if args.store else None
-            res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / f"{name}_seed{seed}", root,
-                          stored)
+            run_name = "_".join([name] + tag) + f"_seed{seed}"
+            stored = Path(args.store) / args.corpus / f"{run_name}.json" if args.store else None
+            res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / run_name, root, stored)
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
             diags[name].append(res.get("diagnostics"))
 
     results = Path(args.results)
-    tag = [args.tag] if args.tag else []
     stem = args.name or "_".join([f"nerco_vs_baseline_{args.corpus}"]
                                  + [n for n in args.systems if n not in DEFAULT_SYSTEMS] + tag)
     plots = results / (f"{args.name}_plots" if args.name else "_".join([f"nerco_vs_baseline_{args.corpus}"] + tag))
     first = args.seeds[0]
+    baseline_run, nerco_run = (runs / ("_".join([name] + tag) + f"_seed{first}") for name in DEFAULT_SYSTEMS)
     with_plots = set(DEFAULT_SYSTEMS) <= set(systems) and all(
-        (runs / f"{name}_seed{first}" / "best.pt").is_file() for name in DEFAULT_SYSTEMS)
+        (run / "best.pt").is_file() for run in (baseline_run, nerco_run))
     if with_plots:
         test_file = resolve_data_path(load_config(systems["baseline"][0]).data.test, root)
-        analyze(runs / f"baseline_seed{first}" / "best.pt", runs / f"NerCo_seed{first}" / "best.pt", test_file,
-                plots, stage1=runs / f"NerCo_seed{first}" / "contrastive" / "best.pt")
+        analyze(baseline_run / "best.pt", nerco_run / "best.pt", test_file, plots,
+                stage1=nerco_run / "contrastive" / "best.pt")
 
     rows = {name: dict(f1=mean_std([s["f1"] for s in runs_]), span_f=mean_std([s["span_f1"] for s in runs_]),
                        type_acc=mean_std([s["type_acc"] for s in runs_]),

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from nerco_dist.model.flat import FlatEncoder, RelativeMultiHeadAttention, RelativePositionFusion, sinusoid_table
+from nerco_dist.model import flat
+from nerco_dist.model.flat import (FlatEncoder, GatheredScores, RelativeMultiHeadAttention, RelativePositionFusion,
+                                   RelativePositions, sinusoid_table)
 
 
 def relative_distances(heads: torch.Tensor, tails: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -60,7 +62,7 @@ def test_position_fusion_equals_linear_over_concatenation(fusion):
         distances = (distances[0], distances[3])
     table = sinusoid_table(40, 16).double()
     expected = torch.relu(m.linear(torch.cat([table[d + 40] for d in distances], dim=-1)))
-    torch.testing.assert_close(m(heads, tails), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m(heads, tails).dense(), expected, rtol=0, atol=1e-12)
 
 
 @torch.no_grad()
@@ -73,7 +75,7 @@ def test_attention_equals_transformer_xl_formula():
     x = torch.randn(B, L, H, dtype=torch.float64)
     rel = torch.randn(B, L, L, H, dtype=torch.float64)
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    out = att(x, rel, mask)
+    out = att(x, RelativePositions(rel.reshape(-1, H), torch.arange(B * L * L).view(B, L, L)), mask)
     # direct transcription: A_ij = (q_i + u)·k_j + (q_i + v)·(W_R R_ij + b_R), scaled, masked softmax
     q = att.query(x).view(B, L, nh, dh)
     k = att.key(x).view(B, L, nh, dh)
@@ -88,6 +90,27 @@ def test_attention_equals_transformer_xl_formula():
                 p = torch.softmax(scores.double(), 0)
                 expected[b, i, h * dh:(h + 1) * dh] = (p[:, None] * v[b, :, h]).sum(0)
     torch.testing.assert_close(out, att.out(expected), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_bytes", [flat.CHUNK_BYTES, 440, 1000])  # one chunk; one query each; two each
+def test_gathered_scores_match_dense_rows_and_their_gradients(monkeypatch, chunk_bytes):
+    """The position scores from table rows against the dense product over R (gathered by F.embedding), in
+    float64, with gradients; the index repeats rows, as a batch's pairs do."""
+    monkeypatch.setattr(flat, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    N, heads, H, L, rows = 7, 3, 5, 11, 13
+    query = torch.randn(N, heads, H, dtype=torch.float64, generator=g, requires_grad=True)
+    table = torch.randn(rows, H, dtype=torch.float64, generator=g, requires_grad=True)
+    index = torch.randint(0, rows, (N, L), generator=g)
+    out = GatheredScores.apply(query, table, index)
+    expected = query @ torch.nn.functional.embedding(index, table).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    mine = torch.autograd.grad(out, (query, table), grad)
+    reference = torch.autograd.grad(expected, (query, table), grad)
+    for a, b in zip(mine, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(GatheredScores.apply, (query, table, index))
 
 
 def test_padding_does_not_change_outputs():

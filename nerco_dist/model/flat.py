@@ -10,6 +10,7 @@ Transformer-XL's: A_ij = (q_i + u)·k_j + (q_i + v)·W_R R_ij.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,66 @@ class RelativePositionFusion(nn.Module):
         fused = F.relu(fused).reshape(-1, self.hidden)  # row (d + span, w_i, w_j)
         n = len(widths)
         index = ((d_hh + span) * n + width_index.unsqueeze(-1)) * n + width_index.unsqueeze(-2)
-        return F.embedding(index, fused)
+        return RelativePositions(fused, index)
+
+
+class RelativePositions(NamedTuple):
+    """R_ij as rows of a small table, ``R[b, i, j] = table[index[b, i, j]]``: the (B, L, L, H) tensor is never
+    kept (``dense()`` builds it, for checks)."""
+
+    table: torch.Tensor  # (rows, H)
+    index: torch.Tensor  # (B, L, L) int64
+
+    def dense(self) -> torch.Tensor:
+        return F.embedding(self.index, self.table)
+
+
+class GatheredScores(torch.autograd.Function):
+    """``scores[n, h, j] = query[n, h] · table[index[n, j]]`` for (N, heads, H) queries and (N, L) row indices.
+
+    The (N, L, H) gathered rows would be a step's largest tensor (hundreds of MB for a batch of long
+    sentences): they are gathered a chunk of queries at a time, into buffers small enough for the allocator
+    to reuse, and gathered again in the backward pass instead of kept. The table's gradient is an
+    ``index_add_`` of the rows' gradients (no transposed copy, no sort as in the embedding backward).
+    """
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(query, table, index)
+        out = query.new_empty(query.shape[0], query.shape[1], index.shape[1])
+        for chunk in _query_chunks(index, table):
+            torch.bmm(query[chunk], _gather_rows(table, index[chunk]).transpose(1, 2), out=out[chunk])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        query, table, index = ctx.saved_tensors
+        grad_query = torch.empty_like(query) if ctx.needs_input_grad[0] else None
+        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[1] else None
+        for chunk in _query_chunks(index, table):
+            if grad_query is not None:
+                torch.bmm(grad[chunk], _gather_rows(table, index[chunk]), out=grad_query[chunk])
+            if grad_table is not None:
+                grad_rows = torch.bmm(grad[chunk].transpose(1, 2), query[chunk])  # (n, L, H)
+                grad_table.index_add_(0, index[chunk].reshape(-1), grad_rows.view(-1, table.shape[1]))
+        return grad_query, grad_table, None
+
+
+CHUNK_BYTES = 8 << 20  # gathered rows per chunk on CPU: under glibc's largest mmap threshold (see machine.py)
+
+
+def _query_chunks(index: torch.Tensor, table: torch.Tensor) -> list[slice]:
+    """Slices of the queries; one on a GPU, whose caching allocator reuses memory and where every chunk
+    would be three more kernel launches."""
+    if table.device.type != "cpu":
+        return [slice(None)]
+    per_query = index.shape[1] * table.shape[1] * table.element_size()
+    size = max(1, CHUNK_BYTES // per_query)
+    return [slice(start, start + size) for start in range(0, index.shape[0], size)]
+
+
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -88,7 +148,7 @@ class RelativeMultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(attn_dropout)
         self.scale = 1.0 / math.sqrt(head_dim) if scaled else 1.0
 
-    def forward(self, x: torch.Tensor, rel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rel: RelativePositions, mask: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.query(x).view(B, L, self.heads, self.head_dim)
         k = self.key(x).view(B, L, self.heads, self.head_dim)
@@ -97,8 +157,9 @@ class RelativeMultiHeadAttention(nn.Module):
         qv = q + self.v
         w_r = self.position.weight.view(self.heads, self.head_dim, -1)
         q_pos = torch.einsum("bihd,hde->bihe", qv, w_r)
-        # one (heads x H) @ (H x L) product per query token, reading R_ij in its stored layout
-        position = torch.matmul(q_pos.reshape(B * L, self.heads, -1), rel.reshape(B * L, L, -1).transpose(1, 2))
+        # one (heads x H) @ (H x L) product per query token, over R_ij gathered from the positions' table
+        position = GatheredScores.apply(q_pos.reshape(B * L, self.heads, -1), rel.table,
+                                        rel.index.reshape(B * L, L))
         position = position.view(B, L, self.heads, L).transpose(1, 2)
         position = position + torch.einsum("bihd,hd->bhi", qv, self.position.bias.view(self.heads, -1)).unsqueeze(-1)
         scores = (content + position) * self.scale
@@ -120,7 +181,7 @@ class FlatLayer(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(residual_dropout)
 
-    def forward(self, x: torch.Tensor, rel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rel: RelativePositions, mask: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x + self.dropout(self.attention(x, rel, mask)))
         return self.norm2(x + self.dropout(self.ff(x)))
 

@@ -18,6 +18,7 @@ from ..config import Config
 from ..data.dataset import LengthBucketBatchSampler, Piece
 from ..eval.metrics import NerReport, evaluate
 from ..inference import predict
+from ..machine import keep_freed_memory
 from ..model.tagger import NerTagger
 from .engine import uses_deepspeed
 from .phases import load_encoder
@@ -45,8 +46,9 @@ class TrainingRun:
 
     @classmethod
     def start(cls, cfg: Config, root: Path) -> "TrainingRun":
-        """Seeds, threads, the process group when DeepSpeed is used, the data and its codec."""
+        """Seeds, threads, the allocator, the process group when DeepSpeed is used, the data and its codec."""
         seed_everything(cfg.run.seed)
+        keep_freed_memory()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         device = dist.device_for_rank(cfg.run.device)

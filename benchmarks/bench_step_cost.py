@@ -92,12 +92,13 @@ def main() -> int:
         raise SystemExit("--rounds must be at least 2 for the committed results file")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout.strip())
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+    changed = [line[3:] for line in changed if line.strip()]  # uncommitted changes the new arm runs with
     chars = EPOCHS * training_characters(args.data_root)
-    arms = {args.against: RECIPE_OLD, f"{head}{'+changes' if dirty else ''}": RECIPE_NEW}
+    arms = {args.against: RECIPE_OLD, f"{head}{'+changes' if changed else ''}": RECIPE_NEW}
     results = ResultsFile(args.out, dict(benchmark="step_cost", command=" ".join(sys.argv), epochs=EPOCHS,
-                                         training_characters=chars, arms={k: v for k, v in arms.items()},
+                                         training_characters=chars, arms=arms, uncommitted=changed,
                                          machine=machine_info("cpu")))
     with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
         old = Path(tmp) / "old"

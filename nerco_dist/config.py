@@ -30,17 +30,20 @@ class DataConfig:
     dev: str | None = None  # None: a seeded held-out slice of train (dev_fraction)
     test: str | None = None
     format: str = "auto"  # auto | conll | weibo | cluener
-    dev_fraction: float = 0.05
-    max_len: int = 200  # characters per model input; longer sentences are cut into pieces
+    dev_fraction: float = field(default=0.05, metadata={"gt": 0, "lt": 1})
+    # characters per model input; longer sentences are cut into pieces
+    max_len: int = field(default=200, metadata={"ge": 1})
     lexicon: str | None = None  # None: jieba's dictionary; else a word list or word2vec file; a+b: their union
     char_vectors: str | None = None
     bigram_vectors: str | None = None
     word_vectors: str | None = None
-    min_freq: int = 1
-    limit: int | None = None  # use only the first N sentences of each split (quick experiments, smoke tests)
+    min_freq: int = field(default=1, metadata={"ge": 1})
+    limit: int | None = field(default=None, metadata={"ge": 1})  # only the first N sentences of each split (quick runs)
 
 
-RESUMABLE = {"resume": False}  # field metadata: may change between a killed run and its resume
+# Field metadata. "resume": False: may change between a killed run and its resume. "ge"/"gt"/"le"/"lt": the
+# allowed range of a number (checked when a config is read, so a bad value stops a run before any work).
+RESUMABLE = {"resume": False}
 
 
 @dataclass
@@ -49,16 +52,21 @@ class OptimConfig:
     moments and the warmup by design."""
 
     optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 1e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
-    bert_lr_ratio: float = 0.05  # BERT, in a phase that trains it, learns at this fraction of lr
-    encoder_lr_ratio: float = 1.0  # the encoder (all but the head and BERT) learns at this fraction of lr
-    warmup: float = 0.1  # linear ramp from 0 over this fraction of the phase's optimizer steps
-    lr_decay: float = 0.05  # then lr / (1 + lr_decay * epoch), epochs counted within the phase; 0: constant
-    clip_value: float | None = 5.0  # gradient clipping by value (local engine; DeepSpeed clips by norm)
-    epochs: int = 100  # at most; 0 skips the phase
-    batch_size: int = 10
+    lr: float = field(default=1e-3, metadata={"gt": 0})
+    momentum: float = field(default=0.9, metadata={"ge": 0, "lt": 1})  # sgd only
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
+    # BERT, in a phase that trains it, at this fraction of lr
+    bert_lr_ratio: float = field(default=0.05, metadata={"ge": 0})
+    # the encoder (all but the head and BERT) at this fraction of lr
+    encoder_lr_ratio: float = field(default=1.0, metadata={"ge": 0})
+    # linear ramp from 0 over this fraction of the phase's steps
+    warmup: float = field(default=0.1, metadata={"ge": 0, "le": 1})
+    # then lr / (1 + lr_decay * epoch), epochs within the phase; 0: constant
+    lr_decay: float = field(default=0.05, metadata={"ge": 0})
+    # clipping by value (local engine; DeepSpeed clips by norm)
+    clip_value: float | None = field(default=5.0, metadata={"gt": 0})
+    epochs: int = field(default=100, metadata={"ge": 0})  # at most; 0 skips the phase
+    batch_size: int = field(default=10, metadata={"ge": 1})
 
 
 @dataclass
@@ -66,7 +74,8 @@ class PhaseConfig:
     """One phase of a stage: its optimiser, when to stop, and what the next phase starts from."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
-    patience: int = 0  # epochs without a better dev score (the stage's best) before the phase ends; 0: never
+    # epochs without a better dev score (the stage's best) before the phase ends; 0: never
+    patience: int = field(default=0, metadata={"ge": 0})
     hand_off: str = "last"  # the next phase starts from the last weights of this one, or the stage's best
     freeze_embeddings: bool = False  # the character, bigram and word tables are not trained in this phase
 
@@ -81,10 +90,11 @@ class ContrastiveConfig:
     the lowest dev InfoNCE (or the dev F1 of a head probe); stage 2 starts from that encoder."""
 
     enabled: bool = False  # false: the baseline, fine-tuning only
-    temperature: float = 0.07
+    temperature: float = field(default=0.07, metadata={"gt": 0})
     backend: str = "auto"  # auto | torch | triton: where the loss runs (auto: Triton on CUDA)
     select: str = "dev_loss"  # dev_loss: lowest dev InfoNCE | head_f1: dev F1 of a head trained on the features
-    head_probe_epochs: int = 1  # head_f1: epochs of that head (finetune.head's optimiser), one process only
+    # head_f1: epochs of that head (finetune.head's optimiser), one process only
+    head_probe_epochs: int = field(default=1, metadata={"ge": 1})
     phase: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         optim=OptimConfig(optimizer="adamw", warmup=0.05, epochs=30, batch_size=32), patience=10,
         hand_off="best"))
@@ -105,7 +115,7 @@ class AblationConfig:
     """The paper's ablations of stage 1."""
 
     joint: bool = False  # one stage on CRF NLL + joint_weight * InfoNCE instead of two stages
-    joint_weight: float = 1.0
+    joint_weight: float = field(default=1.0, metadata={"ge": 0})
     non_entity_queries: bool = False  # no filtering of non-entity queries (O is a query class too)
 
 
@@ -113,12 +123,12 @@ class AblationConfig:
 class RunConfig:
     """What every stage shares: seed, device, output folder, logging."""
 
-    seed: int = 1
+    seed: int = field(default=1, metadata={"ge": 0})
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = field(default=0, metadata=RESUMABLE)  # torch CPU threads; 0 = torch's default
-    out_dir: str = "runs/run"
-    log_every: int = field(default=20, metadata=RESUMABLE)  # optimizer steps between logged scalars
-    eval_batch_size: int = field(default=32, metadata=RESUMABLE)
+    threads: int = field(default=0, metadata={**RESUMABLE, "ge": 0})  # torch CPU threads; 0 = torch's default
+    out_dir: str = field(default="runs/run", metadata={"non_empty": True})
+    log_every: int = field(default=20, metadata={**RESUMABLE, "ge": 1})  # optimizer steps between logged scalars
+    eval_batch_size: int = field(default=32, metadata={**RESUMABLE, "ge": 1})
 
 
 @dataclass
@@ -126,13 +136,18 @@ class DistributedConfig:
     """Multi-process training with DeepSpeed; the defaults leave a single process on the local engine."""
 
     config: str | None = None  # DeepSpeed JSON (configs/ds/zero2.json); unset: DeepSpeed only under a launcher
-    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size x grad_accum x ranks
+    # micro-batches per optimizer step; global batch = batch_size x grad_accum x ranks
+    grad_accum: int = field(default=1, metadata={"ge": 1})
     lr_scaling: str = "none"  # none | linear | sqrt: lr x (global batch / base_batch), or its square root
-    base_batch: int = 0  # the global batch the configured lr is for; 0: the stage's batch_size
+    # the global batch the configured lr is for; 0: the stage's batch_size
+    base_batch: int = field(default=0, metadata={"ge": 0})
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (DeepSpeed engine only)
-    timeout_s: float = field(default=600.0, metadata=RESUMABLE)  # a collective waiting longer fails the run
-    max_nonfinite: int = field(default=10, metadata=RESUMABLE)  # non-finite losses in a row (steps skipped) before aborting
-    checkpoint_every: int = field(default=0, metadata=RESUMABLE)  # optimizer steps between resume checkpoints; 0: epoch ends
+    # a collective waiting longer fails the run
+    timeout_s: float = field(default=600.0, metadata={**RESUMABLE, "gt": 0})
+    # non-finite losses in a row (steps skipped) before aborting
+    max_nonfinite: int = field(default=10, metadata={**RESUMABLE, "ge": 1})
+    # optimizer steps between resume checkpoints; 0: epoch ends
+    checkpoint_every: int = field(default=0, metadata={**RESUMABLE, "ge": 0})
 
 
 @dataclass
@@ -166,9 +181,24 @@ MOVED = {
     **{f"contrastive.{k}": f"ablation.{k}" for k in ("joint", "joint_weight", "non_entity_queries")},
 }
 
-_CHOICES = {"optimizer": ("sgd", "adamw"), "select": ("dev_loss", "head_f1"), "hand_off": ("last", "best"), "backend": ("auto", "torch", "triton"),
-            "format": ("auto", "conll", "weibo", "cluener"), "position_fusion": ("four", "two"),
-            "lr_scaling": ("none", "linear", "sqrt"), "precision": ("auto", "bf16", "fp32")}
+_CHOICES = {"optimizer": ("sgd", "adamw"), "select": ("dev_loss", "head_f1"), "hand_off": ("last", "best"),
+            "backend": ("auto", "torch", "triton"), "format": ("auto", "conll", "weibo", "cluener"),
+            "position_fusion": ("four", "two"), "lr_scaling": ("none", "linear", "sqrt"),
+            "precision": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda")}
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b),
+           "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_range(key: str, value: Any, metadata: dict, source: str) -> None:
+    """Refuse a number outside the field's range (metadata ge/gt/le/lt), or an empty string where one is
+    needed, naming the key and what is allowed."""
+    if metadata.get("non_empty") and isinstance(value, str) and not value.strip():
+        raise InputError(source, f"{key}: must not be empty")
+    bounds = [(op, bound, test) for name, (op, test) in _BOUNDS.items() if (bound := metadata.get(name)) is not None]
+    if value is None or not bounds or all(test(value, bound) for _, bound, test in bounds):
+        return
+    allowed = " and ".join(f"{op} {bound}" for op, bound, _ in bounds)
+    raise InputError(source, f"{key}={value!r}: out of range (allowed: {allowed})")
 
 
 def _unknown_key(key: str, value: Any, known: dict) -> str:
@@ -200,6 +230,7 @@ def _build(default: Any, values: Any, prefix: str, source: str) -> Any:
             changes[key] = _typed(value, hints[key], prefix + key, source)
             if key in _CHOICES and changes[key] not in _CHOICES[key] + (None,):
                 raise InputError(source, f"{prefix}{key}={value!r}: expected one of {', '.join(_CHOICES[key])}")
+            _check_range(prefix + key, changes[key], fields[key].metadata, source)
     return dataclasses.replace(default, **changes)
 
 

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+POSITIVE = {"ge": 1}  # field metadata: the allowed range (checked by nerco_dist.config when a config is read)
+DROPOUT = {"ge": 0, "lt": 1}
 
 
 @dataclass
 class ModelConfig:
-    char_dim: int = 50
-    bigram_dim: int = 50
-    word_dim: int = 50
-    hidden: int = 160
-    layers: int = 1
-    heads: int = 8
-    head_dim: int = 20
-    ff_ratio: int = 3
+    char_dim: int = field(default=50, metadata=POSITIVE)
+    bigram_dim: int = field(default=50, metadata=POSITIVE)
+    word_dim: int = field(default=50, metadata=POSITIVE)
+    hidden: int = field(default=160, metadata=POSITIVE)
+    layers: int = field(default=1, metadata=POSITIVE)
+    heads: int = field(default=8, metadata=POSITIVE)
+    head_dim: int = field(default=20, metadata=POSITIVE)
+    ff_ratio: int = field(default=3, metadata=POSITIVE)
     position_fusion: str = "four"  # four | two
     attn_scaled: bool = True
-    embed_dropout: float = 0.5
-    attn_dropout: float = 0.0
-    ff_dropout: float = 0.15
-    residual_dropout: float = 0.15
-    output_dropout: float = 0.3
+    embed_dropout: float = field(default=0.5, metadata=DROPOUT)
+    attn_dropout: float = field(default=0.0, metadata=DROPOUT)
+    ff_dropout: float = field(default=0.15, metadata=DROPOUT)
+    residual_dropout: float = field(default=0.15, metadata=DROPOUT)
+    output_dropout: float = field(default=0.3, metadata=DROPOUT)
     bert: str | None = None  # a local Hugging Face directory (nothing is downloaded)
     crf_constraints: bool = True  # forbid O -> I-X and B-X -> I-Y (in the likelihood and at decode)
     projection_head: bool = False  # contrastive loss on an MLP projection of the features, not the features

@@ -16,12 +16,13 @@ from ..checkpoint import save_checkpoint
 from ..codec import Splits, TextCodec, read_splits
 from ..config import Config
 from ..data.dataset import LengthBucketBatchSampler, Piece
+from ..errors import InputError
 from ..eval.metrics import NerReport, evaluate
 from ..inference import predict
 from ..machine import keep_freed_memory
 from ..model.tagger import NerTagger
 from .engine import uses_deepspeed
-from .phases import load_encoder
+from .phases import load_encoder, stage_phases
 
 log = logging.getLogger("nerco_dist")
 
@@ -30,6 +31,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def refuse_unrunnable(cfg: Config, stages: list[str]) -> None:
+    """Stop before any work when the config cannot run here: a device or kernel this machine lacks, an
+    output folder that is a file, a stage with nothing to train. Ranges of single values are checked when
+    the config is read (``config.py``)."""
+    if not cfg.data.train:
+        raise InputError("config", "data.train: required (the training corpus, a path under the data root)")
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("config", "run.device=cuda: torch sees no CUDA device here (allowed here: auto, cpu)")
+    uses_infonce = cfg.contrastive.enabled or cfg.ablation.joint
+    on_gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
+    if uses_infonce and cfg.contrastive.backend == "triton" and not on_gpu:
+        raise InputError("config", "contrastive.backend=triton: the Triton kernel needs a CUDA device "
+                                   "(allowed here: auto, torch)")
+    out = Path(cfg.run.out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError("config", f"run.out_dir={cfg.run.out_dir}: a file, not a folder")
+    for stage in stages:
+        stage_phases(cfg, stage)  # refuses a stage whose phases all have 0 epochs
 
 
 @dataclass

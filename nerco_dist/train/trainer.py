@@ -37,7 +37,7 @@ from .monitor import Scalars, Throughput
 from .objectives import DevScore, InfoNCELoss, LossFn, head_probe_report, mean_dev_infonce, phase_loss
 from .phases import Phase, stage_phases, trainable_parameters
 from .resume import Progress, StageResume, fingerprint
-from .run import TrainingRun
+from .run import TrainingRun, refuse_unrunnable
 
 log = logging.getLogger("nerco_dist")
 
@@ -63,6 +63,7 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
         raise ValueError(f"stage {stage!r}: expected contrastive, finetune or both")
     if cfg.contrastive.select == "head_f1" and dist.launched():
         raise ValueError("contrastive.select=head_f1 trains its probe head in one process: run without the launcher")
+    refuse_unrunnable(cfg, ["contrastive", "finetune"] if stage == "both" else [stage])
     run = TrainingRun.start(cfg, root)
     if dist.is_main():
         run.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,74 @@
+"""Bad config values are refused before any work: by key, with the allowed range, exit status 2, nothing
+written (issue 13, item 6)."""
+
+import re
+
+import pytest
+import torch
+
+from nerco_dist.cli import main
+from nerco_dist.config import load_config
+from nerco_dist.errors import InputError
+
+from .conftest import TINY
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.max_len=-1", "data.max_len=-1: out of range (allowed: >= 1)"),  # looped forever
+    ("data.max_len=0", "data.max_len=0: out of range (allowed: >= 1)"),  # scored F1 0
+    ("finetune.full.optim.batch_size=0", "finetune.full.optim.batch_size=0: out of range (allowed: >= 1)"),
+    ("finetune.full.optim.batch_size=-3", "finetune.full.optim.batch_size=-3: out of range (allowed: >= 1)"),
+    ("contrastive.phase.optim.batch_size=0", "contrastive.phase.optim.batch_size=0: out of range (allowed: >= 1)"),
+    ("distributed.grad_accum=0", "distributed.grad_accum=0: out of range (allowed: >= 1)"),
+    ("model.heads=0", "model.heads=0: out of range (allowed: >= 1)"),
+    ("model.hidden=0", "model.hidden=0: out of range (allowed: >= 1)"),
+    ("model.ff_dropout=1.0", "model.ff_dropout=1.0: out of range (allowed: >= 0 and < 1)"),
+    ("run.threads=-1", "run.threads=-1: out of range (allowed: >= 0)"),
+    ("run.log_every=0", "run.log_every=0: out of range (allowed: >= 1)"),  # failed after an epoch
+    ("run.eval_batch_size=0", "run.eval_batch_size=0: out of range (allowed: >= 1)"),
+    ("data.dev_fraction=1.5", "data.dev_fraction=1.5: out of range (allowed: > 0 and < 1)"),  # trained on nothing
+    ("finetune.full.optim.lr=0", "finetune.full.optim.lr=0.0: out of range (allowed: > 0)"),
+    ("finetune.full.optim.warmup=2", "finetune.full.optim.warmup=2.0: out of range (allowed: >= 0 and <= 1)"),
+    ("contrastive.temperature=-0.1", "contrastive.temperature=-0.1: out of range (allowed: > 0)"),
+    ("distributed.timeout_s=0", "distributed.timeout_s=0.0: out of range (allowed: > 0)"),
+    ("run.out_dir=", "run.out_dir: must not be empty"),  # wrote into the working directory
+    ("run.device=cuda:0", "run.device='cuda:0': expected one of auto, cpu, cuda"),
+])
+def test_out_of_range_values_are_refused_by_key_and_range(override, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_config(TINY, [override])
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    cfg = load_config(TINY, ["data.max_len=1", "run.threads=0", "finetune.full.optim.warmup=1",
+                             "finetune.full.optim.weight_decay=0", "model.attn_dropout=0", "finetune.full.patience=0"])
+    assert (cfg.data.max_len, cfg.run.threads, cfg.finetune.full.optim.warmup) == (1, 0, 1.0)
+
+
+def refused(tmp_path, capsys, *overrides: str) -> str:
+    """``nerco train`` of the tiny config with these overrides: exit 2, nothing written, the message."""
+    out = tmp_path / "out"
+    status = main(["train", str(TINY), "--set", f"run.out_dir={out}", *sum((["--set", o] for o in overrides), [])])
+    assert status == 2 and not out.exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_a_device_or_kernel_this_machine_lacks_is_refused_before_any_work(tmp_path, capsys):
+    assert "run.device=cuda: torch sees no CUDA device" in refused(tmp_path, capsys, "run.device=cuda")
+    message = refused(tmp_path, capsys, "contrastive.enabled=true", "contrastive.backend=triton")
+    assert "contrastive.backend=triton: the Triton kernel needs a CUDA device" in message
+
+
+def test_a_stage_with_nothing_to_train_is_refused(tmp_path, capsys):
+    message = refused(tmp_path, capsys, "finetune.head.optim.epochs=0", "finetune.full.optim.epochs=0")
+    assert "finetune: no phase to train" in message
+    assert "contrastive: no phase to train" in refused(tmp_path, capsys, "contrastive.enabled=true",
+                                                       "contrastive.phase.optim.epochs=0")
+
+
+def test_a_missing_training_corpus_and_an_output_folder_that_is_a_file_are_refused(tmp_path, capsys):
+    assert "data.train: required" in refused(tmp_path, capsys, "data.train=")
+    (tmp_path / "a_file").write_text("")
+    status = main(["train", str(TINY), "--set", f"run.out_dir={tmp_path / 'a_file'}"])
+    assert status == 2 and "a file, not a folder" in capsys.readouterr().err

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv-image
 PYTHON_VERSION=3.12
 # The image's versions. The index has no CPU build of torch 2.11: this is its CUDA build (with the CUDA
-# libraries it requires, about 4.6 GB installed), which runs on the CPU as well.
+# libraries it requires: the venv is about 5 GB), which runs on the CPU as well.
 IMAGE=(torch==2.11.0 triton==3.6.0 transformers==5.17.0)
 # The other packages the tests need, unpinned like CI's. NumPy stays below 2.4: Triton 3.6's interpreter turns
 # a loop bound into an int with int() of a one-element array, an error since NumPy 2.4, so every kernel with a

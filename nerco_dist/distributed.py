@@ -9,6 +9,7 @@ With one process and no process group every function here is a no-op or the iden
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import random
 import socket
@@ -69,8 +70,13 @@ def init(device: torch.device, timeout_s: float) -> None:
         # gloo does the same job without compiling. NERCO_DS_SHM_COMM=1 brings the compiled op back.
         if os.environ.get("NERCO_DS_SHM_COMM", "0") != "1":
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    timeout = datetime.timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+                               timeout=timeout)
+    # DeepSpeed makes groups of its own (its data-parallel group reduces the gradients) through its comm
+    # backend, which leaves them torch's default timeout (30 minutes on gloo): a rank hung in backward kept
+    # the others waiting that long. Its groups get the run's timeout too.
+    deepspeed.comm.comm.cdb.new_group = functools.partial(tdist.new_group, timeout=timeout)
 
 
 def device_for_rank(name: str) -> torch.device:

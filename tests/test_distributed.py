@@ -229,10 +229,11 @@ def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp
         assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), name
 
 
-def fault_pair(mode: str, out: Path, data_root: Path, *extra: str) -> list[subprocess.Popen]:
-    """Two ranks of ``nerco train`` (fine-tuning, ZeRO 2) started by hand, a fault injected on rank 1."""
+def fault_pair(mode: str, out: Path, data_root: Path, *extra: str, zero: int = 2) -> list[subprocess.Popen]:
+    """Two ranks of ``nerco train`` (fine-tuning, ZeRO ``zero``) started by hand, a fault injected on rank 1."""
     port = str(free_port())
-    sets = [f"run.out_dir={out}", "distributed.config=zero2.json", *RUN, "finetune.full.optim.epochs=1", *extra]
+    sets = [f"run.out_dir={out}", f"distributed.config=zero{zero}.json", *RUN, "finetune.full.optim.epochs=1",
+            *extra]
     procs = []
     for rank in (0, 1):
         e = dict(env(data_root), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -264,6 +265,24 @@ def test_dead_or_hung_rank_fails_the_others_and_nan_is_skipped_everywhere(tmp_pa
         assert pairs["nan"][1].wait(timeout=60) == 0
         results = json.loads((tmp_path / "nan" / "results.json").read_text())
         assert results["nonfinite_skipped"] == 1 and "test" in results
+    finally:
+        for procs in pairs.values():
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+
+
+def test_a_rank_hung_in_backward_fails_the_other_within_the_timeout_for_every_zero_stage(tmp_path, data_root):
+    """Rank 0 waits in DeepSpeed's gradient reduction (a process group DeepSpeed makes itself, which had
+    torch's 30-minute default): it must give up after distributed.timeout_s all the same."""
+    timeout_s = 15
+    pairs = {zero: fault_pair("hang_backward", tmp_path / f"zero{zero}", data_root,
+                              f"distributed.timeout_s={timeout_s}", zero=zero) for zero in (1, 2, 3)}
+    try:
+        for zero, (rank0, _) in pairs.items():
+            _, err = rank0.communicate(timeout=300)  # start-up on a busy machine, then timeout_s
+            assert rank0.returncode == 3 and "lost contact with the other ranks" in err, (zero, err[-2000:])
     finally:
         for procs in pairs.values():
             for p in procs:

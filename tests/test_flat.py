@@ -113,6 +113,7 @@ def test_gathered_scores_match_dense_rows_and_their_gradients(monkeypatch, chunk
     assert torch.autograd.gradcheck(GatheredScores.apply, (query, table, index))
 
 
+
 def test_padding_does_not_change_outputs():
     torch.manual_seed(0)
     enc = FlatEncoder(hidden=16, heads=2, head_dim=8).eval()

@@ -1,5 +1,6 @@
 """The Triton kernels compiled for the GPU, on GPU-sized inputs and in every dtype they take (bf16 included,
-which the interpreter gets wrong), against float64 references. Marked ``gpu`` and skipped without CUDA.
+which the interpreter gets wrong), against float64 references; and FLAT's gathered position scores in bf16,
+whose table gradient sums many pairs with atomics on a GPU. Marked ``gpu`` and skipped without CUDA.
 
 The tests run compiled kernels: tests/conftest.py turns the interpreter on only where there is no CUDA, so
 ``python -m pytest -m gpu`` on a GPU machine runs them compiled (TRITON_INTERPRET=1 set by hand skips them).
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from nerco_dist.losses import semantic_class_infonce
+from nerco_dist.model.flat import GatheredScores
 from nerco_dist.model.crf import bio_allowed_transitions, build_crf
 from tests.test_crf import enumerate_paths, make_crf, path_scores, random_batch, reference
 from tests.test_infonce_kernel import batch, compare
@@ -165,3 +167,19 @@ def test_crf_bio_constraints_match_brute_force():
 def test_build_crf_picks_triton_on_cuda():
     crf = build_crf(5).to(CUDA)
     assert crf._use_triton(torch.zeros(1, 1, 5, device=CUDA))
+
+
+def test_gathered_scores_sum_a_rows_gradient_in_fp32_under_bf16():
+    """About 8,500 pairs share each table row: its bf16 gradient is the fp32 sum of the pairs' (bf16)
+    gradients, rounded once (within bf16's unit roundoff); bf16 atomics would be off by far more."""
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    query = torch.randn(64, 2, 8, device=CUDA, generator=g).bfloat16().requires_grad_()
+    table = torch.randn(3, 8, device=CUDA, generator=g).bfloat16().requires_grad_()
+    index = torch.randint(0, 3, (64, 400), device=CUDA, generator=g)
+    grad = torch.randn(64, 2, 400, device=CUDA, generator=g).bfloat16()
+    GatheredScores.apply(query, table, index).backward(grad)
+    pair_grads = torch.bmm(grad.transpose(1, 2), query.detach()).double()  # each pair's, as computed in bf16
+    expected = torch.zeros(3, 8, dtype=torch.float64, device=CUDA).index_add_(0, index.reshape(-1),
+                                                                             pair_grads.reshape(-1, 8))
+    assert table.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(table.grad.double(), expected, rtol=2 ** -8, atol=1e-6)

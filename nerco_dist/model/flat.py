@@ -100,14 +100,16 @@ class GatheredScores(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         query, table, index = ctx.saved_tensors
         grad_query = torch.empty_like(query) if ctx.needs_input_grad[0] else None
-        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[1] else None
+        # a table row sums the gradients of many pairs: in fp32 also when training in bf16/fp16
+        accumulate = torch.promote_types(table.dtype, torch.float32)
+        grad_table = table.new_zeros(table.shape, dtype=accumulate) if ctx.needs_input_grad[1] else None
         for chunk in _query_chunks(index, table):
             if grad_query is not None:
                 torch.bmm(grad[chunk], _gather_rows(table, index[chunk]), out=grad_query[chunk])
             if grad_table is not None:
                 grad_rows = torch.bmm(grad[chunk].transpose(1, 2), query[chunk])  # (n, L, H)
-                grad_table.index_add_(0, index[chunk].reshape(-1), grad_rows.view(-1, table.shape[1]))
-        return grad_query, grad_table, None
+                grad_table.index_add_(0, index[chunk].reshape(-1), grad_rows.view(-1, table.shape[1]).to(accumulate))
+        return grad_query, None if grad_table is None else grad_table.to(table.dtype), None
 
 
 CHUNK_BYTES = 8 << 20  # gathered rows per chunk on CPU: under glibc's largest mmap threshold (see machine.py)

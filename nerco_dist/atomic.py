@@ -1,7 +1,9 @@
-"""Atomic file output, so an interrupted run never leaves a half-written CSV or PNG behind."""
+"""Atomic file output, so an interrupted run (or a crash of the machine) never leaves a half-written
+checkpoint, CSV or PNG behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,7 +17,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
 
     The temporary file lives in the same directory so that ``os.replace`` is a rename on one file system;
-    missing parent directories are created.
+    missing parent directories are created. The file is flushed to disk before the rename and the directory
+    after it, so that after a power loss ``path`` is the old file or the whole new one, not an empty one.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -24,10 +27,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, _creation_mode())  # mkstemp makes it 0600: give it the mode a plain open() would
+        _fsync(tmp, os.O_RDWR)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_directory(target.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable. POSIX only (elsewhere a directory cannot be opened); a file
+    system that cannot sync a directory (EINVAL) is let be."""
+    if os.name != "posix":
+        return
+    try:
+        _fsync(directory, os.O_RDONLY)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _creation_mode() -> int:

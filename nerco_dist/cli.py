@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from .errors import InputError
 
@@ -72,20 +74,75 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """One JSON line per input line, in order, written as each batch of the lines that have arrived is tagged
+    (so that it can sit in a pipe). A line that is not UTF-8 gets no JSON line: it is an error (exit status 2,
+    once every other line is written) or, with ``--skip-bad-lines``, a warning."""
+    from .inference import load_for_inference
+
+    if args.input == "-":
+        name, stream = "<stdin>", contextlib.nullcontext(sys.stdin.buffer)
+    elif Path(args.input).is_file():
+        name, stream = args.input, open(args.input, "rb")
+    else:
+        raise InputError(args.input, "file not found")
+    codec, model = load_for_inference(Path(args.checkpoint), args.device)
+    bad_lines = 0
+    with stream as lines:
+        for batch in _arrived_lines(lines, args.batch_size):
+            texts = []
+            for lineno, raw in batch:
+                try:
+                    texts.append(_decoded(raw, name, lineno))
+                except InputError as err:
+                    bad_lines += 1
+                    if args.skip_bad_lines:
+                        log.warning("%s; line skipped", err)
+                    else:
+                        print(f"nerco: error: {err}", file=sys.stderr, flush=True)
+            for text, found in zip(texts, _tagged(codec, model, texts, args.batch_size)):
+                print(json.dumps(dict(text=text, entities=found), ensure_ascii=False))
+            sys.stdout.flush()
+    return 2 if bad_lines and not args.skip_bad_lines else 0
+
+
+def _arrived_lines(stream, max_batch: int) -> Iterator[list[tuple[int, bytes]]]:
+    """The numbered lines of a binary stream (line break removed), in batches of at most ``max_batch`` of those
+    already read: ``read1`` returns what has arrived without waiting for more, so a line is never held back
+    for the ones after it."""
+    lineno, pending = 0, b""
+    while chunk := stream.read1(1 << 16):
+        *complete, pending = (pending + chunk).split(b"\n")
+        numbered = list(enumerate(complete, start=lineno + 1))
+        lineno += len(complete)
+        for start in range(0, len(numbered), max_batch):
+            yield numbered[start : start + max_batch]
+    if pending:
+        yield [(lineno + 1, pending)]
+
+
+def _decoded(raw: bytes, name: str, lineno: int) -> str:
+    """A line as text, decoded strictly (the CR of a CRLF line end and a first line's BOM removed)."""
+    try:
+        text = raw.rstrip(b"\r").decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(name, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line)",
+                         lineno) from None
+    return text[1:] if lineno == 1 and text.startswith("\ufeff") else text
+
+
+def _tagged(codec, model, texts: list[str], batch_size: int) -> list[list[dict]]:
+    """The entities found in each text; a blank one has none and is not given to the model."""
     from .data.readers import Sentence
     from .data.tags import entities
-    from .inference import load_for_inference, predict
+    from .inference import predict
 
-    codec, model = load_for_inference(Path(args.checkpoint), args.device)
-    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    with stream:
-        lines = [line.rstrip("\r\n") for line in stream]
-    texts = [t for t in lines if t.strip()]
-    sentences = [Sentence(list(t), ["O"] * len(t)) for t in texts]
-    for text, tags in zip(texts, predict(codec, model, sentences, args.batch_size)):
-        found = [dict(start=e.start, end=e.end, type=e.type, mention=text[e.start : e.end]) for e in entities(tags)]
-        print(json.dumps(dict(text=text, entities=found), ensure_ascii=False))
-    return 0
+    tagged = [i for i, t in enumerate(texts) if t.strip()]
+    found: list[list[dict]] = [[] for _ in texts]
+    sentences = [Sentence(list(texts[i]), ["O"] * len(texts[i])) for i in tagged]
+    for i, tags in zip(tagged, predict(codec, model, sentences, batch_size)):
+        found[i] = [dict(start=e.start, end=e.end, type=e.type, mention=texts[i][e.start : e.end])
+                    for e in entities(tags)]
+    return found
 
 
 def _vectors(args: argparse.Namespace) -> int:
@@ -175,7 +232,9 @@ def _add_inference(sub) -> None:
     p = sub.add_parser("predict", help="tag raw text, one sentence per line; prints JSON lines")
     p.add_argument("checkpoint")
     p.add_argument("input", nargs="?", default="-", help="text file, or - for standard input (default)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="most lines tagged at once (those already read)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip a line that is not UTF-8 with a warning (default: an error, exit status 2)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
 

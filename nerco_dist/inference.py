@@ -3,6 +3,7 @@ training (no engine, no TensorBoard); the trainer, the CLI, the analysis and the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +13,11 @@ from . import distributed as dist
 from .checkpoint import load_checkpoint
 from .codec import TextCodec
 from .data.readers import Sentence, read_corpus
+from .data.tags import entities
+from .errors import InputError
 from .model.tagger import NerTagger
+
+log = logging.getLogger("nerco_dist")
 
 
 def load_for_inference(checkpoint: Path, device: str = "auto") -> tuple[TextCodec, NerTagger]:
@@ -43,7 +48,17 @@ def predict(codec: TextCodec, model: NerTagger, sentences: Sequence[Sentence], b
 
 def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 32, device: str = "auto",
                         fmt: str = "auto") -> tuple[list[list[str]], list[list[str]]]:
-    """Gold and predicted BIO tags of a labelled corpus file, with nothing but the checkpoint."""
-    codec, model = load_for_inference(checkpoint, device)
+    """Gold and predicted BIO tags of a labelled corpus file, with nothing but the checkpoint. Scores that
+    would measure nothing are not given silently: a file without gold entities is refused (every score would
+    be 0), and gold types the model was never trained on are named in a warning (it cannot predict them)."""
     sentences = read_corpus(data, fmt).sentences
-    return [s.tags for s in sentences], predict(codec, model, sentences, batch_size)
+    gold = [s.tags for s in sentences]
+    gold_types = {e.type for tags in gold for e in entities(tags)}
+    if not gold_types:
+        raise InputError(data, "no gold entities: nothing to score (for unlabelled text, use nerco predict)")
+    codec, model = load_for_inference(checkpoint, device)
+    unknown = gold_types - set(codec.labels.classes)
+    if unknown:
+        log.warning("%s: entity types the model was not trained on (it cannot predict them, so they count as "
+                    "misses): %s", data, ", ".join(sorted(unknown)))
+    return gold, predict(codec, model, sentences, batch_size)

@@ -1,6 +1,8 @@
 """Atomic output: a file is either its old content or its whole new content, never half-written."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -29,3 +31,23 @@ def test_written_file_has_the_mode_a_plain_open_gives(tmp_path):
     write_json(tmp_path / "atomic.json", {})
     (tmp_path / "plain.json").write_text("{}")
     assert (tmp_path / "atomic.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode
+
+
+def test_file_is_synced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """Without the syncs a crash of the machine can leave the new name on an empty file."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append("replace")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_json(tmp_path / "a.json", {"f1": 0.5})
+    assert events == ["fsync file", "replace", "fsync folder"]
+    assert json.loads((tmp_path / "a.json").read_text()) == {"f1": 0.5}

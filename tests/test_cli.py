@@ -1,8 +1,11 @@
 """End to end through the ``nerco`` CLI: train a tiny model on real data, checkpoint round trip, eval,
 predict, and clean failures on bad input."""
 
+import io
 import json
+import logging
 import re
+import select
 import subprocess
 import sys
 
@@ -53,6 +56,25 @@ def test_eval_prints_table_and_writes_json(trained, dev_subset, tmp_path, capsys
     assert out.with_suffix(".length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_refuses_a_file_without_gold_entities(trained, tmp_path, capsys):
+    """All-zero scores with exit status 0 would read as a (terrible) measurement."""
+    data = tmp_path / "unlabelled.bmes"
+    data.write_text("高 O\n勇 O\n\n男 O\n", encoding="utf-8")
+    assert main(["eval", str(trained / "best.pt"), "--data", str(data), "--output", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"nerco: error: {data}: no gold entities")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_warns_of_gold_types_the_model_never_saw(trained, tmp_path, caplog):
+    data = tmp_path / "planets.bmes"
+    data.write_text("高 B-NAME\n勇 E-NAME\n去 O\n火 B-PLANET\n星 E-PLANET\n\n木 S-MOON\n", encoding="utf-8")
+    assert main(["eval", str(trained / "best.pt"), "--data", str(data), "--output", str(tmp_path / "r.json")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if "not trained on" in w] == [
+        f"{data}: entity types the model was not trained on (it cannot predict them, so they count as misses): "
+        "MOON, PLANET"]
+
+
 NO_TENSORBOARD = """import sys
 sys.modules["tensorboard"] = sys.modules["torch.utils.tensorboard"] = None  # as if not installed
 from nerco_dist.cli import main
@@ -73,13 +95,15 @@ def test_eval_and_predict_need_no_training_code_nor_tensorboard(trained, dev_sub
 
 
 def test_predict_raw_text_json_lines(trained, tmp_path):
+    """One JSON line per input line, blank lines included: a consumer can pair them up by position."""
     text = tmp_path / "raw.txt"
-    lines = ["高勇，男，中国国籍，无境外居留权。", "", "1966年出生，汉族，中共党员，本科学历，工程师。"]
+    lines = ["高勇，男，中国国籍，无境外居留权。", "", "   ", "\t", "\u3000", "1966年出生，汉族，中共党员，本科学历，工程师。"]
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), str(text)],
                           capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["text"] for r in rows] == [lines[0], lines[2]]  # blank lines skipped
+    assert [r["text"] for r in rows] == lines
+    assert rows[1:5] == [{"text": t, "entities": []} for t in lines[1:5]]
     codec, model = load_for_inference(trained / "best.pt", "cpu")
     from nerco_dist.data.readers import Sentence
 
@@ -88,6 +112,49 @@ def test_predict_raw_text_json_lines(trained, tmp_path):
     for r in rows:
         for e in r["entities"]:
             assert r["text"][e["start"]:e["end"]] == e["mention"]
+
+
+GOOD_AND_BAD = "高勇，男，中国国籍。\n".encode() + "王明在".encode() + b"\xff\xfe" + "北京。\n\n1966年出生。\n".encode()
+
+
+def test_predict_line_not_utf8_is_an_error_after_every_other_line(trained, tmp_path):
+    """Strict UTF-8 per line, from a file as from standard input: the bad line is named, every other line gets
+    its JSON line (valid UTF-8), and the exit status is 2."""
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes(GOOD_AND_BAD)
+    for source, stdin, name in ((str(raw), None, str(raw)), ("-", GOOD_AND_BAD, "<stdin>")):
+        proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), source],
+                              input=stdin, capture_output=True)
+        assert proc.returncode == 2, proc.stderr.decode(errors="replace")[-2000:]
+        assert f"nerco: error: {name}:2: not valid UTF-8 (byte 0xff".encode() in proc.stderr
+        rows = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]  # strict: valid UTF-8
+        assert [r["text"] for r in rows] == ["高勇，男，中国国籍。", "", "1966年出生。"]
+
+
+def test_predict_skip_bad_lines_warns_and_goes_on(trained, monkeypatch, capsys, caplog):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(GOOD_AND_BAD)))
+    assert main(["predict", str(trained / "best.pt"), "--skip-bad-lines", "--batch-size", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["高勇，男，中国国籍。", "", "1966年出生。"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "<stdin>:2: not valid UTF-8 (byte 0xff at byte 10 of the line); line skipped"]
+
+
+def test_predict_answers_each_line_while_the_input_is_still_open(trained):
+    """predict can sit in a pipe: a line's JSON line comes out before the next line is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        for text in ("高勇，男，中国国籍。", "1966年出生，汉族。"):
+            proc.stdin.write(text.encode() + b"\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, f"no output for {text!r} while the input is open"
+            assert json.loads(proc.stdout.readline())["text"] == text
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
 
 
 def test_long_sentences_are_evaluated_whole(trained, tmp_path):

@@ -1,5 +1,6 @@
 """Readers, tag schemes, lexicon matching, sentence splitting and batching."""
 
+import json
 import logging
 import random
 import re
@@ -67,6 +68,8 @@ def write(tmp_path, name, content, binary=False):
     ("中 B-ORG\n国 X-ORG\n", 2, "ill-formed tag"),
     ("中 B-ORG\n国 I_ORG\n", 2, "ill-formed tag"),
     ("中 B-ORG\n国 B-\n", 2, "ill-formed tag"),
+    ("中 B-ORG\n国 I-O\x00RG\n", 2, "control character"),  # not a new type 'O\x00RG'
+    ("中 B-ORG\n国 I-ORG\x7f\n", 2, "control character"),
     ("中国 B-ORG\n", 1, "not a single character"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, content, line, problem):
@@ -94,9 +97,24 @@ def test_missing_file(tmp_path):
         read_corpus(tmp_path / "nope.bmes")
 
 
-def test_mixed_schemes_rejected(tmp_path):
-    with pytest.raises(InputError, match="mix"):
-        read_corpus(write(tmp_path, "mix.bmes", "中 B-ORG\n国 M-ORG\n\n人 B-PER\n民 I-PER\n"))
+def test_mixed_schemes_name_the_first_tag_that_does_not_fit(tmp_path):
+    p = write(tmp_path, "mix.bmes", "中 B-ORG\n国 M-ORG\n华 E-ORG\n\n人 B-PER\n民 I-PER\n日 I-PER\n\n报 I-ORG\n")
+    with pytest.raises(InputError, match="mix") as err:
+        read_corpus(p)
+    assert err.value.line == 6 and "'I-PER' does not fit the BMES tags" in str(err.value)
+    with pytest.raises(InputError) as err:
+        read_corpus(write(tmp_path, "mix.bio", "中 B-ORG\n国 I-ORG\n\n人 B-PER\n民 M-PER\n"))
+    assert err.value.line == 5 and "'M-PER' does not fit the BIO/BIOES tags" in str(err.value)
+
+
+def test_ideographic_space_is_a_character(tmp_path):
+    """U+3000 is white space to str.split() but a character of Chinese text; only spaces and tabs separate."""
+    corpus = read_corpus(write(tmp_path, "space.bmes", "张 B-NAME\n三 E-NAME\n\u3000 O\n\u00a0\tO\n好 O\n"))
+    assert corpus.sentences[0].chars == ["张", "三", "\u3000", "\u00a0", "好"]
+    assert entities(corpus.sentences[0].tags) == [Entity(0, 2, "NAME")]
+    with pytest.raises(InputError, match="malformed line") as err:
+        read_corpus(write(tmp_path, "alone.bmes", "张 O\n\u3000\n"))  # a character without its tag
+    assert err.value.line == 2
 
 
 def test_bad_weibo_token(tmp_path):
@@ -115,6 +133,78 @@ def test_cluener_reader(tmp_path):
     with pytest.raises(InputError, match="does not match") as err:
         read_corpus(bad)
     assert err.value.line == 2
+
+
+CLUENER_RECORDS = [
+    {"text": "浙商银行企业信贷部叶老桂", "label": {"name": {"叶老桂": [[9, 11]]}, "company": {"浙商银行": [[0, 3]]}}},
+    {"text": "生生不息CSOL生化狂潮让你填弹狂扫", "label": {"game": {"CSOL": [[4, 7]]}}},
+    {"text": "今天天气很好"},  # unlabelled, as CLUENER's test split
+]
+
+
+@pytest.mark.parametrize("layout", ["pretty objects", "array", "compact array"])
+def test_cluener_as_published_pretty_printed_or_as_an_array(tmp_path, layout):
+    """Common copies of CLUENER are one JSON document, not JSON lines: the same sentences, each at the line
+    where its record starts."""
+    lines = write(tmp_path, "lines.json", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in CLUENER_RECORDS))
+    document = {"pretty objects": "\n".join(json.dumps(r, ensure_ascii=False, indent=4) for r in CLUENER_RECORDS),
+                "array": json.dumps(CLUENER_RECORDS, ensure_ascii=False, indent=2),
+                "compact array": json.dumps(CLUENER_RECORDS, ensure_ascii=False)}[layout]
+    pretty = read_corpus(write(tmp_path, "pretty.json", document + "\n"))
+    expected = read_corpus(lines).sentences
+    assert [(s.chars, s.tags) for s in pretty.sentences] == [(s.chars, s.tags) for s in expected]
+    record_lines = [int(s.origin.rsplit(":", 1)[1]) for s in pretty.sentences]
+    starts = [i for i, line in enumerate(document.splitlines(), start=1) if line.lstrip(" [").startswith("{")]
+    assert record_lines == (starts if layout != "compact array" else [1, 1, 1])
+
+
+def test_cluener_nested_entities_keep_the_outermost_with_one_warning(tmp_path, caplog):
+    title = "《浙商银行与招商银行》"
+    records = [{"text": title + "出版", "label": {"book": {title: [[0, 10]]},
+                                                "company": {"浙商银行": [[1, 4]], "招商银行": [[6, 9]]}}},
+               {"text": "北京大学", "label": {"organization": {"北京大学": [[0, 3]]}, "address": {"北京": [[0, 1]]},
+                                          "government": {"北京大学": [[0, 3]]}}}]
+    p = write(tmp_path, "nested.json", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    with caplog.at_level(logging.WARNING, logger="nerco_dist"):
+        corpus = read_corpus(p)
+    assert entities(corpus.sentences[0].tags) == [Entity(0, 11, "book")]
+    assert entities(corpus.sentences[1].tags) == [Entity(0, 4, "government")]  # same span: the first type by name
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{p}: 4 entities nested in or overlapping another were dropped (the outermost kept)"]
+
+
+@pytest.mark.parametrize("record,problem", [
+    ('{"text": "浙商银行", "label": ["company"]}', '"label" must be an object'),
+    ('{"text": "浙商银行", "label": {"company": ["浙商银行"]}}', "type 'company' must map each mention"),
+    ('{"text": "浙商银行", "label": {"company": {"浙商银行": [0, 3]}}}', "must be [[start, end_inclusive]"),
+    ('{"text": "浙商银行", "label": {"company": {"浙商银行": [[0, 3, 4]]}}}', "must be [[start, end_inclusive]"),
+    ('{"text": 12, "label": {}}', '"text" must be a string, got 12'),
+    ('{"label": {}}', '"text" must be a string, got null'),
+    ('{"text": "浙商银行", "label": {"": {"浙商银行": [[0, 3]]}}}', "entity type '' is empty"),
+    ('{"text": "浙商银行", "label": {" ": {"浙商银行": [[0, 3]]}}}', "entity type ' ' is empty or has a space"),
+    ('["浙商银行"]', "expected an object"),
+])
+def test_cluener_wrong_shapes_name_file_and_line(tmp_path, record, problem):
+    """In JSON lines and in a pretty-printed document alike: the file, the line where the record starts."""
+    good, bad = CLUENER_RECORDS[0], json.loads(record)
+    pretty_good = json.dumps(good, ensure_ascii=False, indent=2)
+    for name, content, line in (
+            ("lines.json", f"{json.dumps(good, ensure_ascii=False)}\n\n{record}\n", 3),
+            ("pretty.json", f"{pretty_good}\n{json.dumps(bad, ensure_ascii=False, indent=2)}\n",
+             pretty_good.count("\n") + 2)):
+        p = write(tmp_path, name, content)
+        with pytest.raises(InputError) as err:
+            read_corpus(p)
+        assert str(err.value).startswith(f"{p}:{line}: bad CLUENER record: ") and problem in str(err.value)
+
+
+def test_cluener_json_errors_name_their_line(tmp_path):
+    with pytest.raises(InputError, match="Expecting ',' delimiter") as err:
+        read_corpus(write(tmp_path, "bad.json", '[\n  {"text": "浙商"},\n  {"text": "银行"\n   "label": {}}\n]\n'))
+    assert err.value.line == 4
+    with pytest.raises(InputError, match="not closed") as err:
+        read_corpus(write(tmp_path, "open.json", '[\n  {"text": "浙商"},\n  {"text": "银行"}\n'))
+    assert err.value.line == 4
 
 
 # --- tag schemes ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Corpus readers: character CoNLL (BIO/BIOES/BMES), Weibo NER as published, CLUENER2020 JSON lines.
+"""Corpus readers: character CoNLL (BIO/BIOES/BMES), Weibo NER as published, CLUENER2020 JSON.
 
 Every reader returns sentences with BIO tags (NerCo trains all corpora in BIO) and fails on bad input
 with an :class:`InputError` naming the file, the line and the problem.
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from ..errors import InputError
-from .tags import Entity, count_orphan_inside, detect_scheme, from_entities, split_tag, to_bio
+from .tags import (Entity, MixedSchemes, check_type, count_orphan_inside, detect_scheme, from_entities, split_tag,
+                   to_bio)
 
 log = logging.getLogger("nerco_dist")
 
@@ -60,7 +63,7 @@ def _looks_like_weibo(path: Path) -> bool:
     """Weibo tokens are one character followed by its position digits inside the word (``科0``)."""
     with open(path, "rb") as f:
         head = f.read(8192).decode("utf-8", errors="ignore")
-    tokens = [ln.split()[0] for ln in head.splitlines()[:-1] if ln.strip()]
+    tokens = [fields[0] for fields in map(_fields, head.splitlines()[:-1]) if fields]
     return bool(tokens) and all(_weibo_character(t) is not None for t in tokens)
 
 
@@ -80,11 +83,11 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
     the token minus those digits.
     """
     path = Path(path)
-    sentences, all_tags = _conll_sentences(path, _read_text(path), weibo)
+    sentences, first_line = _conll_sentences(path, _read_text(path), weibo)
     try:
-        scheme = detect_scheme(all_tags)
-    except ValueError as err:
-        raise InputError(path, str(err)) from None
+        scheme = detect_scheme(first_line)
+    except MixedSchemes as err:
+        raise InputError(path, str(err), first_line[err.tag]) from None
     orphans = 0
     for s in sentences:
         s.tags = to_bio(s.tags)
@@ -95,31 +98,40 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
     return Corpus(path, sentences, scheme, orphans)
 
 
-def _conll_sentences(path: Path, text: str, weibo: bool) -> tuple[list[Sentence], set[str]]:
-    """The sentences with their tags as written (the file's own scheme), and the set of tags seen."""
+def _conll_sentences(path: Path, text: str, weibo: bool) -> tuple[list[Sentence], dict[str, int]]:
+    """The sentences with their tags as written (the file's own scheme), and each tag seen with the line of
+    its first use (in the order of those lines)."""
     sentences: list[Sentence] = []
+    first_line: dict[str, int] = {}
     start = 0  # line of the sentence being read
     chars: list[str] = []
     tags: list[str] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+        fields = _fields(line)
+        if not fields:
             if chars:
                 sentences.append(Sentence(chars, tags, f"{path}:{start}"))
                 chars, tags = [], []
             continue
-        char, tag = _conll_token(path, line, lineno, weibo)
+        char, tag = _conll_token(path, line, fields, lineno, weibo)
         if not chars:
             start = lineno
         chars.append(char)
         tags.append(tag)
+        first_line.setdefault(tag, lineno)
     if chars:
         sentences.append(Sentence(chars, tags, f"{path}:{start}"))
-    return sentences, {t for s in sentences for t in s.tags}
+    return sentences, first_line
 
 
-def _conll_token(path: Path, line: str, lineno: int, weibo: bool) -> tuple[str, str]:
+def _fields(line: str) -> list[str]:
+    """The fields of a CoNLL line, separated by spaces or tabs only: other white space (the ideographic space
+    U+3000, a no-break space) is a character of Chinese text, not a separator."""
+    return [f for f in line.replace("\t", " ").split(" ") if f]
+
+
+def _conll_token(path: Path, line: str, fields: list[str], lineno: int, weibo: bool) -> tuple[str, str]:
     """The character and tag of a non-blank line; an :class:`InputError` naming the line if it is malformed."""
-    fields = line.split()
     if len(fields) != 2:
         raise InputError(path, f"malformed line {line!r}: expected 'char tag'", lineno)
     token, tag = fields
@@ -138,36 +150,108 @@ def _conll_token(path: Path, line: str, lineno: int, weibo: bool) -> tuple[str, 
 
 
 def read_cluener(path: str | Path) -> Corpus:
-    """CLUENER2020 JSON lines: ``{"text": ..., "label": {type: {mention: [[start, end_inclusive], ...]}}}``."""
+    """CLUENER2020 records ``{"text": ..., "label": {type: {mention: [[start, end_inclusive], ...]}}}``, as JSON
+    lines, one JSON array or objects one after another (pretty-printed copies). BIO holds one entity per
+    character, so nested or overlapping entities are flattened by :func:`_outermost` and counted in one
+    warning."""
     path = Path(path)
-    text = _read_text(path)
     sentences: list[Sentence] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            sent_text = record["text"]
-            labels = record.get("label", {}) or {}
-            spans = []
-            for etype, mentions in labels.items():
-                for mention, positions in mentions.items():
-                    for start, end in positions:
-                        if not (0 <= start <= end < len(sent_text)) or sent_text[start : end + 1] != mention:
-                            raise ValueError(f"span [{start}, {end}] of {etype} does not match mention {mention!r}")
-                        spans.append(Entity(start, end + 1, etype))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise InputError(path, f"bad CLUENER record: {err}", lineno) from None
-        spans.sort()
-        for a, b in zip(spans, spans[1:]):
-            if b.start < a.end:
-                raise InputError(path, f"overlapping entities {a} and {b}", lineno)
-        if not sent_text:
-            continue
-        sentences.append(Sentence(list(sent_text), from_entities(len(sent_text), spans, "BIO"), f"{path}:{lineno}"))
+    dropped = 0
+    for lineno, record in _json_values(path, _read_text(path)):
+        text, spans = _cluener_record(path, lineno, record)
+        kept = _outermost(spans)
+        dropped += len(spans) - len(kept)
+        if text:
+            sentences.append(Sentence(list(text), from_entities(len(text), kept, "BIO"), f"{path}:{lineno}"))
+    if dropped:
+        log.warning("%s: %d entities nested in or overlapping another were dropped (the outermost kept)", path,
+                    dropped)
     if not sentences:
         raise InputError(path, "empty file: no sentences")
     return Corpus(path, sentences, "BIO", 0)
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_values(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """The JSON values of ``text`` (the elements, if it is one array), each with the line it starts on."""
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0  # the line of offset ``counted``, advanced as the values are read
+
+    def skip_space(pos: int) -> int:
+        return _JSON_SPACE.match(text, pos).end()
+
+    pos = skip_space(0)
+    array = text.startswith("[", pos)
+    if array:
+        pos = skip_space(pos + 1)
+    while pos < len(text) and not (array and text[pos] == "]"):
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"bad CLUENER record: {err.msg} (column {err.colno})", err.lineno) from None
+        yield line, value
+        pos = skip_space(pos)
+        if array and text.startswith(",", pos):
+            pos = skip_space(pos + 1)
+    if array and not (text.startswith("]", pos) and skip_space(pos + 1) == len(text)):
+        raise InputError(path, "the JSON array is not closed by the file's last ]",
+                         line + text.count("\n", counted, pos))
+
+
+def _cluener_record(path: Path, lineno: int, record: Any) -> tuple[str, set[Entity]]:
+    """The text and the entities of one record; a wrong shape is an :class:`InputError` at ``lineno``."""
+    def bad(problem: str) -> InputError:
+        return InputError(path, f"bad CLUENER record: {problem}", lineno)
+
+    if not isinstance(record, dict):
+        raise bad(f'expected an object {{"text": ..., "label": ...}}, got {_shown(record)}')
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise bad(f'"text" must be a string, got {_shown(text)}')
+    labels = record.get("label") or {}  # unlabelled (CLUENER's test split): no entities
+    if not isinstance(labels, dict):
+        raise bad(f'"label" must be an object {{type: {{mention: [[start, end], ...]}}}}, got {_shown(labels)}')
+    spans = set()
+    for etype, mentions in labels.items():
+        try:
+            check_type(etype)
+        except ValueError as err:
+            raise bad(str(err)) from None
+        if not isinstance(mentions, dict):
+            raise bad(f"type {etype!r} must map each mention to its spans, got {_shown(mentions)}")
+        for mention, positions in mentions.items():
+            if not (isinstance(positions, list) and all(_is_span(p) for p in positions)):
+                raise bad(f"spans of {etype} {mention!r} must be [[start, end_inclusive], ...], "
+                          f"got {_shown(positions)}")
+            for start, end in positions:
+                if not (0 <= start <= end < len(text)) or text[start : end + 1] != mention:
+                    raise bad(f"span [{start}, {end}] of {etype} does not match mention {mention!r}")
+                spans.add(Entity(start, end + 1, etype))
+    return text, spans
+
+
+def _is_span(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value))
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as it would be written, cut short for a message."""
+    shown = json.dumps(value, ensure_ascii=False)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _outermost(spans: set[Entity]) -> list[Entity]:
+    """The entities left when each one that overlaps an earlier-starting (or, starting together, a longer)
+    one is dropped: of nested entities the outermost stays; of two types on one span, the first by name."""
+    kept: list[Entity] = []
+    for span in sorted(spans, key=lambda e: (e.start, -e.end, e.type)):
+        if not kept or span.start >= kept[-1].end:
+            kept.append(span)
+    return kept
 
 
 def read_corpus(path: str | Path, fmt: str = "auto") -> Corpus:

@@ -12,7 +12,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 OUTSIDE = "O"
 SCHEMES = ("BIO", "BIOES", "BMES")
-_TAG_RE = re.compile(r"^(?:O|([BIMES])-(\S+))$")
+_TAG_RE = re.compile(r"O|([BIMES])-(.+)", re.DOTALL)  # fullmatch; the type is checked by check_type
 
 
 class Entity(NamedTuple):
@@ -29,10 +29,23 @@ def split_tag(tag: str) -> tuple[str, str | None]:
 
     Cached: a corpus has a handful of distinct tags and every reader, encoder and metric parses each tag.
     """
-    m = _TAG_RE.match(tag)
+    m = _TAG_RE.fullmatch(tag)
     if m is None:
         raise ValueError(f"ill-formed tag {tag!r} (expected O or one of B/I/M/E/S followed by -TYPE)")
-    return (OUTSIDE, None) if tag == OUTSIDE else (m.group(1), m.group(2))
+    if tag == OUTSIDE:
+        return OUTSIDE, None
+    try:
+        return m.group(1), check_type(m.group(2))
+    except ValueError as err:
+        raise ValueError(f"ill-formed tag {tag!r}: {err}") from None
+
+
+def check_type(etype: str) -> str:
+    """``etype`` if it can name an entity type: not empty, printable, without spaces (it becomes part of a
+    tag, a report's row and a file's column); otherwise a ValueError saying why."""
+    if not etype or not etype.isprintable() or " " in etype:
+        raise ValueError(f"entity type {etype!r} is empty or has a space or a control character")
+    return etype
 
 
 def semantic_class(tag: str) -> str:
@@ -41,11 +54,25 @@ def semantic_class(tag: str) -> str:
     return OUTSIDE if etype is None else etype
 
 
+class MixedSchemes(ValueError):
+    """Tags mixing I- (BIO/BIOES) and M- (BMES); ``tag`` is the first that does not fit the scheme of the tags
+    before it, so that a reader can name its line."""
+
+    def __init__(self, tag: str):
+        earlier = "BIO/BIOES" if tag.startswith("M-") else "BMES"
+        super().__init__(f"tags mix I- (BIO/BIOES) and M- (BMES): {tag!r} does not fit the {earlier} tags before it")
+        self.tag = tag
+
+
 def detect_scheme(tags: Iterable[str]) -> str:
-    """BMES when M- occurs, BIOES when I- occurs beside E-/S-, otherwise BIO."""
-    prefixes = {split_tag(t)[0] for t in tags}
-    if "M" in prefixes and "I" in prefixes:
-        raise ValueError("tags mix I- (BIO/BIOES) and M- (BMES)")
+    """BMES when M- occurs, BIOES when I- occurs beside E-/S-, otherwise BIO; :class:`MixedSchemes` when both
+    I- and M- occur (naming the first, in the order given, of the prefix that came second)."""
+    prefixes = set()
+    for t in tags:
+        prefix = split_tag(t)[0]
+        if {"I": "M", "M": "I"}.get(prefix) in prefixes:
+            raise MixedSchemes(t)
+        prefixes.add(prefix)
     if "M" in prefixes:
         return "BMES"
     if prefixes & {"E", "S"}:

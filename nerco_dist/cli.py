@@ -85,7 +85,7 @@ def _predict(args: argparse.Namespace) -> int:
         name, stream = args.input, open(args.input, "rb")
     else:
         raise InputError(args.input, "file not found")
-    codec, model = load_for_inference(Path(args.checkpoint), args.device)
+    codec, model = load_for_inference(Path(args.checkpoint), args.device, tagging=True)
     bad_lines = 0
     with stream as lines:
         for batch in _arrived_lines(lines, args.batch_size):

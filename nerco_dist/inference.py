@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from . import distributed as dist
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, require_same_shape, require_trained_head
 from .codec import TextCodec
 from .data.readers import Sentence, read_corpus
 from .data.tags import entities
@@ -20,11 +20,18 @@ from .model.tagger import NerTagger
 log = logging.getLogger("nerco_dist")
 
 
-def load_for_inference(checkpoint: Path, device: str = "auto") -> tuple[TextCodec, NerTagger]:
-    """The codec and the tagger (eval mode, on ``device``) of a self-contained checkpoint."""
+def load_for_inference(checkpoint: Path, device: str = "auto", *, tagging: bool = False
+                       ) -> tuple[TextCodec, NerTagger]:
+    """The codec and the tagger (eval mode, on ``device``) of a self-contained checkpoint. ``tagging``: the
+    tags are wanted, so a stage-1 checkpoint is refused (only its encoder's features mean something)."""
     payload = load_checkpoint(checkpoint)
+    if tagging:
+        require_trained_head(checkpoint, payload)
     codec = TextCodec.from_checkpoint(payload)
     model = codec.build_model()
+    model_config = payload["config"]["model"]
+    require_same_shape(checkpoint, payload["model"], model, saved_config=model_config, config=model_config,
+                       against="the one its own config builds")
     model.load_state_dict(payload["model"])
     return codec, model.to(dist.device_for_rank(device)).eval()
 
@@ -56,7 +63,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 32, devi
     gold_types = {e.type for tags in gold for e in entities(tags)}
     if not gold_types:
         raise InputError(data, "no gold entities: nothing to score (for unlabelled text, use nerco predict)")
-    codec, model = load_for_inference(checkpoint, device)
+    codec, model = load_for_inference(checkpoint, device, tagging=True)
     unknown = gold_types - set(codec.labels.classes)
     if unknown:
         log.warning("%s: entity types the model was not trained on (it cannot predict them, so they count as "

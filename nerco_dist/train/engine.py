@@ -26,6 +26,7 @@ import importlib.resources
 import json
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +35,9 @@ from torch import nn
 
 from .. import distributed as dist
 from ..atomic import atomic_path
+from ..checkpoint import load_tensors
 from ..config import DistributedConfig, OptimConfig
+from ..errors import InputError
 from .optim import ParamGroups, build_optimizer, build_scheduler
 
 log = logging.getLogger("nerco_dist")
@@ -163,7 +166,7 @@ class LocalEngine(_Engine):
             torch.save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), extra=extra), tmp)
 
     def load_state(self, path: Path) -> dict:
-        state = torch.load(path / "local.pt", map_location="cpu", weights_only=True)
+        state = load_tensors(path / "local.pt")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["extra"]
@@ -201,6 +204,7 @@ class DeepSpeedEngine(_Engine):
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
+        self.ds.checkpoint_engine = _WeightsOnlyLoads(self.ds.checkpoint_engine)
 
     @property
     def steps(self) -> int:
@@ -251,6 +255,7 @@ class DeepSpeedEngine(_Engine):
         self.ds.save_checkpoint(str(path.parent), tag=path.name, client_state=dict(nerco=extra), save_latest=False)
 
     def load_state(self, path: Path) -> dict:
+        _refuse_unsafe_files(path)
         # the LR schedule was built at the resumed step (``start_step``): its saved state is not loaded
         loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         if loaded is None:
@@ -261,6 +266,49 @@ class DeepSpeedEngine(_Engine):
         destroy = getattr(self.ds, "destroy", None)
         if destroy is not None:
             destroy()
+
+
+def _deepspeed_classes() -> list[type]:
+    """What DeepSpeed (0.19) pickles into its ZeRO optimizer files besides tensors and plain values: the ZeRO
+    stage (an int enum), the static loss scaler (fp32 and bf16 alike) and the places of parameter fragments
+    in the flat partitions (ZeRO 1, 2). Unpickling them sets attributes and runs none of the file's code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine, its loads made weights-only (DeepSpeed unpickles its files in full, so a
+    file planted in a resume folder would run its code); everything else is the engine's own."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def load(self, path: str, map_location=None):
+        return load_tensors(path, allow=_deepspeed_classes(), map_location=map_location)
+
+
+def _refuse_unsafe_files(directory: Path) -> None:
+    """Rank 0 reads every file of a DeepSpeed checkpoint as :class:`_WeightsOnlyLoads` will (the tensors of
+    zip files mapped, not read), so that a refused file stops every rank with its name before each rank reads
+    its own files inside DeepSpeed's collective ``load_checkpoint``, where one rank's error would leave the
+    others waiting. Collective."""
+    refused = None
+    if dist.is_main():
+        for path in sorted(p for p in directory.iterdir() if p.is_file()):
+            try:
+                load_tensors(path, allow=_deepspeed_classes(), mmap=zipfile.is_zipfile(path))
+            except InputError as err:
+                refused = (str(err.path), err.problem)
+                break
+    refused = dist.gather_objects(refused)[0]
+    if refused is not None:
+        raise InputError(*refused)
 
 
 def build_engine(model: nn.Module, optim: OptimConfig, groups: ParamGroups, steps_per_epoch: int, *,

@@ -8,10 +8,10 @@ phase starts from. Stage 1 (``contrastive``) is one phase; stage 2 (``finetune``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, require_same_shape
 from ..config import Config, OptimConfig, PhaseConfig
 from ..errors import InputError
 from ..model.tagger import NerTagger
@@ -81,8 +81,9 @@ def trainable_parameters(model: NerTagger, phase: Phase) -> list[tuple[list, flo
 
 def load_encoder(model: NerTagger, checkpoint: Path) -> None:
     """Take every weight but the output head from a stage-1 checkpoint: stage 2 starts with a fresh head."""
-    state = load_checkpoint(checkpoint)["model"]
-    encoder_state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(encoder_state, strict=False)
-    if unexpected or any(not k.startswith("head.") for k in missing):
-        raise ValueError(f"{checkpoint}: does not match this model (missing {missing}, unexpected {unexpected})")
+    payload = load_checkpoint(checkpoint)
+    encoder_state = {k: v for k, v in payload["model"].items() if not k.startswith("head.")}
+    fresh_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}  # not compared
+    require_same_shape(checkpoint, dict(encoder_state, **fresh_head), model, saved_config=payload["config"]["model"],
+                       config=asdict(model.cfg), against="this run's")
+    model.load_state_dict(encoder_state, strict=False)

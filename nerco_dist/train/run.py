@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
+import os
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,6 +58,51 @@ def refuse_unrunnable(cfg: Config, stages: list[str]) -> None:
         stage_phases(cfg, stage)  # refuses a stage whose phases all have 0 epochs
 
 
+def join_ranks(cfg: Config) -> torch.device:
+    """This rank's device, the process group joined when DeepSpeed is used (a second call does nothing)."""
+    device = dist.device_for_rank(cfg.run.device)
+    if uses_deepspeed(cfg.distributed):
+        dist.init(device, cfg.distributed.timeout_s)
+    return device
+
+
+LOCK_FILE = ".nerco-train.lock"
+
+
+@contextlib.contextmanager
+def exclusive_output(out: Path) -> Iterator[None]:
+    """Hold the output folder for one run: rank 0 keeps an exclusive lock on ``out/.nerco-train.lock`` until
+    the run ends, and a second ``nerco train`` on the folder stops at once (two runs there deleted each
+    other's resume checkpoints and each took the other's best.pt for its own). The kernel drops the lock of a
+    process that dies, so a killed run's lock is simply taken over; the pid in the file is for the message.
+    Collective, after :func:`join_ranks`: every rank learns whether rank 0 got the lock."""
+    handle, holder = None, None
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "pid not written yet"
+            handle.close()
+        except OSError as err:  # a file system without locks (NFS mounted nolock, Lustre without flock)
+            log.warning("%s: cannot be locked (%s): a second run on this folder would not be stopped", out, err)
+        else:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+    holder = dist.gather_objects(holder)[0]
+    if holder is not None:
+        raise InputError(out, f"in use by another nerco train ({holder}): wait for it to end, or choose another "
+                              "run.out_dir")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # and the lock with it
+
+
 @dataclass
 class TrainingRun:
     """One ``nerco train``: its config, data, device and output folder, shared by both stages."""
@@ -72,9 +122,7 @@ class TrainingRun:
         keep_freed_memory()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        device = dist.device_for_rank(cfg.run.device)
-        if uses_deepspeed(cfg.distributed):
-            dist.init(device, cfg.distributed.timeout_s)
+        device = join_ranks(cfg)
         if not dist.is_main():
             log.setLevel(logging.WARNING)
         splits = read_splits(cfg, root)

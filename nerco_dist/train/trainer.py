@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from ..atomic import write_json
 from ..checkpoint import load_checkpoint
 from ..config import Config
 from ..data.dataset import LengthBucketBatchSampler
+from ..errors import InputError
 from ..machine import machine_info
 from ..model.tagger import NerTagger
 from .engine import build_engine
@@ -37,7 +39,7 @@ from .monitor import Scalars, Throughput
 from .objectives import DevScore, InfoNCELoss, LossFn, head_probe_report, mean_dev_infonce, phase_loss
 from .phases import Phase, stage_phases, trainable_parameters
 from .resume import Progress, StageResume, fingerprint
-from .run import TrainingRun, refuse_unrunnable
+from .run import TrainingRun, exclusive_output, join_ranks, refuse_unrunnable
 
 log = logging.getLogger("nerco_dist")
 
@@ -64,22 +66,23 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
     if cfg.contrastive.select == "head_f1" and dist.launched():
         raise ValueError("contrastive.select=head_f1 trains its probe head in one process: run without the launcher")
     refuse_unrunnable(cfg, ["contrastive", "finetune"] if stage == "both" else [stage])
-    run = TrainingRun.start(cfg, root)
-    if dist.is_main():
-        run.out.mkdir(parents=True, exist_ok=True)
-        if not resume:
+    join_ranks(cfg)
+    with exclusive_output(Path(cfg.run.out_dir)):
+        run = TrainingRun.start(cfg, root)
+        if dist.is_main() and not resume:
             shutil.rmtree(run.out / "resume", ignore_errors=True)
-    dist.barrier()
-    results: dict = dict(stage=stage, machine=machine_info(run.device), config=cfg.to_dict())
-    if stage in ("contrastive", "both"):
-        results["contrastive"] = run_stage(run, "contrastive", None, wrap_loss)
-        init = run.out / "contrastive" / "best.pt"
-    if stage in ("finetune", "both"):
-        results.update(run_stage(run, "finetune", init, wrap_loss))
-    results["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    if dist.is_main():
-        write_json(run.stage_dir("contrastive" if stage == "contrastive" else "finetune") / "results.json", results)
-    dist.barrier()
+        dist.barrier()
+        results: dict = dict(stage=stage, machine=machine_info(run.device), config=cfg.to_dict())
+        if stage in ("contrastive", "both"):
+            results["contrastive"] = run_stage(run, "contrastive", None, wrap_loss)
+            init = run.out / "contrastive" / "best.pt"
+        if stage in ("finetune", "both"):
+            results.update(run_stage(run, "finetune", init, wrap_loss))
+        results["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        if dist.is_main():
+            write_json(run.stage_dir("contrastive" if stage == "contrastive" else "finetune") / "results.json",
+                       results)
+        dist.barrier()
     return results
 
 
@@ -92,6 +95,7 @@ def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLo
     phases = stage_phases(run.cfg, stage)
     model = run.initial_model(init)
     progress = resume.progress()
+    best = resumed_best(run, stage, progress)
     log.info("%s: %d training pieces, %d ranks, %d parameters, device %s; phases %s", stage, len(run.train_pieces),
              dist.world_size(), sum(p.numel() for p in model.parameters()), run.device,
              ", ".join(f"{p.name} ({p.optim.epochs} epochs)" for p in phases))
@@ -101,13 +105,14 @@ def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLo
     while True:
         phase = phases[progress.phase]
         loss = phase_loss(run.cfg, phase, len(run.codec.labels.classes))
-        train_phase(run, phase, engine, wrap_loss(phase, loss) if wrap_loss else loss, progress, resume, scalars)
+        train_phase(run, phase, engine, wrap_loss(phase, loss) if wrap_loss else loss, progress, best, resume,
+                    scalars)
         if progress.phase + 1 == len(phases):
             break
-        engine = hand_off(run, phase, phases[progress.phase + 1], engine, progress)
+        engine = hand_off(run, phase, phases[progress.phase + 1], engine, progress, best)
         resume.save(engine, progress)
     scalars.close()
-    results = stage_results(run, stage, engine, progress)
+    results = stage_results(run, stage, engine, progress, best)
     engine.close()
     resume.mark_done(results)
     return results
@@ -120,20 +125,16 @@ def phase_engine(run: TrainingRun, phase: Phase, model: NerTagger, step: int):
                         distributed=run.cfg.distributed, device=run.device, start_step=step)
 
 
-def hand_off(run: TrainingRun, phase: Phase, next_phase: Phase, engine, progress: Progress):
+def hand_off(run: TrainingRun, phase: Phase, next_phase: Phase, engine, progress: Progress, best: BestWeights):
     """The next phase's engine, on a fresh model with this phase's last weights or the stage's best."""
-    if phase.hand_off == "best":
-        dist.barrier()  # rank 0 has written best.pt
-        weights = load_checkpoint(run.stage_dir(phase.stage) / "best.pt")["model"]
-    else:
-        weights = engine.full_state_dict()
+    weights = best.state if phase.hand_off == "best" else engine.full_state_dict()
     engine.close()
     progress.start_phase(progress.phase + 1)
     return phase_engine(run, next_phase, run.model_with(weights), 0)
 
 
-def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: Progress, resume: StageResume,
-                scalars: Scalars) -> None:
+def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: Progress, best: BestWeights,
+                resume: StageResume, scalars: Scalars) -> None:
     """The phase's epochs from where ``progress`` stands, each scored on dev; stops early after ``patience``
     epochs without a better dev score than the stage's best."""
     batches = run.train_batches(phase.optim.batch_size)
@@ -146,7 +147,7 @@ def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: 
         train_epoch(run, phase, engine, batches, progress, loss, resume, scalars)
         weights = engine.inference_model()  # fp32, on every rank
         score = dev_score(run, phase, weights)
-        record_epoch(run, phase, weights, score, progress, scalars, time.time() - tick)
+        record_epoch(run, phase, weights, score, progress, best, scalars, time.time() - tick)
         progress.epoch, progress.epochs_done, progress.batch = progress.epoch + 1, progress.epochs_done + 1, 0
         resume.save(engine, progress)
     if phase.stopped(progress.stale):
@@ -236,9 +237,37 @@ def dev_score(run: TrainingRun, phase: Phase, model: NerTagger) -> DevScore:
     return DevScore.from_report(run.scores(model, run.splits.dev))
 
 
+@dataclass
+class BestWeights:
+    """The stage's best weights, a CPU copy on every rank: the ``best`` hand-off and the final test take them
+    from here, not from best.pt, which is rank 0's copy for ``eval`` (a shared file system can show the other
+    nodes an older one, and another process can replace it)."""
+
+    state: dict | None = None
+
+    def keep(self, model: NerTagger) -> None:
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def resumed_best(run: TrainingRun, stage: str, progress: Progress) -> BestWeights:
+    """A resumed stage's best weights: the best.pt of the runs it continues (the output folder's lock kept
+    every other run out), refused when it is not the epoch the resume state names as the best, or the epoch
+    being trained again (a run killed between writing best.pt and its resume checkpoint)."""
+    if progress.best_epoch < 1:
+        return BestWeights()
+    path = run.stage_dir(stage) / "best.pt"
+    saved = load_checkpoint(path)
+    if saved.get("stage") != stage or saved.get("epoch") not in (progress.best_epoch, progress.epochs_done + 1):
+        raise InputError(path, f"holds {saved.get('stage')} epoch {saved.get('epoch')}, but the {stage} stage "
+                               f"being resumed had its best at epoch {progress.best_epoch}: the file was replaced; "
+                               "--no-resume trains the stage again")
+    return BestWeights(saved["model"])
+
+
 def record_epoch(run: TrainingRun, phase: Phase, weights: NerTagger, score: DevScore, progress: Progress,
-                 scalars: Scalars, seconds: float) -> None:
-    """Log the epoch's dev score, write ``last.pt`` and (when it beats the stage's best) ``best.pt``."""
+                 best: BestWeights, scalars: Scalars, seconds: float) -> None:
+    """Log the epoch's dev score, write ``last.pt`` and (when it beats the stage's best) ``best.pt``, keeping
+    those weights in ``best``."""
     epoch = progress.epochs_done + 1
     improved = score.beats(progress.best)
     log.info("%s %r epoch %d/%d: %s%s (%.0fs)", phase.stage, phase.name, progress.epoch + 1, phase.optim.epochs,
@@ -250,20 +279,19 @@ def record_epoch(run: TrainingRun, phase: Phase, weights: NerTagger, score: DevS
     run.checkpoint(out / "last.pt", weights, **extra)
     if improved:
         progress.best, progress.best_epoch, progress.stale = score.value, epoch, 0
+        best.keep(weights)
         run.checkpoint(out / "best.pt", weights, **extra)
     else:
         progress.stale += 1
 
 
-def stage_results(run: TrainingRun, stage: str, engine, progress: Progress) -> dict:
-    """The stage's summary; fine-tuning also scores its best checkpoint on test."""
+def stage_results(run: TrainingRun, stage: str, engine, progress: Progress, best: BestWeights) -> dict:
+    """The stage's summary; fine-tuning also scores its best weights on test."""
     results = dict(best_epoch=progress.best_epoch, epochs_run=progress.epochs_done,
                    wall_time_s=round(progress.elapsed(), 1), nonfinite_skipped=progress.nonfinite)
     results[f"best_{stage_phases(run.cfg, stage)[-1].select}"] = progress.best  # best_dev_loss, _dev_f1, _head_f1
     if stage == "finetune" and run.splits.test is not None:
-        dist.barrier()  # best.pt is on disk
-        best = engine.inference_model(load_checkpoint(run.out / "best.pt")["model"])
-        test = run.scores(best, run.splits.test)
+        test = run.scores(engine.inference_model(best.state), run.splits.test)
         results["test"] = test.to_dict()
         log.info("test (best dev epoch %d):\n%s", progress.best_epoch, test.format_table())
     return results

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -87,21 +88,25 @@ def _predict(args: argparse.Namespace) -> int:
         raise InputError(args.input, "file not found")
     codec, model = load_for_inference(Path(args.checkpoint), args.device, tagging=True)
     bad_lines = 0
-    with stream as lines:
-        for batch in _arrived_lines(lines, args.batch_size):
-            texts = []
-            for lineno, raw in batch:
-                try:
-                    texts.append(_decoded(raw, name, lineno))
-                except InputError as err:
-                    bad_lines += 1
-                    if args.skip_bad_lines:
-                        log.warning("%s; line skipped", err)
-                    else:
-                        print(f"nerco: error: {err}", file=sys.stderr, flush=True)
-            for text, found in zip(texts, _tagged(codec, model, texts, args.batch_size)):
-                print(json.dumps(dict(text=text, entities=found), ensure_ascii=False))
-            sys.stdout.flush()
+    try:
+        with stream as lines:
+            for batch in _arrived_lines(lines, args.batch_size):
+                texts = []
+                for lineno, raw in batch:
+                    try:
+                        texts.append(_decoded(raw, name, lineno))
+                    except InputError as err:
+                        bad_lines += 1
+                        if args.skip_bad_lines:
+                            log.warning("%s; line skipped", err)
+                        else:
+                            print(f"nerco: error: {err}", file=sys.stderr, flush=True)
+                for text, found in zip(texts, _tagged(codec, model, texts, args.batch_size)):
+                    print(json.dumps(dict(text=text, entities=found), ensure_ascii=False))
+                sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`nerco predict ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 128 + signal.SIGPIPE
     return 2 if bad_lines and not args.skip_bad_lines else 0
 
 
@@ -219,20 +224,32 @@ def _add_vectors(sub) -> None:
     p.set_defaults(func=_vectors)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a batch of 0 or -1 sentences tags nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _add_inference(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a labelled corpus file")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="labelled corpus file (CoNLL, Weibo or CLUENER JSON lines)")
     p.add_argument("--format", default="auto", help="corpus format: auto, conll, weibo, cluener")
     p.add_argument("--output", help="JSON report path (default: CHECKPOINT.eval.json)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="tag raw text, one sentence per line; prints JSON lines")
     p.add_argument("checkpoint")
     p.add_argument("input", nargs="?", default="-", help="text file, or - for standard input (default)")
-    p.add_argument("--batch-size", type=int, default=32, help="most lines tagged at once (those already read)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="most lines tagged at once (those already read)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip a line that is not UTF-8 with a warning (default: an error, exit status 2)")
     p.add_argument("--device", default="auto")
@@ -244,7 +261,7 @@ def _add_inference(sub) -> None:
     p.add_argument("--stage1", help="NerCo stage-1 checkpoint, for the t-SNE after the contrastive stage")
     p.add_argument("--data", required=True, help="labelled test corpus file")
     p.add_argument("--out", required=True, help="output folder for the tables and PNG plots")
-    p.add_argument("--tsne-tokens", type=int, default=1500, help="entity tokens sampled for t-SNE")
+    p.add_argument("--tsne-tokens", type=positive_int, default=1500, help="entity tokens sampled for t-SNE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_analyze)

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import select
+import signal
 import subprocess
 import sys
 
@@ -155,6 +156,25 @@ def test_predict_answers_each_line_while_the_input_is_still_open(trained):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_predict_stops_quietly_when_its_reader_leaves(trained, tmp_path):
+    """``nerco predict ... | head -n 1``: no traceback once the reader has closed the pipe."""
+    text = tmp_path / "many.txt"
+    text.write_text("高勇，男，中国国籍。\n" * 3000, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), str(text)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(proc.stdout.readline())["text"] == "高勇，男，中国国籍。"
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert b"Traceback" not in proc.stderr.read()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_eval_and_predict_refuse_a_batch_size_below_one(trained, dev_subset, value):
+    for argv in (["eval", str(trained / "best.pt"), "--data", str(dev_subset)], ["predict", str(trained / "best.pt")]):
+        proc = run_cli(*argv, "--batch-size", value)
+        assert proc.returncode == 2 and "--batch-size: expected a whole number >= 1" in proc.stderr, proc.stderr
 
 
 def test_long_sentences_are_evaluated_whole(trained, tmp_path):

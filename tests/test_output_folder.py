@@ -176,7 +176,9 @@ def test_a_stage_one_checkpoint_is_refused_for_tagging(tmp_path, data_root, dev_
     stage1 = untrained_checkpoint(tmp_path / "stage1.pt", data_root, stage="contrastive", epoch=1)
     text = tmp_path / "raw.txt"
     text.write_text("高勇，男，中国国籍。\n", encoding="utf-8")
-    for argv in (["eval", str(stage1), "--data", str(dev_subset)], ["predict", str(stage1), str(text)]):
+    for argv in (["eval", str(stage1), "--data", str(dev_subset)], ["predict", str(stage1), str(text)],
+                 ["analyze", "--baseline", str(stage1), "--nerco", str(stage1), "--data", str(dev_subset),
+                  "--out", str(tmp_path / "analysis")]):
         capsys.readouterr()
         assert main(argv) == 2, argv[0]
         assert (f"nerco: error: {stage1}: a stage-1 (contrastive) checkpoint: it has no trained output head; "

@@ -48,7 +48,7 @@ def analyze(baseline: Path, nerco: Path, data: Path, out: Path, stage1: Path | N
     models = {"baseline": baseline, "NerCo": nerco}
     reports, by_length, loaded = {}, {}, {}
     for name, path in models.items():
-        codec, model = load_for_inference(path, device)
+        codec, model = load_for_inference(path, device, tagging=True)
         loaded[name] = (codec, model)
         pred = predict(codec, model, sentences, 64)
         reports[name] = evaluate(gold, pred)

@@ -58,15 +58,18 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate(gold, pred)
     print(report.format_table())
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
-    by_length = {"model": f1_by_length(gold, pred)}
-    write_json(out, dict(checkpoint=str(args.checkpoint), data=str(args.data), **report.to_dict(),
-                         f1_by_length=[row._asdict() for row in by_length["model"]]))
+    name = str(args.checkpoint)
+    by_length = {name: f1_by_length(gold, pred)}
+    write_json(out, dict(checkpoint=name, data=str(args.data), **report.to_dict(),
+                         f1_by_length=[row._asdict() for row in by_length[name]]))
     write_length_csv(by_length, out.with_suffix(".length.csv"))
+    print("F1 by sentence length: " + "; ".join(f"{row.bucket}: {100 * row.f1:.2f} ({row.sentences} sentences)"
+                                                for row in by_length[name] if row.sentences))
     written = [out, out.with_suffix(".length.csv")]
     try:
         from .eval.plots import plot_f1_by_length
 
-        plot_f1_by_length(by_length, out.with_suffix(".length.png"))
+        plot_f1_by_length(by_length, out.with_suffix(".length.png"), title=f"F1 by sentence length, {args.data}")
         written.append(out.with_suffix(".length.png"))
     except ImportError as err:
         log.warning("F1-by-length plot skipped: %s", err)

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import Config, resolve_data_path
+from .config import DATA_ROOT_ENV, Config, resolve_data_path
 from .model.config import ModelConfig
 from .data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split, lexicon_matches
 from .data.lexicon import JIEBA, Lexicon
@@ -48,16 +48,25 @@ class Splits:
 
 def read_splits(cfg: Config, root: Path) -> Splits:
     d = cfg.data
-    train = read_corpus(resolve_data_path(d.train, root), d.format).sentences
+    train = _read_split("train", d.train, root, d.format)
     if d.dev:
-        dev = read_corpus(resolve_data_path(d.dev, root), d.format).sentences
+        dev = _read_split("dev", d.dev, root, d.format)
     else:
         train, dev = holdout_split(train, d.dev_fraction, cfg.run.seed)
         log.info("no dev split: holding out %d of the training sentences (seed %d)", len(dev), cfg.run.seed)
-    test = read_corpus(resolve_data_path(d.test, root), d.format).sentences if d.test else None
+    test = _read_split("test", d.test, root, d.format) if d.test else None
     if d.limit:
         train, dev, test = train[: d.limit], dev[: d.limit], test[: d.limit] if test else None
     return Splits(train, dev, test)
+
+
+def _read_split(split: str, path: str, root: Path, corpus_format: str) -> list[Sentence]:
+    """A split's sentences; a relative path that is missing names the data root it was looked for under."""
+    resolved = resolve_data_path(path, root)
+    if not resolved.is_file() and not Path(path).expanduser().is_absolute():
+        raise InputError(resolved, f"file not found (data.{split}={path} is relative to the data root {root}: "
+                                   f"point --data-root or ${DATA_ROOT_ENV} at the folder that holds it)")
+    return read_corpus(resolved, corpus_format).sentences
 
 
 class TextCodec:

@@ -207,6 +207,26 @@ def test_plot_f1_by_length_rejects_different_test_sets(tmp_path):
         plot_f1_by_length({"baseline": a, "NerCo": b}, tmp_path / "x.png")
 
 
+def test_plot_f1_by_length_leaves_empty_buckets_out(tmp_path, monkeypatch):
+    """A bucket without a sentence (CLUENER has none over 50 characters) is not drawn as an F1 of 0; each
+    bucket's label carries its sentence count; the figure has a title."""
+    pytest.importorskip("matplotlib")
+    from nerco_dist.eval import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save_png", lambda fig, path: drawn.append(fig))
+    rows = [LengthRow("0-19", 3, 4, 0.5, 0.5, 0.5), LengthRow("20-39", 0, 0, 0.0, 0.0, 0.0),
+            LengthRow("40-59", 2, 2, 1.0, 1.0, 1.0), LengthRow("60+", 0, 0, 0.0, 0.0, 0.0)]
+    plots.plot_f1_by_length({"runs/a/best.pt": rows}, tmp_path / "x.png", title="F1 by sentence length, test")
+    ax = drawn[0].axes[0]
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == [50.0, 100.0] and line.get_label() == "runs/a/best.pt"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0-19\nn=3", "40-59\nn=2"]
+    assert ax.get_title() == "F1 by sentence length, test"
+    with pytest.raises(ValueError, match="no sentence"):
+        plots.plot_f1_by_length({"x": [rows[1]]}, tmp_path / "x.png")
+
+
 def test_plot_tsne(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")

@@ -72,3 +72,12 @@ def test_a_missing_training_corpus_and_an_output_folder_that_is_a_file_are_refus
     (tmp_path / "a_file").write_text("")
     status = main(["train", str(TINY), "--set", f"run.out_dir={tmp_path / 'a_file'}"])
     assert status == 2 and "a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_missing_corpus_names_the_data_root_and_how_to_set_it(tmp_path, capsys):
+    root = tmp_path / "empty_root"
+    status = main(["train", str(TINY), "--data-root", str(root), "--set", f"run.out_dir={tmp_path / 'out'}"])
+    assert status == 2
+    assert (f"{root}/resume/dev.char.bmes: file not found (data.train=resume/dev.char.bmes is relative to the "
+            f"data root {root}: point --data-root or $NERCO_DATA_ROOT at the folder that holds it)"
+            ) in capsys.readouterr().err

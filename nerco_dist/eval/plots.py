@@ -36,8 +36,11 @@ def _save_png(fig, path_png: str | os.PathLike) -> None:
         fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
 
 
-def plot_f1_by_length(rows_by_system: dict[str, Sequence[LengthRow]], path_png: str | os.PathLike) -> None:
-    """One F1 line per system over the length buckets, sentence counts as grey bars on a second axis.
+def plot_f1_by_length(rows_by_system: dict[str, Sequence[LengthRow]], path_png: str | os.PathLike,
+                      title: str = "F1 by sentence length") -> None:
+    """One F1 line per system over the length buckets, sentence counts as grey bars on a second axis and
+    under each bucket's label. Buckets without a sentence are left out (an F1 of 0 there would be a false
+    drop).
 
     All systems must share buckets and sentence counts: comparing F1 over different test sets would mislead.
     """
@@ -50,17 +53,21 @@ def plot_f1_by_length(rows_by_system: dict[str, Sequence[LengthRow]], path_png: 
         if [(r.bucket, r.sentences) for r in rows_by_system[name]] != layout:
             raise ValueError(f"system {name!r} has other buckets or sentence counts than {systems[0]!r}")
 
+    shown = [k for k, r in enumerate(first) if r.sentences > 0]
+    if not shown:
+        raise ValueError("no sentence in any length bucket")
     fig = _new_figure((7.0, 4.5))
     ax = fig.add_subplot()
     counts_ax = ax.twinx()
-    x = np.arange(len(first))
-    counts_ax.bar(x, [r.sentences for r in first], width=0.6, color="0.85", label="sentences")
+    x = np.arange(len(shown))
+    counts_ax.bar(x, [first[k].sentences for k in shown], width=0.6, color="0.85", label="sentences")
     counts_ax.set_ylabel("sentences")
     ax.set_zorder(counts_ax.get_zorder() + 1)  # lines above the bars
     ax.patch.set_visible(False)
     for name in systems:
-        ax.plot(x, [100 * r.f1 for r in rows_by_system[name]], marker="o", label=name)
-    ax.set_xticks(x, [r.bucket for r in first])
+        ax.plot(x, [100 * rows_by_system[name][k].f1 for k in shown], marker="o", label=name)
+    ax.set_xticks(x, [f"{first[k].bucket}\nn={first[k].sentences}" for k in shown])
+    ax.set_title(title)
     ax.set_xlabel("sentence length (characters)")
     ax.set_ylabel("F1 (%)")
     ax.grid(axis="y", alpha=0.3)

@@ -245,6 +245,15 @@ def fault_pair(mode: str, out: Path, data_root: Path, *extra: str, zero: int = 2
     return procs
 
 
+def kill_pairs(pairs: dict) -> None:
+    """Every rank of ``fault_pair``'s pairs still running, with its process group."""
+    for procs in pairs.values():
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
 def test_dead_or_hung_rank_fails_the_others_and_nan_is_skipped_everywhere(tmp_path, data_root):
     timeout_s = 15
     pairs = {mode: fault_pair(mode, tmp_path / mode, data_root, f"distributed.timeout_s={timeout_s}")
@@ -266,11 +275,7 @@ def test_dead_or_hung_rank_fails_the_others_and_nan_is_skipped_everywhere(tmp_pa
         results = json.loads((tmp_path / "nan" / "results.json").read_text())
         assert results["nonfinite_skipped"] == 1 and "test" in results
     finally:
-        for procs in pairs.values():
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+        kill_pairs(pairs)
 
 
 def test_a_rank_hung_in_backward_fails_the_other_within_the_timeout_for_every_zero_stage(tmp_path, data_root):
@@ -284,11 +289,7 @@ def test_a_rank_hung_in_backward_fails_the_other_within_the_timeout_for_every_ze
             _, err = rank0.communicate(timeout=300)  # start-up on a busy machine, then timeout_s
             assert rank0.returncode == 3 and "lost contact with the other ranks" in err, (zero, err[-2000:])
     finally:
-        for procs in pairs.values():
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+        kill_pairs(pairs)
 
 
 def test_local_engine_accumulation_equals_one_step_on_the_whole_batch():

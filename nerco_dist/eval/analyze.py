@@ -1,11 +1,17 @@
 """The paper's analysis, baseline against NerCo on one test set: Span F and Type Acc (Table 4), F1 by
-sentence length (Figure 3), and t-SNE of entity-token representations (Figure 4)."""
+sentence length (Figure 3), and t-SNE of entity-token representations (Figure 4).
+
+Each step is logged as it starts and ends, with its wall time: on a full test set the analysis takes
+minutes (mostly the t-SNE runs), which would otherwise pass in silence."""
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,14 +25,26 @@ from .metrics import evaluate, f1_by_length, write_length_csv
 log = logging.getLogger("nerco_dist")
 
 
-@torch.no_grad()
-def entity_token_features(codec: TextCodec, model, sentences: list[Sentence], max_tokens: int, seed: int,
-                          device: torch.device) -> tuple[np.ndarray, list[str]]:
-    """Encoder features (eval mode) of up to ``max_tokens`` gold entity tokens, with their B-/I- tags.
+@contextmanager
+def logged_step(what: str) -> Iterator[None]:
+    """``analyze: WHAT...`` as the step starts, ``analyze: WHAT done in N s`` as it ends."""
+    log.info("analyze: %s...", what)
+    start = time.perf_counter()
+    yield
+    log.info("analyze: %s done in %.1f s", what, time.perf_counter() - start)
 
-    The sample is drawn once from the gold tags (seeded), so every model is shown the same tokens."""
+
+def sample_entity_tokens(sentences: list[Sentence], max_tokens: int, seed: int) -> list[tuple[int, int]]:
+    """Up to ``max_tokens`` (sentence, character) positions of gold entity tokens, seeded and sorted: drawn
+    once, so every model is shown the same tokens."""
     positions = [(k, i) for k, s in enumerate(sentences) for i, t in enumerate(s.tags) if t != "O"]
-    positions = sorted(random.Random(seed).sample(positions, min(max_tokens, len(positions))))
+    return sorted(random.Random(seed).sample(positions, min(max_tokens, len(positions))))
+
+
+@torch.no_grad()
+def entity_token_features(codec: TextCodec, model, sentences: list[Sentence], positions: list[tuple[int, int]],
+                          device: torch.device) -> tuple[np.ndarray, list[str]]:
+    """Encoder features (eval mode) of the tokens at ``positions``, with their B-/I- tags."""
     wanted = {}
     for k, i in positions:
         wanted.setdefault(k, []).append(i)
@@ -42,17 +60,18 @@ def entity_token_features(codec: TextCodec, model, sentences: list[Sentence], ma
 
 def analyze(baseline: Path, nerco: Path, data: Path, out: Path, stage1: Path | None = None,
             tsne_tokens: int = 1500, seed: int = 0, device: str = "auto") -> dict:
+    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     sentences = read_corpus(data).sentences
     gold = [s.tags for s in sentences]
     models = {"baseline": baseline, "NerCo": nerco}
-    reports, by_length, loaded = {}, {}, {}
-    for name, path in models.items():
-        codec, model = load_for_inference(path, device, tagging=True)
-        loaded[name] = (codec, model)
-        pred = predict(codec, model, sentences, 64)
-        reports[name] = evaluate(gold, pred)
-        by_length[name] = f1_by_length(gold, pred)
+    reports, by_length, loaded = {}, {}, {}  # loaded: checkpoint -> (codec, model), for the t-SNE too
+    for k, (name, path) in enumerate(models.items(), 1):
+        with logged_step(f"scoring {name} on {data.name} ({len(sentences):,} sentences, {k}/{len(models)})"):
+            codec, model = loaded[path] = load_for_inference(path, device, tagging=True)
+            pred = predict(codec, model, sentences, 64)
+            reports[name] = evaluate(gold, pred)
+            by_length[name] = f1_by_length(gold, pred)
     summary = {name: dict(precision=r.precision, recall=r.recall, f1=r.f1, span_f=r.span_f1, type_acc=r.type_acc)
                for name, r in reports.items()}
     write_json(out / "table4.json", dict(data=str(data), checkpoints={k: str(v) for k, v in models.items()},
@@ -66,14 +85,16 @@ def analyze(baseline: Path, nerco: Path, data: Path, out: Path, stage1: Path | N
 
     from .plots import plot_f1_by_length, plot_tsne
 
-    plot_f1_by_length(by_length, out / "f1_by_length.png")
-    views = [("baseline", *loaded["baseline"])]
-    if stage1 is not None:
-        views.append(("after stage 1", *load_for_inference(stage1, device)))
-    views.append(("NerCo after stage 2", *loaded["NerCo"]))
-    for title, codec, model in views:
-        features, tags = entity_token_features(codec, model, sentences, tsne_tokens, seed, model_device(model))
-        name = "tsne_" + title.lower().replace(" ", "_") + ".png"
-        plot_tsne(features, tags, out / name, f"{title}: entity tokens ({len(tags)})", seed=seed)
-    log.info("analysis written to %s", out)
+    with logged_step("plotting F1 by length"):
+        plot_f1_by_length(by_length, out / "f1_by_length.png")
+    positions = sample_entity_tokens(sentences, tsne_tokens, seed)
+    views = {title: path for title, path in (("baseline", baseline), ("after stage 1", stage1),
+                                             ("NerCo after stage 2", nerco)) if path is not None}
+    for k, (title, path) in enumerate(views.items(), 1):
+        with logged_step(f"t-SNE of {len(positions):,} entity tokens, {title} ({k}/{len(views)})"):
+            codec, model = loaded.get(path) or load_for_inference(path, device)
+            features, tags = entity_token_features(codec, model, sentences, positions, model_device(model))
+            name = "tsne_" + title.lower().replace(" ", "_") + ".png"
+            plot_tsne(features, tags, out / name, f"{title}: entity tokens ({len(tags)})", seed=seed)
+    log.info("analyze: written to %s in %.1f s", out, time.perf_counter() - start)
     return summary

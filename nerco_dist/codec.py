@@ -11,11 +11,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import DATA_ROOT_ENV, Config, resolve_data_path
+from .config import DATA_ROOT_ENV, Config, DataConfig, resolve_data_path
 from .model.config import ModelConfig
-from .data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split, lexicon_matches
+from .data.dataset import (LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split, lexicon_matches,
+                           split_summary)
 from .data.lexicon import JIEBA, Lexicon
 from .data.readers import Sentence, read_corpus
+from .data.vectors import coverage
 from .data.vocab import embedding_matrix
 from .errors import InputError
 from .model.tagger import NerTagger
@@ -57,6 +59,10 @@ def read_splits(cfg: Config, root: Path) -> Splits:
     test = _read_split("test", d.test, root, d.format) if d.test else None
     if d.limit:
         train, dev, test = train[: d.limit], dev[: d.limit], test[: d.limit] if test else None
+    if log.isEnabledFor(logging.INFO):  # rank 0: the other ranks log warnings only
+        for name, sentences in (("train", train), ("dev", dev), ("test", test)):
+            if sentences is not None:
+                log.info("%s", split_summary(name, sentences))
     return Splits(train, dev, test)
 
 
@@ -67,6 +73,18 @@ def _read_split(split: str, path: str, root: Path, corpus_format: str) -> list[S
         raise InputError(resolved, f"file not found (data.{split}={path} is relative to the data root {root}: "
                                    f"point --data-root or ${DATA_ROOT_ENV} at the folder that holds it)")
     return read_corpus(resolved, corpus_format).sentences
+
+
+def log_vector_coverage(data: DataConfig, vocabs: Vocabs, root: Path) -> None:
+    """How much of each vocabulary the configured vector files cover: a file that misses most of it (another
+    tokenisation, the wrong file) leaves those rows random, which the scores alone would not show."""
+    for name, vocab, vectors in (("char", vocabs.chars, data.char_vectors),
+                                 ("bigram", vocabs.bigrams, data.bigram_vectors),
+                                 ("word", vocabs.words, data.word_vectors)):
+        if vectors:
+            covered, total = coverage(vocab, resolve_data_path(vectors, root))
+            log.info("%s vectors %s: %s of the vocabulary's %s %ss (%.1f%%)", name, vectors, f"{covered:,}",
+                     f"{total:,}", name, 100 * covered / max(total, 1))
 
 
 class TextCodec:
@@ -89,9 +107,13 @@ class TextCodec:
         vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq, matches=matches)
         labels = LabelSet.from_sentences(train)
         bert_vocab = read_bert_vocab(cfg.model.bert) if cfg.model.bert else None
-        log.info("lexicon %s: %d words; vocab chars %d, bigrams %d, lattice words %d; labels %s",
-                 lexicon.source, len(lexicon), len(vocabs.chars), len(vocabs.bigrams), len(vocabs.words),
-                 " ".join(labels.labels))
+        log.info("lexicon %s: %s words; in the training split %s matches, %s distinct words", lexicon.source,
+                 f"{len(lexicon):,}", f"{sum(map(len, matches)):,}",
+                 f"{len({m.word for found in matches for m in found}):,}")
+        log.info("vocab chars %s, bigrams %s, lattice words %s; labels %s", f"{len(vocabs.chars):,}",
+                 f"{len(vocabs.bigrams):,}", f"{len(vocabs.words):,}", " ".join(labels.labels))
+        if log.isEnabledFor(logging.INFO):
+            log_vector_coverage(cfg.data, vocabs, root)
         codec = cls(cfg, LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab))
         return codec, codec.encoder.encode(train, split_on_entities=True, source="train ", matches=matches)
 

@@ -43,6 +43,7 @@ class DataConfig:
 
 # Field metadata. "resume": False: may change between a killed run and its resume. "ge"/"gt"/"le"/"lt": the
 # allowed range of a number (checked when a config is read, so a bad value stops a run before any work).
+# "words": the strings a number field also takes in place of a number (run.threads: auto).
 RESUMABLE = {"resume": False}
 
 
@@ -125,7 +126,9 @@ class RunConfig:
 
     seed: int = field(default=1, metadata={"ge": 0})
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = field(default=0, metadata={**RESUMABLE, "ge": 0})  # torch CPU threads; 0 = torch's default
+    # torch CPU threads; auto: the cores not already busy, shared by this node's ranks (machine.auto_threads);
+    # 0: torch's default (a thread per core, however busy the machine)
+    threads: int | str = field(default="auto", metadata={**RESUMABLE, "ge": 0, "words": ("auto",)})
     out_dir: str = field(default="runs/run", metadata={"non_empty": True})
     log_every: int = field(default=20, metadata={**RESUMABLE, "ge": 1})  # optimizer steps between logged scalars
     eval_batch_size: int = field(default=32, metadata={**RESUMABLE, "ge": 1})
@@ -195,9 +198,10 @@ def _check_range(key: str, value: Any, metadata: dict, source: str) -> None:
     if metadata.get("non_empty") and isinstance(value, str) and not value.strip():
         raise InputError(source, f"{key}: must not be empty")
     bounds = [(op, bound, test) for name, (op, test) in _BOUNDS.items() if (bound := metadata.get(name)) is not None]
-    if value is None or not bounds or all(test(value, bound) for _, bound, test in bounds):
+    words = metadata.get("words", ())
+    if value is None or value in words or not bounds or all(test(value, bound) for _, bound, test in bounds):
         return
-    allowed = " and ".join(f"{op} {bound}" for op, bound, _ in bounds)
+    allowed = " and ".join(f"{op} {bound}" for op, bound, _ in bounds) + "".join(f", or {w}" for w in words)
     raise InputError(source, f"{key}={value!r}: out of range (allowed: {allowed})")
 
 
@@ -227,18 +231,21 @@ def _build(default: Any, values: Any, prefix: str, source: str) -> Any:
         if dataclasses.is_dataclass(current):
             changes[key] = _build(current, value or {}, f"{prefix}{key}.", source)
         else:
-            changes[key] = _typed(value, hints[key], prefix + key, source)
+            words = fields[key].metadata.get("words", ())
+            changes[key] = value if value in words else _typed(value, hints[key], prefix + key, source, words)
             if key in _CHOICES and changes[key] not in _CHOICES[key] + (None,):
                 raise InputError(source, f"{prefix}{key}={value!r}: expected one of {', '.join(_CHOICES[key])}")
             _check_range(prefix + key, changes[key], fields[key].metadata, source)
     return dataclasses.replace(default, **changes)
 
 
-def _typed(value: Any, hint: Any, key: str, source: str) -> Any:
-    """``value`` as the field's type (``bool``, ``int``, ``float``, ``str``, or one of them ``| None``). A float
-    written ``1e-3`` is read by YAML 1.1 as a string, so floats also accept numeric strings."""
+def _typed(value: Any, hint: Any, key: str, source: str, words: tuple[str, ...] = ()) -> Any:
+    """``value`` as the field's type (``bool``, ``int``, ``float``, ``str``, or one of them ``| None``; a number
+    ``| str`` is a number field with ``words``, which the caller has already let through). A float written
+    ``1e-3`` is read by YAML 1.1 as a string, so floats also accept numeric strings."""
     kinds = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in kinds:
+    optional = type(None) in kinds
+    if value is None and optional:
         return None
     kind = next(k for k in kinds if k is not type(None))
     if kind is float and not isinstance(value, bool):
@@ -253,7 +260,8 @@ def _typed(value: Any, hint: Any, key: str, source: str) -> Any:
         return value
     elif kind in (bool, str) and isinstance(value, kind):
         return value
-    raise InputError(source, f"{key}: expected {kind.__name__}{' or null' if len(kinds) > 1 else ''}, got {value!r}")
+    expected = " or ".join([kind.__name__, *(["null"] if optional else []), *words])
+    raise InputError(source, f"{key}: expected {expected}, got {value!r}")
 
 
 def _parse_value(text: str) -> Any:

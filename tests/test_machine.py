@@ -1,10 +1,43 @@
-"""Process settings of the machine module, each in a fresh interpreter (they are process-wide)."""
+"""The machine module: how many torch threads ``run.threads=auto`` takes, and process settings (each in a
+fresh interpreter: they are process-wide)."""
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
+
+from nerco_dist.machine import auto_threads, auto_threads_here
+
+
+@pytest.mark.parametrize("cores, load, ranks, threads", [
+    (16, 0.0, 2, 8),  # an idle node, its cores shared by two ranks
+    (16, 0.0, 1, 16),
+    (16, 3.6, 2, 6),  # 4 cores busy: 12 free for the two ranks
+    (16, 2.5, 2, 6),  # half a core busy counts as busy
+    (2, 2.1, 1, 1),  # every core busy already: one thread, never 0
+    (2, 1.9, 1, 1),
+    (2, 0.0, 4, 1),  # more ranks than cores
+    (1, 0.0, 1, 1),
+])
+def test_auto_threads_are_the_free_cores_shared_by_the_ranks_of_the_node(cores, load, ranks, threads):
+    assert auto_threads(cores, load, ranks) == threads
+
+
+@pytest.mark.parametrize("env, ranks", [({}, 1), ({"LOCAL_WORLD_SIZE": "2"}, 2), ({"LOCAL_SIZE": "4"}, 4)])
+def test_auto_threads_here_reads_the_cores_this_process_may_use_the_load_and_the_launcher(monkeypatch, env, ranks):
+    """8 of a 16-core machine's cores, the machine's load 4.0 (2.0 of it on those 8 cores)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 0.0, 0.0))
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    threads, why = auto_threads_here()
+    assert threads == 6 // ranks
+    assert why == f"8 cores, 2.0 busy, {ranks} rank{'' if ranks == 1 else 's'} on this node"
 
 STEPS = """
 import resource, torch

@@ -1,13 +1,14 @@
 """Bad config values are refused before any work: by key, with the allowed range, exit status 2, nothing
 written (issue 13, item 6)."""
 
+import dataclasses
 import re
 
 import pytest
 import torch
 
 from nerco_dist.cli import main
-from nerco_dist.config import load_config
+from nerco_dist.config import RunConfig, load_config
 from nerco_dist.errors import InputError
 
 from .conftest import TINY
@@ -23,7 +24,9 @@ from .conftest import TINY
     ("model.heads=0", "model.heads=0: out of range (allowed: >= 1)"),
     ("model.hidden=0", "model.hidden=0: out of range (allowed: >= 1)"),
     ("model.ff_dropout=1.0", "model.ff_dropout=1.0: out of range (allowed: >= 0 and < 1)"),
-    ("run.threads=-1", "run.threads=-1: out of range (allowed: >= 0)"),
+    ("run.threads=-1", "run.threads=-1: out of range (allowed: >= 0, or auto)"),
+    ("run.threads=foo", "run.threads: expected int or auto, got 'foo'"),
+    ("run.threads=1.5", "run.threads: expected int or auto, got 1.5"),
     ("run.log_every=0", "run.log_every=0: out of range (allowed: >= 1)"),  # failed after an epoch
     ("run.eval_batch_size=0", "run.eval_batch_size=0: out of range (allowed: >= 1)"),
     ("data.dev_fraction=1.5", "data.dev_fraction=1.5: out of range (allowed: > 0 and < 1)"),  # trained on nothing
@@ -43,6 +46,13 @@ def test_values_at_the_edges_of_their_ranges_are_accepted():
     cfg = load_config(TINY, ["data.max_len=1", "run.threads=0", "finetune.full.optim.warmup=1",
                              "finetune.full.optim.weight_decay=0", "model.attn_dropout=0", "finetune.full.patience=0"])
     assert (cfg.data.max_len, cfg.run.threads, cfg.finetune.full.optim.warmup) == (1, 0, 1.0)
+
+
+def test_threads_are_auto_unless_set_and_may_change_on_resume():
+    assert load_config(TINY).run.threads == "auto"
+    assert [load_config(TINY, [f"run.threads={n}"]).run.threads for n in ("auto", 0, 3)] == ["auto", 0, 3]
+    threads = next(f for f in dataclasses.fields(RunConfig) if f.name == "threads")
+    assert threads.metadata["resume"] is False  # a resumed run may take another thread count
 
 
 def refused(tmp_path, capsys, *overrides: str) -> str:

@@ -301,3 +301,12 @@ def holdout_split(sentences: Sequence[Sentence], fraction: float, seed: int) -> 
     cut = max(1, int(round(len(order) * fraction)))
     held = set(order[:cut])
     return ([s for i, s in enumerate(sentences) if i not in held], [sentences[i] for i in sorted(held)])
+
+
+def split_summary(name: str, sentences: Sequence[Sentence]) -> str:
+    """A split's size and entities per type in one line, logged at the start of training: a wrong file, a
+    limit or a tag scheme read wrongly shows here, before any epoch."""
+    types = Counter(e.type for s in sentences for e in entities(s.tags))
+    per_type = ", ".join(f"{t} {n:,}" for t, n in sorted(types.items()))
+    return (f"{name}: {len(sentences):,} sentences, {sum(len(s) for s in sentences):,} characters, "
+            f"{sum(types.values()):,} entities" + (f" ({per_type})" if per_type else ""))

@@ -92,37 +92,47 @@ def _first_fields(path: Path, skip_word2vec_header: bool = False) -> Iterator[st
         raise InputError(path, "not valid UTF-8") from None
 
 
-def read_word2vec(path: str | os.PathLike) -> tuple[dict[str, int], np.ndarray]:
-    """A word2vec text file as (token -> row, float32 matrix); a clear error on a ragged or bad line."""
-    path = Path(path)
+def _word2vec_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
+    """(line number, token, value fields) of each line of a word2vec text file but its "count dim" header;
+    :func:`read_word2vec` and :func:`word2vec_tokens` see the same tokens."""
     if not path.is_file():
         raise InputError(path, "vector file not found")
-    index: dict[str, int] = {}
-    rows: list[np.ndarray] = []
-    dim = None
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
             for lineno, line in enumerate(f, start=1):
-                fields = line.rstrip("\n").split(" ")
-                fields = [x for x in fields if x]
+                fields = [x for x in line.rstrip("\n").split(" ") if x]
                 if not fields:
                     continue
                 if lineno == 1 and len(fields) == 2 and all(x.isdigit() for x in fields):
                     continue
-                token, values = fields[0], fields[1:]
-                if dim is None:
-                    dim = len(values)
-                if len(values) != dim or dim == 0:
-                    raise InputError(path, f"expected {dim} values after the token, found {len(values)}", lineno)
-                try:
-                    vec = np.asarray(values, dtype=np.float32)
-                except ValueError:
-                    raise InputError(path, "a vector value is not a number", lineno) from None
-                if token not in index:
-                    index[token] = len(rows)
-                    rows.append(vec)
+                yield lineno, fields[0], fields[1:]
         except UnicodeDecodeError:
             raise InputError(path, "not valid UTF-8") from None
+
+
+def word2vec_tokens(path: str | os.PathLike) -> Iterator[str]:
+    """The tokens of a word2vec text file, their vectors not parsed (for counting what a file covers)."""
+    return (token for _, token, _ in _word2vec_rows(Path(path)))
+
+
+def read_word2vec(path: str | os.PathLike) -> tuple[dict[str, int], np.ndarray]:
+    """A word2vec text file as (token -> row, float32 matrix); a clear error on a ragged or bad line."""
+    path = Path(path)
+    index: dict[str, int] = {}
+    rows: list[np.ndarray] = []
+    dim = None
+    for lineno, token, values in _word2vec_rows(path):
+        if dim is None:
+            dim = len(values)
+        if len(values) != dim or dim == 0:
+            raise InputError(path, f"expected {dim} values after the token, found {len(values)}", lineno)
+        try:
+            vec = np.asarray(values, dtype=np.float32)
+        except ValueError:
+            raise InputError(path, "a vector value is not a number", lineno) from None
+        if token not in index:
+            index[token] = len(rows)
+            rows.append(vec)
     if not rows:
         raise InputError(path, "empty vector file")
     return index, np.stack(rows)

@@ -19,8 +19,9 @@ from tqdm import tqdm
 from ..atomic import atomic_path
 from ..errors import InputError
 from .dataset import char_bigrams
-from .lexicon import Lexicon
+from .lexicon import Lexicon, word2vec_tokens
 from .readers import read_corpus
+from .vocab import Vocabulary
 
 log = logging.getLogger("nerco_dist")
 
@@ -123,3 +124,11 @@ def check_options(dim: int, epochs: int, min_count: int, window: int) -> None:
     for name, value in (("dim", dim), ("epochs", epochs), ("min-count", min_count), ("window", window)):
         if value < 1:
             raise ValueError(f"--{name}={value}: expected an integer >= 1")
+
+
+def coverage(vocab: Vocabulary, path: Path) -> tuple[int, int]:
+    """How many of the vocabulary's tokens (the training split's: all but <pad> and <unk>) the word2vec file
+    has a vector for, and of how many: the rows :func:`vocab.embedding_matrix` fills from the file rather
+    than at random."""
+    tokens = set(vocab.itos[2:])
+    return len(tokens.intersection(word2vec_tokens(path))), len(tokens)

@@ -24,7 +24,7 @@ from ..data.dataset import LengthBucketBatchSampler, Piece
 from ..errors import InputError
 from ..eval.metrics import NerReport, evaluate
 from ..inference import predict
-from ..machine import keep_freed_memory
+from ..machine import auto_threads_here, keep_freed_memory
 from ..model.tagger import NerTagger
 from .engine import uses_deepspeed
 from .phases import load_encoder, stage_phases
@@ -36,6 +36,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def apply_threads(setting: int | str) -> None:
+    """torch's CPU thread count from ``run.threads``: ``auto`` decided from this machine, and logged with
+    why; 0 leaves torch's default."""
+    threads = setting
+    if setting == "auto":
+        threads, why = auto_threads_here()
+        log.info("run.threads=auto: %d torch thread%s (%s)", threads, "" if threads == 1 else "s", why)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def refuse_unrunnable(cfg: Config, stages: list[str]) -> None:
@@ -117,14 +128,13 @@ class TrainingRun:
 
     @classmethod
     def start(cls, cfg: Config, root: Path) -> "TrainingRun":
-        """Seeds, threads, the allocator, the process group when DeepSpeed is used, the data and its codec."""
+        """Seeds, the allocator, the process group when DeepSpeed is used, threads, the data and its codec."""
         seed_everything(cfg.run.seed)
         keep_freed_memory()
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
         device = join_ranks(cfg)
         if not dist.is_main():
             log.setLevel(logging.WARNING)
+        apply_threads(cfg.run.threads)  # after the log level: rank 0 alone says what auto chose
         splits = read_splits(cfg, root)
         codec, pieces = TextCodec.for_training(cfg, splits.train, root)
         return cls(cfg, root, codec, splits, pieces, device, Path(cfg.run.out_dir))

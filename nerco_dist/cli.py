@@ -21,6 +21,7 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
     """``nerco train``; ``wrap_loss`` is ``train``'s seam for a test's own loss."""
     from . import distributed
     from .config import data_root, load_config
+    from .train.stopping import StopRequested
     from .train.trainer import NonFiniteLoss, train
 
     cfg = load_config(args.config, args.set)
@@ -30,6 +31,15 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
     except NonFiniteLoss as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 3
+    except StopRequested as stop:  # every rank stops here together; rank 0 says how to go on
+        if distributed.is_main():
+            again = " again to continue" if stop.checkpoint else ""
+            print(f"\nnerco: {stop}: run the same command{again}", file=sys.stderr, flush=True)
+        return stop.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print(f"\nnerco: interrupted at once: the same command continues from the last resume checkpoint in "
+              f"{cfg.run.out_dir}/resume, if there is one", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except Exception as err:
         if distributed.world_size() > 1 and distributed.is_peer_failure(err):
             # another rank died or hung: say so and leave now (tearing down a broken process group can hang)

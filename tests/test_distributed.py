@@ -6,7 +6,7 @@
   gives the run's test score (every test sentence predicted exactly once across ranks);
 - the stage-1 checkpoint of a ZeRO-3 run starts a ZeRO-1 fine-tuning in a process without the launcher;
 - a run killed in stage 1 and again in stage 2 and restarted with the same command ends where an
-  uninterrupted run ends;
+  uninterrupted run ends; so does one whose launcher got SIGTERM (every rank saves the same step and stops);
 - a rank that dies or hangs makes the other exit with a clear error; a NaN loss on one rank skips the step
   on both; a run of non-finite losses aborts.
 """
@@ -226,6 +226,32 @@ def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp
     assert ours["wall_time_s"] > seconds_before_last_kill  # the killed runs' training time is counted
     for name in ("contrastive/best.pt", "best.pt", "last.pt"):
         a, b = load_checkpoint(out / name)["model"], load_checkpoint(reference / name)["model"]
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), name
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_the_same_command_continues(
+        launched, tmp_path, data_root):
+    """A scheduler ending the job signals the launcher, which passes SIGTERM on to every rank (rank 0 first,
+    giving each 30 s before SIGKILL): the ranks agree on one step, write its resume checkpoint together and
+    stop; the same command then ends exactly as the uninterrupted run did."""
+    out = tmp_path / "run"
+    args = nerco_train(out, 2)
+    stopped = subprocess.run(deepspeed_cmd(str(SCRIPTS / "faults.py"), "sigterm_parent", "4", "--", *args[2:]),
+                             cwd=REPO, env=env(data_root), capture_output=True, text=True, timeout=300)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0, output[-3000:]
+    stop = re.search(r"nerco: stopped by SIGTERM at (\w+) phase .*; resume checkpoint in (\S+): run the same "
+                     r"command again to continue", output)
+    assert stop, output[-3000:]
+    assert "Traceback" not in output
+    stage = stop.group(1)
+    assert json.loads((out / "resume" / stage / "latest.json").read_text())["progress"]["step"] >= 1
+    resumed = launch(args, data_root)
+    assert f"{stage}: resuming at phase 1" in resumed.stdout + resumed.stderr
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, launched[2]))
+    assert ours["test"] == theirs["test"] and ours["best_dev_f1"] == theirs["best_dev_f1"]
+    for name in ("contrastive/best.pt", "best.pt", "last.pt"):
+        a, b = load_checkpoint(out / name)["model"], load_checkpoint(launched[2] / name)["model"]
         assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), name
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 
@@ -32,19 +33,40 @@ class Scalars:
 
 
 class Throughput:
-    """Tokens per second since the last reading, for this rank and for all ranks."""
+    """Tokens per second over the last ``window_s`` seconds (at least the last step), for this rank and for all
+    ranks: a rate that does not jump with one short or long batch, and still follows a real change."""
 
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.since, self.tokens, self.all_tokens = time.time(), 0, 0
+    def __init__(self, window_s: float = 20.0):
+        self.window_s, self.started = window_s, time.time()
+        self.samples: collections.deque[tuple[float, int, int]] = collections.deque([(self.started, 0, 0)])
+        self.tokens = self.all_tokens = 0  # since the start: the epoch's own rate
 
     def count(self, tokens: int, all_tokens: int) -> None:
         self.tokens, self.all_tokens = self.tokens + tokens, self.all_tokens + all_tokens
+        now = time.time()
+        self.samples.append((now, self.tokens, self.all_tokens))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
 
     def read(self) -> tuple[float, float]:
-        elapsed = max(time.time() - self.since, 1e-9)
-        rates = self.tokens / elapsed, self.all_tokens / elapsed
-        self.reset()
-        return rates
+        (start, tokens0, all0), (end, tokens1, all1) = self.samples[0], self.samples[-1]
+        elapsed = max(end - start, 1e-9)
+        return (tokens1 - tokens0) / elapsed, (all1 - all0) / elapsed
+
+    def overall(self) -> float:
+        """All ranks' tokens per second since the meter started."""
+        return self.all_tokens / max(time.time() - self.started, 1e-9)
+
+
+class RunningMean:
+    """The mean of the values seen so far (the epoch's loss on the progress bar, not one batch's)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.total, self.count = self.total + value, self.count + 1
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else float("nan")

@@ -9,7 +9,8 @@ One loop runs every phase, for one process or several (``engine.py``): each phas
 model holding the weights it starts from, so its optimiser and warmup restart. Each rank trains on its share
 of the length-bucketed batches; in stage 1 every rank's tokens are the negatives of every query. Rank 0 writes
 checkpoints (plain fp32), results and TensorBoard. A run killed mid-stage and started again with the same
-command continues inside the phase it was in (``resume.py``).
+command continues inside the phase it was in (``resume.py``); so does one stopped by SIGINT or SIGTERM, which
+writes a resume checkpoint after its next optimizer step (``stopping.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -35,11 +36,12 @@ from ..errors import InputError
 from ..machine import machine_info
 from ..model.tagger import NerTagger
 from .engine import build_engine
-from .monitor import Scalars, Throughput
+from .monitor import RunningMean, Scalars, Throughput
 from .objectives import DevScore, InfoNCELoss, LossFn, head_probe_report, mean_dev_infonce, phase_loss
 from .phases import Phase, stage_phases, trainable_parameters
 from .resume import Progress, StageResume, fingerprint
 from .run import TrainingRun, exclusive_output, join_ranks, refuse_unrunnable
+from .stopping import StopRequested, StopSignals, agreed_signal
 
 log = logging.getLogger("nerco_dist")
 
@@ -59,7 +61,8 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
     """Run ``stage`` ("contrastive", "finetune" or "both"; default: both for NerCo configs, fine-tuning
     otherwise). ``init``: a stage-1 checkpoint for fine-tuning to start from. ``resume``: continue from what a
     killed run of the same command left in ``run.out_dir`` (False: start afresh). ``wrap_loss(phase, loss)``
-    returns the loss a phase trains on instead of ``loss``."""
+    returns the loss a phase trains on instead of ``loss``. SIGINT/SIGTERM: :class:`StopRequested` once the
+    resume checkpoint is written."""
     stage = stage or default_stage(cfg)
     if stage not in ("contrastive", "finetune", "both"):
         raise ValueError(f"stage {stage!r}: expected contrastive, finetune or both")
@@ -67,17 +70,17 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
         raise ValueError("contrastive.select=head_f1 trains its probe head in one process: run without the launcher")
     refuse_unrunnable(cfg, ["contrastive", "finetune"] if stage == "both" else [stage])
     join_ranks(cfg)
-    with exclusive_output(Path(cfg.run.out_dir)):
+    with exclusive_output(Path(cfg.run.out_dir)), StopSignals() as signals:
         run = TrainingRun.start(cfg, root)
         if dist.is_main() and not resume:
             shutil.rmtree(run.out / "resume", ignore_errors=True)
         dist.barrier()
         results: dict = dict(stage=stage, machine=machine_info(run.device), config=cfg.to_dict())
         if stage in ("contrastive", "both"):
-            results["contrastive"] = run_stage(run, "contrastive", None, wrap_loss)
+            results["contrastive"] = run_stage(run, "contrastive", None, wrap_loss, signals)
             init = run.out / "contrastive" / "best.pt"
         if stage in ("finetune", "both"):
-            results.update(run_stage(run, "finetune", init, wrap_loss))
+            results.update(run_stage(run, "finetune", init, wrap_loss, signals))
         results["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
         if dist.is_main():
             write_json(run.stage_dir("contrastive" if stage == "contrastive" else "finetune") / "results.json",
@@ -86,7 +89,8 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
     return results
 
 
-def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLoss | None) -> dict:
+def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLoss | None,
+              signals: StopSignals) -> dict:
     """Every phase of ``stage``, from where an earlier run of this command left it; the stage's results."""
     resume = StageResume(run.out, stage, fingerprint(run.cfg, stage, init))
     finished = resume.finished()
@@ -102,16 +106,18 @@ def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLo
     engine = phase_engine(run, phases[progress.phase], model, progress.step)
     resume.restore(engine)
     scalars = Scalars(run.stage_dir(stage) / "tensorboard")
-    while True:
-        phase = phases[progress.phase]
-        loss = phase_loss(run.cfg, phase, len(run.codec.labels.classes))
-        train_phase(run, phase, engine, wrap_loss(phase, loss) if wrap_loss else loss, progress, best, resume,
-                    scalars)
-        if progress.phase + 1 == len(phases):
-            break
-        engine = hand_off(run, phase, phases[progress.phase + 1], engine, progress, best)
-        resume.save(engine, progress)
-    scalars.close()
+    try:
+        while True:
+            phase = phases[progress.phase]
+            loss = phase_loss(run.cfg, phase, len(run.codec.labels.classes))
+            train_phase(run, phase, engine, wrap_loss(phase, loss) if wrap_loss else loss, progress, best, resume,
+                        scalars, signals)
+            if progress.phase + 1 == len(phases):
+                break
+            engine = hand_off(run, phase, phases[progress.phase + 1], engine, progress, best)
+            resume.save(engine, progress)
+    finally:
+        scalars.close()
     results = stage_results(run, stage, engine, progress, best)
     engine.close()
     resume.mark_done(results)
@@ -134,67 +140,107 @@ def hand_off(run: TrainingRun, phase: Phase, next_phase: Phase, engine, progress
 
 
 def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: Progress, best: BestWeights,
-                resume: StageResume, scalars: Scalars) -> None:
+                resume: StageResume, scalars: Scalars, signals: StopSignals) -> None:
     """The phase's epochs from where ``progress`` stands, each scored on dev; stops early after ``patience``
     epochs without a better dev score than the stage's best."""
     batches = run.train_batches(phase.optim.batch_size)
     log.info("%s phase %r: its own %s optimizer (lr %g, warmup over %g of its steps), %d batches per epoch and "
              "rank", phase.stage, phase.name, phase.optim.optimizer, phase.optim.lr, phase.optim.warmup, len(batches))
+    epoch_seconds: list[float] = []
     while progress.epoch < phase.optim.epochs and not phase.stopped(progress.stale):
         batches.sampler.set_epoch(progress.epochs_done)
         engine.model.train()
         tick = time.time()
-        train_epoch(run, phase, engine, batches, progress, loss, resume, scalars)
+        trained = train_epoch(run, phase, engine, batches, progress, loss, resume, scalars, signals)
         weights = engine.inference_model()  # fp32, on every rank
         score = dev_score(run, phase, weights)
-        record_epoch(run, phase, weights, score, progress, best, scalars, time.time() - tick)
+        epoch_seconds.append(time.time() - tick)
+        record_epoch(run, phase, weights, score, progress, best, scalars, trained, epoch_seconds)
         progress.epoch, progress.epochs_done, progress.batch = progress.epoch + 1, progress.epochs_done + 1, 0
         resume.save(engine, progress)
+        stop = agreed_signal(dist.sum_over_ranks(signals.flags()))  # a signal during the dev scoring
+        if stop is not None:
+            raise StopRequested(stop, f"{phase.stage} phase {phase.name!r}, the end of epoch {progress.epoch}",
+                                str(resume.directory))
     if phase.stopped(progress.stale):
         log.info("%s: no dev improvement for %d epochs: phase %r ends", phase.stage, progress.stale, phase.name)
 
 
+class EpochTrained(NamedTuple):
+    """What an epoch's end-of-epoch line reports of its training part."""
+
+    mean_loss: float  # over the steps this run trained (a resumed epoch: since the resume)
+    tokens_per_s: float  # all ranks' characters per second of training, dev scoring excluded
+
+
+class StepTotals(NamedTuple):
+    """One micro-batch summed over ranks, in one collective."""
+
+    loss: float  # the mean over ranks
+    finite: bool  # on every rank
+    all_tokens: int
+    stop: int | None  # the signal some rank received, which stops every rank at this step
+
+
 def train_epoch(run: TrainingRun, phase: Phase, engine, batches, progress: Progress, loss_fn: LossFn,
-                resume: StageResume | None, scalars: Scalars) -> None:
+                resume: StageResume | None, scalars: Scalars, signals: StopSignals | None = None) -> EpochTrained:
     """This rank's batches of one epoch, from ``progress.batch`` on (a resumed run skips what it trained).
     A loss that is not finite on some rank skips the step on every rank; ``max_nonfinite`` in a row abort.
-    ``resume``: where ``distributed.checkpoint_every`` saves (None: nowhere, as in the benchmarks)."""
+    ``resume``: where ``distributed.checkpoint_every`` saves (None: nowhere, as in the benchmarks). A signal
+    in ``signals`` stops every rank after the next optimizer step, once the resume checkpoint is written."""
     d = run.cfg.distributed
     quiet = {} if dist.is_main() else {"disable": True}  # rank 0 leaves it to tqdm (TQDM_DISABLE=1 turns it off)
     bar = tqdm(total=len(batches), initial=progress.batch, leave=False, dynamic_ncols=True,
                desc=f"{phase.name} {progress.epoch + 1}/{phase.optim.epochs}", **quiet)
-    meter = Throughput()
-    for batch in itertools.islice(batches, progress.batch, None):
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        loss = engine.forward(lambda: loss_fn(engine.model, batch))
-        mean_loss, finite, all_tokens = mean_over_ranks(loss, int(batch["char_mask"].sum()))
-        meter.count(int(batch["char_mask"].sum()), all_tokens)
-        progress.batch += 1
-        bar.update()
-        if not finite:
-            skip_nonfinite(progress, d.max_nonfinite, scalars, phase)
-            continue
-        progress.nonfinite_run = 0
-        if loss is None:  # stage 1: no class of the (global) batch has a positive pair
-            continue
-        engine.backward(loss)
-        engine.step()
-        if not engine.at_boundary:
-            continue
-        progress.step, progress.stage_step = progress.step + 1, progress.stage_step + 1
-        if progress.stage_step % run.cfg.run.log_every == 0:
-            log_step(phase, engine, loss_fn, mean_loss, meter, bar, scalars, progress.stage_step)
-        if resume is not None and d.checkpoint_every and progress.stage_step % d.checkpoint_every == 0:
-            resume.save(engine, progress)
-    bar.close()
+    meter, mean_loss = Throughput(), RunningMean()
+    try:
+        for batch in itertools.islice(batches, progress.batch, None):
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            loss = engine.forward(lambda: loss_fn(engine.model, batch))
+            tokens = int(batch["char_mask"].sum())
+            totals = step_totals(loss, tokens, signals)
+            meter.count(tokens, totals.all_tokens)
+            progress.batch += 1
+            bar.update()
+            saved = False
+            if not totals.finite:
+                skip_nonfinite(progress, d.max_nonfinite, scalars, phase)
+            elif loss is not None:  # None in stage 1: no class of the (global) batch has a positive pair
+                progress.nonfinite_run = 0
+                mean_loss.add(totals.loss)
+                engine.backward(loss)
+                engine.step()
+                if engine.at_boundary:
+                    progress.step, progress.stage_step = progress.step + 1, progress.stage_step + 1
+                    if progress.stage_step % run.cfg.run.log_every == 0:
+                        log_step(phase, engine, loss_fn, totals.loss, mean_loss, meter, bar, scalars,
+                                 progress.stage_step)
+                    if resume is not None and d.checkpoint_every and progress.stage_step % d.checkpoint_every == 0:
+                        resume.save(engine, progress)
+                        saved = True
+            else:
+                progress.nonfinite_run = 0
+            if totals.stop is not None and engine.at_boundary:
+                if resume is not None and not saved:
+                    resume.save(engine, progress)
+                raise StopRequested(totals.stop, f"{phase.stage} phase {phase.name!r}, epoch {progress.epoch + 1}, "
+                                                 f"batch {progress.batch}",
+                                    str(resume.directory) if resume is not None else None)
+    finally:
+        bar.close()
+    return EpochTrained(mean_loss.value, meter.overall())
 
 
-def log_step(phase: Phase, engine, loss_fn, mean_loss: float, meter: Throughput, bar, scalars: Scalars,
-             step: int) -> None:
+def log_step(phase: Phase, engine, loss_fn, step_loss: float, mean_loss: RunningMean, meter: Throughput, bar,
+             scalars: Scalars, step: int) -> None:
+    """The progress bar (the epoch's mean loss, a smoothed rate) and the step's TensorBoard scalars."""
     prefix = "contrastive" if phase.stage == "contrastive" else "train"
     rate, global_rate = meter.read()
-    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rate:.0f}", tok_s_all=f"{global_rate:.0f}")
-    for name, value in (("loss", mean_loss), ("lr", engine.lr), ("tokens_per_s_rank", rate),
+    shown = dict(loss=f"{mean_loss.value:.3f}", tok_s=f"{rate:,.0f}")
+    if dist.world_size() > 1:
+        shown["tok_s_all"] = f"{global_rate:,.0f}"
+    bar.set_postfix(shown)
+    for name, value in (("loss", step_loss), ("lr", engine.lr), ("tokens_per_s_rank", rate),
                         ("tokens_per_s", global_rate)):
         scalars.add(f"{prefix}/{name}", value, step)
     statistics = loss_fn.scalars() if hasattr(loss_fn, "scalars") else {}
@@ -205,12 +251,15 @@ def log_step(phase: Phase, engine, loss_fn, mean_loss: float, meter: Throughput,
         scalars.add_group("contrastive/class_fraction", {str(k): v for k, v in enumerate(fractions)}, step)
 
 
-def mean_over_ranks(loss: torch.Tensor | None, tokens: int) -> tuple[float, bool, int]:
-    """The loss averaged over ranks, whether it is finite on every rank, and the tokens of all ranks."""
+def step_totals(loss: torch.Tensor | None, tokens: int, signals: StopSignals | None) -> StepTotals:
+    """The micro-batch's loss averaged over ranks, whether it is finite everywhere, all ranks' tokens, and
+    whether a rank was asked to stop."""
     value = loss.item() if loss is not None else 0.0
     finite = math.isfinite(value)
-    total, bad, all_tokens = dist.sum_over_ranks([value if finite else 0.0, 0.0 if finite else 1.0, tokens])
-    return total / dist.world_size(), bad == 0, int(all_tokens)
+    flags = signals.flags() if signals is not None else [0.0, 0.0]
+    total, bad, all_tokens, *stops = dist.sum_over_ranks([value if finite else 0.0, 0.0 if finite else 1.0, tokens,
+                                                          *flags])
+    return StepTotals(total / dist.world_size(), bad == 0, int(all_tokens), agreed_signal(stops))
 
 
 def skip_nonfinite(progress: Progress, limit: int, scalars: Scalars, phase: Phase) -> None:
@@ -265,15 +314,11 @@ def resumed_best(run: TrainingRun, stage: str, progress: Progress) -> BestWeight
 
 
 def record_epoch(run: TrainingRun, phase: Phase, weights: NerTagger, score: DevScore, progress: Progress,
-                 best: BestWeights, scalars: Scalars, seconds: float) -> None:
-    """Log the epoch's dev score, write ``last.pt`` and (when it beats the stage's best) ``best.pt``, keeping
-    those weights in ``best``."""
+                 best: BestWeights, scalars: Scalars, trained: EpochTrained, epoch_seconds: list[float]) -> None:
+    """Log the epoch's line (training loss and rate, dev score, the best so far, time), write ``last.pt`` and
+    (when it beats the stage's best) ``best.pt``, keeping those weights in ``best``."""
     epoch = progress.epochs_done + 1
     improved = score.beats(progress.best)
-    log.info("%s %r epoch %d/%d: %s%s (%.0fs)", phase.stage, phase.name, progress.epoch + 1, phase.optim.epochs,
-             score.text, " *" if improved else "", seconds)
-    for tag, value in score.scalars.items():
-        scalars.add(tag, value, epoch)
     extra = dict(stage=phase.stage, phase=phase.name, epoch=epoch, **score.record)
     out = run.stage_dir(phase.stage)
     run.checkpoint(out / "last.pt", weights, **extra)
@@ -283,6 +328,31 @@ def record_epoch(run: TrainingRun, phase: Phase, weights: NerTagger, score: DevS
         run.checkpoint(out / "best.pt", weights, **extra)
     else:
         progress.stale += 1
+    best_text = f"{progress.best:.4f}" if phase.lower_is_better else f"{100 * progress.best:.2f}"
+    log.info("%s %r epoch %d/%d: loss %.4f, %s tok/s, %s%s (best %s, stage epoch %d), %s; %s",
+             phase.stage, phase.name, progress.epoch + 1, phase.optim.epochs, trained.mean_loss,
+             f"{trained.tokens_per_s:,.0f}", score.text, " *" if improved else "", best_text, progress.best_epoch,
+             duration(epoch_seconds[-1]), stage_outlook(run, phase, progress, epoch_seconds))
+    for tag, value in score.scalars.items():
+        scalars.add(tag, value, epoch)
+
+
+def stage_outlook(run: TrainingRun, phase: Phase, progress: Progress, epoch_seconds: list[float]) -> str:
+    """The stage's time so far and an upper bound on what is left: every remaining epoch of this phase and of
+    the phases after it, at this phase's mean epoch time (patience may end phases sooner)."""
+    later = stage_phases(run.cfg, phase.stage)[progress.phase + 1:]
+    left = phase.optim.epochs - progress.epoch - 1 + sum(p.optim.epochs for p in later)
+    text = f"stage {duration(progress.elapsed())} so far"
+    if left:
+        pace = sum(epoch_seconds) / len(epoch_seconds)
+        text += f", at most {left} more epoch{'s' * (left > 1)} ({duration(left * pace)} at this pace)"
+    return text
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def stage_results(run: TrainingRun, stage: str, engine, progress: Progress, best: BestWeights) -> dict:

@@ -1,18 +1,24 @@
-"""Run by tests/test_distributed.py as one rank of a 2-process group started without the launcher (RANK,
-WORLD_SIZE, MASTER_ADDR/PORT in the environment), so what the surviving rank does is this code's doing, not
-the launcher's. ``nerco train`` with a fault injected on rank 1 at its ``--at``-th fine-tuning batch:
+"""Run by tests/test_distributed.py (and tests/test_stopping.py) as ``nerco train`` with a fault injected on
+the last rank (rank 1 of a 2-process group started without the launcher, with RANK, WORLD_SIZE, MASTER_ADDR/PORT
+in the environment, so what the surviving rank does is this code's doing, not the launcher's; or the only
+process) at its ``AT``-th training batch:
 
-- die: rank 1 exits abruptly; rank 0 must report it and exit, not hang;
-- hang: rank 1 stops responding before its loss is all-reduced (the default process group); rank 0 must
+- die: the rank exits abruptly; rank 0 must report it and exit, not hang;
+- hang: the rank stops responding before its loss is all-reduced (the default process group); rank 0 must
   give up after distributed.timeout_s;
-- hang_backward: rank 1 stops responding inside its backward pass, while rank 0 waits in DeepSpeed's gradient
-  reduction (DeepSpeed's own process group); the same;
-- nan: rank 1's loss is NaN once; every rank skips that step and counts it.
+- hang_backward: the rank stops responding inside its backward pass, while rank 0 waits in DeepSpeed's
+  gradient reduction (DeepSpeed's own process group); the same;
+- nan: the rank's loss is NaN once; every rank skips that step and counts it;
+- sigint, sigterm: the rank sends itself SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption);
+  sigint_twice: two SIGINTs (Ctrl-C pressed again);
+- sigterm_parent: the rank sends SIGTERM to its parent process, the deepspeed launcher, which passes it on
+  to every rank (a scheduler ending the job).
 
 Usage: faults.py MODE AT -- nerco train arguments
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -36,7 +42,7 @@ class HangInBackward(torch.autograd.Function):
 
 
 def fault(mode: str, at: int):
-    """A ``wrap_loss`` for ``nerco train`` that injects ``mode`` on rank 1 at its ``at``-th batch."""
+    """A ``wrap_loss`` for ``nerco train`` that injects ``mode`` on the last rank at its ``at``-th batch."""
     calls = 0
 
     def wrap(phase, loss):
@@ -44,7 +50,13 @@ def fault(mode: str, at: int):
             nonlocal calls
             calls += 1
             value = loss(model, batch)
-            if dist.rank() == 1 and calls == at:
+            if dist.rank() == dist.world_size() - 1 and calls == at:
+                if mode in ("sigint", "sigterm", "sigint_twice"):
+                    os.kill(os.getpid(), signal.SIGTERM if mode == "sigterm" else signal.SIGINT)
+                if mode == "sigint_twice":
+                    os.kill(os.getpid(), signal.SIGINT)
+                if mode == "sigterm_parent":
+                    os.kill(os.getppid(), signal.SIGTERM)
                 if mode == "die":
                     os._exit(17)
                 if mode == "hang":
@@ -59,6 +71,9 @@ def fault(mode: str, at: int):
 
 
 if __name__ == "__main__":
-    mode, at, sep, *argv = sys.argv[1:]
+    # the deepspeed launcher puts --local_rank=N first; nerco's own parser takes it
+    launcher_args = [a for a in sys.argv[1:] if a.startswith("--local_rank")]
+    mode, at, sep, *argv = [a for a in sys.argv[1:] if a not in launcher_args]
     assert sep == "--"
+    argv += launcher_args
     sys.exit(main(argv, wrap_loss=fault(mode, int(at))))

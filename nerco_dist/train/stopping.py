@@ -1,0 +1,65 @@
+"""Ctrl-C and preemption: SIGINT or SIGTERM asks a run to stop after its next optimizer step, with a resume
+checkpoint, instead of dying in the middle of an epoch. A SLURM time limit or preemption sends SIGTERM; the
+deepspeed launcher passes both on to every rank as SIGTERM (and gives them 30 s before SIGKILL). Ranks agree
+on the stop through the all-reduce every micro-batch already makes, so all of them save the same step."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger("nerco_dist")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequested(Exception):
+    """The run stopped on a signal after writing a resume checkpoint; the same command continues it."""
+
+    def __init__(self, signum: int, where: str, checkpoint: str | None):
+        self.signum, self.where, self.checkpoint = signum, where, checkpoint
+        saved = f"resume checkpoint in {checkpoint}" if checkpoint else "no resume checkpoint (none configured)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at {where}; {saved}")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a process they end
+
+
+class StopSignals:
+    """While entered (in the main thread; elsewhere signals cannot be caught), records SIGINT and SIGTERM
+    instead of dying. A second SIGINT stops at once (KeyboardInterrupt), without a checkpoint."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _record(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            log.warning("%s: stopping after the next optimizer step, with a resume checkpoint (Ctrl-C again "
+                        "stops at once, without one)", signal.Signals(signum).name)
+        if self.received != signal.SIGTERM:  # a scheduler's SIGTERM outranks a Ctrl-C in the exit status
+            self.received = signum
+
+    def flags(self) -> list[float]:
+        """This rank's requests for the all-reduce: [SIGINT received, SIGTERM received]."""
+        return [float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM)]
+
+
+def agreed_signal(summed_flags: list[float]) -> int | None:
+    """The signal that stops every rank, from :meth:`StopSignals.flags` summed over ranks (SIGTERM first)."""
+    sigint, sigterm = summed_flags
+    return signal.SIGTERM if sigterm else signal.SIGINT if sigint else None

@@ -1,0 +1,86 @@
+"""Ctrl-C and SIGTERM stop ``nerco train`` after the next optimizer step with a resume checkpoint, one line saying
+how to continue and exit status 130 / 143; the same command then ends exactly where an uninterrupted run ends.
+(Under the deepspeed launcher: tests/test_distributed.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nerco_dist.checkpoint import load_checkpoint
+from nerco_dist.train.stopping import StopSignals, agreed_signal
+
+REPO = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "dist_scripts" / "faults.py"
+# 60 sentences (a few more pieces) in batches of 8, 2 epochs
+SETS = ["data.limit=60", "finetune.full.optim.epochs=2", "finetune.full.optim.batch_size=8", "run.threads=1"]
+
+
+def train(out: Path, data_root: Path, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    args = ["train", "configs/tiny.yaml", *[a for s in [f"run.out_dir={out}", *SETS] for a in ("--set", s)]]
+    cmd = [sys.executable, str(FAULTS), fault[0], str(fault[1]), "--", *args] if fault else \
+        [sys.executable, "-m", "nerco_dist.cli", *args]
+    env = dict(os.environ, NERCO_DATA_ROOT=str(data_root), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = train(out, data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode, at, status", [("sigint", 5, 130), ("sigterm", 11, 143)])
+def test_a_signal_mid_epoch_writes_a_resume_checkpoint_and_the_same_command_ends_identically(
+        mode, at, status, uninterrupted, tmp_path, data_root):
+    out = tmp_path / "run"
+    stopped = train(out, data_root, (mode, at))
+    assert stopped.returncode == status, stopped.stderr[-3000:]
+    per_epoch = int(re.search(r"(\d+) batches per epoch", stopped.stderr).group(1))
+    assert at < 2 * per_epoch
+    epoch, batch = divmod(at - 1, per_epoch)  # the signal came inside batch ``at``: its step is the last one
+    name = mode.upper()
+    assert f"nerco: stopped by {name} at finetune phase 'full', epoch {epoch + 1}, batch {batch + 1}; resume " \
+           f"checkpoint in {out}/resume/finetune: run the same command again to continue" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    progress = json.loads((out / "resume" / "finetune" / "latest.json").read_text())["progress"]
+    assert (progress["epoch"], progress["batch"], progress["step"]) == (epoch, batch + 1, at)
+    assert not (out / "results.json").exists()
+
+    resumed = train(out, data_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"finetune: resuming at phase 1, epoch {epoch + 1}, batch {batch + 1} (step {at})" in resumed.stderr
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, uninterrupted))
+    assert ours["test"] == theirs["test"] and ours["best_dev_f1"] == theirs["best_dev_f1"]
+    for name in ("best.pt", "last.pt"):
+        a, b = load_checkpoint(out / name)["model"], load_checkpoint(uninterrupted / name)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, data_root):
+    stopped = train(tmp_path / "run", data_root, ("sigint_twice", 3))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "nerco: interrupted at once: the same command continues from the last resume checkpoint" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and not (tmp_path / "run" / "resume" / "finetune").exists()
+
+
+def test_signals_are_recorded_only_while_entered_and_sigterm_decides_the_status():
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        assert signals.flags() == [0.0, 0.0]
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # after a SIGTERM: not a "second Ctrl-C"
+        assert signals.received == signal.SIGTERM and signals.flags() == [0.0, 1.0]
+    assert signal.getsignal(signal.SIGINT) is before
+    assert agreed_signal([1.0, 0.0]) == signal.SIGINT and agreed_signal([1.0, 1.0]) == signal.SIGTERM
+    assert agreed_signal([0.0, 0.0]) is None

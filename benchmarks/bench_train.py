@@ -127,7 +127,8 @@ def main() -> int:
     root = data_root(args.data_root)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = REPO / "configs" / ("tiny.yaml" if args.quick else "msra.yaml")
-    sets = [f"distributed.config={args.ds}", f"run.device={args.device}", "contrastive.enabled=true",
+    sets = [f"distributed.config={args.ds}", f"run.device={args.device}", f"run.threads={args.threads}",
+            "contrastive.enabled=true",
             "run.out_dir=" + tempfile.mkdtemp(prefix="bench_train_"), *NO_VECTORS]
     if args.quick:
         sets += ["data.limit=120", "data.max_len=60"]

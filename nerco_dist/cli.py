@@ -204,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a tagger from a YAML config")
+    p = sub.add_parser("train", help="train a tagger from a YAML config",
+                       description="Train a tagger from a YAML config. Ctrl-C (SIGINT) or SIGTERM stops after the next "
+                                   "optimizer step with a resume checkpoint (exit status 130 / 143); the same command "
+                                   "continues from it.")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set finetune.full.optim.epochs=5")
@@ -250,22 +253,27 @@ def positive_int(text: str) -> int:
 
 def _add_inference(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a labelled corpus file")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a fine-tuned checkpoint (best.pt or last.pt of a run; not stage 1's)")
     p.add_argument("--data", required=True, help="labelled corpus file (CoNLL, Weibo or CLUENER JSON lines)")
     p.add_argument("--format", default="auto", help="corpus format: auto, conll, weibo, cluener")
     p.add_argument("--output", help="JSON report path (default: CHECKPOINT.eval.json)")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="tag raw text, one sentence per line; prints JSON lines")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("predict", help="tag raw text, one sentence per line; prints JSON lines",
+                       description="One JSON line per input line: {\"text\", \"entities\": [{\"start\", \"end\", "
+                                   "\"type\", \"mention\"}]}; start and end are character offsets, end exclusive "
+                                   "(mention = text[start:end]). Each line is answered as soon as it is read.")
+    p.add_argument("checkpoint", help="a fine-tuned checkpoint (best.pt or last.pt of a run; not stage 1's)")
     p.add_argument("input", nargs="?", default="-", help="text file, or - for standard input (default)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="most lines tagged at once (those already read)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip a line that is not UTF-8 with a warning (default: an error, exit status 2)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("analyze", help="baseline vs NerCo: Span F / Type Acc, F1 by length, t-SNE plots")
@@ -275,8 +283,9 @@ def _add_inference(sub) -> None:
     p.add_argument("--data", required=True, help="labelled test corpus file")
     p.add_argument("--out", required=True, help="output folder for the tables and PNG plots")
     p.add_argument("--tsne-tokens", type=positive_int, default=1500, help="entity tokens sampled for t-SNE")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE token sample and layout")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.set_defaults(func=_analyze)
 
 

@@ -42,25 +42,26 @@ def test_auto_threads_here_reads_the_cores_this_process_may_use_the_load_and_the
 STEPS = """
 import resource, torch
 from nerco_dist.machine import keep_freed_memory
-kept = {call}
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for step in range(80):  # a step's large tensors: several alive at once, their sizes changing with the batch
+kept = keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+start = faults()
+for step in range(120):  # a step's large tensors: several alive at once, their sizes changing with the batch
+    if step == 40:
+        warm = faults()
     alive = [torch.ones((1 + (step * 7 + k * 3) % 11) << 19) for k in range(4)]  # 2..22 MiB each
     del alive
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+print(kept, warm - start, faults() - warm)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
-def test_freed_memory_is_reused_without_page_faults():
-    def faults(call: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", STEPS.format(call=call)], capture_output=True, text=True,
-                             check=True).stdout.split()
-        return out[0], int(out[1])
-
-    _, default = faults("None")
-    kept, tuned = faults("keep_freed_memory()")
+@pytest.mark.parametrize("run", [1, 2])
+def test_freed_memory_is_reused_without_page_faults(run):
+    """The first steps fault the blocks in (4 x 22 MiB = 22,528 pages, plus what fragmentation adds) and later
+    steps fault nothing. glibc's own default is not compared: its dynamic mmap threshold makes the count vary
+    from run to run (here 0 to 100,000 faults over the same 80 later steps), so one run proves nothing."""
+    out = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, check=True).stdout.split()
+    kept, warming, later = out[0], int(out[1]), int(out[2])
     assert kept == "True"
-    # the first steps map the blocks (4 x 22 MiB = 22,528 pages at most) and later ones reuse them; by
-    # default, blocks over the threshold are mapped and unmapped again at every step
-    assert tuned <= 4 * 22 * 256 + 2000 < default / 3, (default, tuned)
+    assert warming <= 1.3 * 4 * 22 * 256 + 2000 and later <= 256, (warming, later)

@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None, *, wrap_loss=None) -> int:
     except (InputError, FileNotFoundError, ValueError) as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in eval, predict, analyze or vectors: nothing to keep, no traceback
+        print("\nnerco: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

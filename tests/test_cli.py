@@ -158,6 +158,21 @@ def test_predict_answers_each_line_while_the_input_is_still_open(trained):
         proc.kill()
 
 
+def test_ctrl_c_stops_predict_with_status_130_and_no_traceback(trained):
+    proc = subprocess.Popen([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write("高勇，男，中国国籍。\n".encode())
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["text"] == "高勇，男，中国国籍。"  # waiting for the next line now
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 128 + signal.SIGINT
+        err = proc.stderr.read().decode()
+        assert err.rstrip().endswith("nerco: interrupted") and "Traceback" not in err, err
+    finally:
+        proc.kill()
+
+
 def test_predict_stops_quietly_when_its_reader_leaves(trained, tmp_path):
     """``nerco predict ... | head -n 1``: no traceback once the reader has closed the pipe."""
     text = tmp_path / "many.txt"

@@ -128,17 +128,18 @@ def run_smoke(checkout: Path, *extra: str, tqdm: bool = False, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def smoke(checkout) -> tuple[subprocess.CompletedProcess, float]:
+def smoke(checkout, main_path) -> tuple[subprocess.CompletedProcess, float]:
+    """The README's smoke run, in the data root its set-up lines made."""
     assert f"`{SMOKE}`" in readme()
     start = time.perf_counter()
     proc = run_smoke(checkout)
     out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]  # the later steps use its checkpoint
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.perf_counter() - start
 
 
 def test_the_smoke_run_learns_within_a_minute(smoke):
     proc, wall_s = smoke
-    assert proc.returncode == 0, proc.stderr[-3000:]
     f1 = float(re.search(r"^test P [\d.]+ R [\d.]+ F1 ([\d.]+) ", proc.stdout, re.M).group(1))
     assert f1 >= 50 and wall_s < 60, (f1, wall_s)
     assert re.search(r"train: 150 sentences, [\d,]+ characters, [\d,]+ entities \(", proc.stderr)
@@ -181,13 +182,14 @@ def test_ctrl_c_mid_epoch_then_the_same_command_ends_as_the_uninterrupted_run(sm
 
 def test_predict_answers_each_line_before_the_next_arrives(smoke, checkout):
     proc = subprocess.Popen(["nerco", "predict", "runs/tiny/best.pt", "-"], cwd=checkout, env=user_env(checkout),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for text in ("张三在北京大学读书", "他是工程师"):
             proc.stdin.write(text + "\n")
             proc.stdin.flush()
             assert select.select([proc.stdout], [], [], 60)[0], f"no answer to {text!r} while the input is open"
-            assert json.loads(proc.stdout.readline())["text"] == text
+            answer = proc.stdout.readline()
+            assert answer and json.loads(answer)["text"] == text, proc.stderr.read()
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0
     finally:

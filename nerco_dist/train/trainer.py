@@ -205,8 +205,9 @@ def train_epoch(run: TrainingRun, phase: Phase, engine, batches, progress: Progr
             saved = False
             if not totals.finite:
                 skip_nonfinite(progress, d.max_nonfinite, scalars, phase)
-            elif loss is not None:  # None in stage 1: no class of the (global) batch has a positive pair
-                progress.nonfinite_run = 0
+                continue
+            progress.nonfinite_run = 0
+            if loss is not None:  # None in stage 1: no class of the (global) batch has a positive pair
                 mean_loss.add(totals.loss)
                 engine.backward(loss)
                 engine.step()
@@ -218,8 +219,6 @@ def train_epoch(run: TrainingRun, phase: Phase, engine, batches, progress: Progr
                     if resume is not None and d.checkpoint_every and progress.stage_step % d.checkpoint_every == 0:
                         resume.save(engine, progress)
                         saved = True
-            else:
-                progress.nonfinite_run = 0
             if totals.stop is not None and engine.at_boundary:
                 if resume is not None and not saved:
                     resume.save(engine, progress)

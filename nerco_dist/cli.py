@@ -251,6 +251,9 @@ def positive_int(text: str) -> int:
     return value
 
 
+DEVICE_HELP = "auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+
+
 def _add_inference(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a labelled corpus file")
     p.add_argument("checkpoint", help="a fine-tuned checkpoint (best.pt or last.pt of a run; not stage 1's)")
@@ -258,8 +261,7 @@ def _add_inference(sub) -> None:
     p.add_argument("--format", default="auto", help="corpus format: auto, conll, weibo, cluener")
     p.add_argument("--output", help="JSON report path (default: CHECKPOINT.eval.json)")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--device", default="auto",
-                   help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="tag raw text, one sentence per line; prints JSON lines",
@@ -272,8 +274,7 @@ def _add_inference(sub) -> None:
                    help="most lines tagged at once (those already read)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip a line that is not UTF-8 with a warning (default: an error, exit status 2)")
-    p.add_argument("--device", default="auto",
-                   help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("analyze", help="baseline vs NerCo: Span F / Type Acc, F1 by length, t-SNE plots")
@@ -284,8 +285,7 @@ def _add_inference(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for the tables and PNG plots")
     p.add_argument("--tsne-tokens", type=positive_int, default=1500, help="entity tokens sampled for t-SNE")
     p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE token sample and layout")
-    p.add_argument("--device", default="auto",
-                   help="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_analyze)
 
 

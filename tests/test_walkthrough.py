@@ -121,7 +121,7 @@ def test_the_readme_main_path_runs_nerco_then_the_baseline_then_the_analysis(mai
     assert list((runs / "weibo_analysis").glob("*.png")), "analyze wrote no plot"
 
 
-def run_smoke(checkout: Path, *extra: str, tqdm: bool = False, timeout: float = 300):
+def run_smoke(checkout: Path, *extra: str, tqdm: bool = False) -> subprocess.Popen:
     cmd = [*SMOKE.split(), *extra]
     env = user_env(checkout) if tqdm else user_env(checkout, TQDM_DISABLE="1")
     return subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

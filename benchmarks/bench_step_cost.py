@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ResultsFile, machine_info, parse_args
+from common import RESULTS, ResultsFile, cpu_seconds, machine_info, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -38,12 +38,6 @@ RECIPE_NEW = ["data.char_vectors=null", "data.bigram_vectors=null", "data.word_v
                   epochs=EPOCHS, batch_size=10).items()]
 START = re.compile(r"training pieces, \d+ batches per epoch|finetune phase 'full'")  # the epoch loop begins
 EPOCH = re.compile(r"epoch (\d+)(?:/\d+)?: dev P [\d.]+ R [\d.]+ F1 ([\d.]+)")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def train_run(code: Path, overrides: list[str], out: Path, data_root: str) -> dict:

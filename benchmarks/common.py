@@ -109,6 +109,12 @@ def peak_extra_mib(fn: Callable[[], Any], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux: ``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ResultsFile:
     """A JSON object (header fields and ``rows``) rewritten atomically each time a row is added."""
 

@@ -132,6 +132,9 @@ class RunConfig:
     out_dir: str = field(default="runs/run", metadata={"non_empty": True})
     log_every: int = field(default=20, metadata={**RESUMABLE, "ge": 1})  # optimizer steps between logged scalars
     eval_batch_size: int = field(default=32, metadata={**RESUMABLE, "ge": 1})
+    # CPU: values below float32's smallest normal (1.2e-38) read and written as 0 (machine.flush_denormals);
+    # false: IEEE gradual underflow, as releases before it trained
+    flush_denormals: bool = field(default=True, metadata=RESUMABLE)
 
 
 @dataclass

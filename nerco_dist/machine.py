@@ -46,6 +46,17 @@ def keep_freed_memory() -> bool:
     return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
+def flush_denormals(enabled: bool = True) -> bool:
+    """Flush denormal floats to zero on CPU (x86 FTZ/DAZ; False where the CPU cannot).
+
+    Adam's first moment of a row that gets no gradient decays by beta1 each step, so the embedding rows a
+    batch does not touch, and unused rows of FLAT's position table, sink through the denormal range, where
+    an x86 core handles them in microcode, many times slower, and the optimizer step slows as they pile up
+    (benchmarks/bench_denormals.py). Such values move a weight by less than 1e-30. The setting is per thread
+    and threads inherit it when created: call it before torch's first parallel op."""
+    return torch.set_flush_denormal(enabled)
+
+
 def auto_threads(cores: int, load: float, local_ranks: int) -> int:
     """Torch CPU threads for one rank (``run.threads=auto``): the cores not already busy (``load``, rounded half up),
     shared evenly by the ranks on this node; at least one. Torch's default, a thread per core, oversubscribes a

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-# As shipped, tiny.yaml trains 4 epochs so that a smoke run learns visibly (tests/test_smoke_config.py); every other
+# As shipped, tiny.yaml trains 4 epochs so that a smoke run learns visibly (tests/test_walkthrough.py); every other
 # test that trains it sets its own epochs (1 or 2), which keeps the suite fast and its exact comparisons fixed.
 TINY = REPO / "configs" / "tiny.yaml"
 LIMIT = 150  # tiny.yaml's data.limit

@@ -68,3 +68,38 @@ def test_freed_memory_is_reused_without_page_faults(run):
     peak = 4 * 22 * 256
     assert kept == "True"
     assert warming <= 1.5 * peak + 2000 and later <= peak / 4, (warming, later)
+
+
+
+DENORMALS = """
+import torch
+from nerco_dist.config import load_config
+from nerco_dist.train.run import TrainingRun
+cfg = load_config({tiny!r}, ["run.flush_denormals={flush}", "run.threads=2", "run.out_dir={out}"])
+TrainingRun.start(cfg, {root!r})  # sets the flag before torch's threads start: they inherit it
+tiny = torch.finfo(torch.float32).tiny
+products = torch.full((1 << 20,), tiny / 4) * 1.0  # shared by the 2 threads
+param = torch.nn.Parameter(torch.ones(1000, 8))
+opt = torch.optim.AdamW([param], lr=1e-3)
+for step in range(1200):  # rows 10.. get a gradient at step 0 only
+    param.grad = torch.zeros_like(param)
+    param.grad[: 10 if step else 1000] = 1.0
+    opt.step()
+moment = opt.state[param]["exp_avg"][10:]
+print(int((products != 0).sum()), int(((moment != 0) & (moment.abs() < tiny)).sum()))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 FTZ/DAZ")
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_training_process_flushes_denormals_in_every_thread(tmp_path, data_root, flush):
+    """By hand: a row's first moment after its one gradient is 0.1 and then 0.1 * 0.9^t, below float32's
+    smallest normal after 805 steps; with gradual underflow it then sticks at the smallest denormal (0.9 of it
+    rounds back up), so at step 1200 all 990 x 8 entries are denormal. Flushed, they are 0, and so is a
+    product of denormals computed by torch's worker threads."""
+    from .conftest import TINY
+
+    script = DENORMALS.format(tiny=str(TINY), flush=str(flush).lower(), out=tmp_path / "run", root=str(data_root))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    nonzero_products, denormal_moments = int(out[0]), int(out[1])
+    assert (nonzero_products, denormal_moments) == ((0, 0) if flush else (1 << 20, 990 * 8))

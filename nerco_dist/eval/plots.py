@@ -151,3 +151,20 @@ def plot_seed_scores(scores: dict[str, Sequence[float]], path_png: str | os.Path
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     _save_png(fig, path_png)
+
+
+def plot_lines(series: dict[str, Sequence[float]], path_png: str | os.PathLike, title: str, xlabel: str,
+               ylabel: str) -> None:
+    """One line per named series over 1, 2, ... (epochs, rounds): how a measurement moves as training goes on."""
+    if not series or any(len(v) == 0 for v in series.values()):
+        raise ValueError("every series needs at least one value")
+    fig = _new_figure((7.0, 4.5))
+    ax = fig.add_subplot()
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_png(fig, path_png)

@@ -24,7 +24,7 @@ from ..data.dataset import LengthBucketBatchSampler, Piece
 from ..errors import InputError
 from ..eval.metrics import NerReport, evaluate
 from ..inference import predict
-from ..machine import auto_threads_here, keep_freed_memory
+from ..machine import auto_threads_here, flush_denormals, keep_freed_memory
 from ..model.tagger import NerTagger
 from .engine import uses_deepspeed
 from .phases import load_encoder, stage_phases
@@ -131,6 +131,7 @@ class TrainingRun:
         """Seeds, the allocator, the process group when DeepSpeed is used, threads, the data and its codec."""
         seed_everything(cfg.run.seed)
         keep_freed_memory()
+        flush_denormals(cfg.run.flush_denormals)  # before any parallel op starts torch's threads
         device = join_ranks(cfg)
         if not dist.is_main():
             log.setLevel(logging.WARNING)

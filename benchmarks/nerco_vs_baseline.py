@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from nerco_dist.eval.metrics import mentions, scores_by_seen
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.machine import machine_info
 from nerco_dist.train.objectives import InfoNCELoss, mean_dev_infonce
+from nerco_dist.train.stopping import StopRequested
 from nerco_dist.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,10 +82,11 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: P
 
 
 def same_recipe(a: dict, b: dict) -> bool:
-    """Whether two runs' configs train the same way (where they ran and with how many threads aside; keys
-    added since a run have their defaults through ``Config.from_dict``)."""
+    """Whether two runs' configs train the same way (where they ran, with how many threads and whether CPU
+    denormals were flushed aside: these change the speed and, like another summation order, nothing but
+    rounding; keys added since a run have their defaults through ``Config.from_dict``)."""
     def recipe(cfg: dict) -> dict:
-        return {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in ("out_dir", "threads")}}
+        return {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in ("out_dir", "threads", "flush_denormals")}}
     return recipe(a) == recipe(b)
 
 
@@ -187,4 +190,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StopRequested as stop:  # Ctrl-C or SIGTERM: the run being trained resumes when the command is run again
+        print(f"nerco_vs_baseline: {stop}: run the same command again to continue", file=sys.stderr)
+        sys.exit(stop.exit_status)

@@ -19,16 +19,14 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import ResultsFile, cpu_seconds, machine_info, parse_args
+from common import ResultsFile, machine_info, parse_args, train_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 START = re.compile(r"finetune phase 'full'")
-EPOCH = re.compile(r"finetune 'full' epoch (\d+)/\d+: .*dev P [\d.]+ R [\d.]+ F1 ([\d.]+)")
 
 
 def recipe(epochs: int, flush: bool) -> list[str]:
@@ -43,20 +41,10 @@ def train_run(overrides: list[str], out: Path, data_root: str) -> dict:
     for item in overrides + [f"run.out_dir={out}"]:
         argv += ["--set", item]
     env = {**os.environ, "NERCO_DATA_ROOT": data_root, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "nerco_dist.cli", *argv], cwd=REPO, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    marks, dev_f1, log = [], [], []
-    for line in child.stdout:
-        log.append(line)
-        if not marks and START.search(line):
-            marks.append(cpu_seconds(child.pid))
-        match = EPOCH.search(line)
-        if match and marks:
-            marks.append(cpu_seconds(child.pid))
-            dev_f1.append(float(match.group(2)))
-    if child.wait() != 0 or not dev_f1:
-        raise RuntimeError(f"the run failed (exit {child.returncode}):\n{''.join(log[-20:])}")
-    return dict(epoch_cpu_s=[round(b - a, 2) for a, b in zip(marks, marks[1:])], dev_f1=dev_f1)
+    epochs = train_epochs([sys.executable, "-m", "nerco_dist.cli", *argv], env, REPO, START)
+    since_start = [0.0] + [cpu for _, cpu, _ in epochs]
+    return dict(epoch_cpu_s=[round(b - a, 2) for a, b in zip(since_start, since_start[1:])],
+                dev_f1=[f1 for _, _, f1 in epochs])
 
 
 def plot(rows: list[dict], path: Path) -> None:

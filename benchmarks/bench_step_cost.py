@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ResultsFile, cpu_seconds, machine_info, parse_args
+from common import RESULTS, ResultsFile, machine_info, parse_args, train_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -37,7 +37,6 @@ RECIPE_NEW = ["data.char_vectors=null", "data.bigram_vectors=null", "data.word_v
                   optimizer="adamw", lr=1e-3, weight_decay=0.01, warmup=0.05, lr_decay=0.05, clip_value=5.0,
                   epochs=EPOCHS, batch_size=10).items()]
 START = re.compile(r"training pieces, \d+ batches per epoch|finetune phase 'full'")  # the epoch loop begins
-EPOCH = re.compile(r"epoch (\d+)(?:/\d+)?: dev P [\d.]+ R [\d.]+ F1 ([\d.]+)")
 
 
 def train_run(code: Path, overrides: list[str], out: Path, data_root: str) -> dict:
@@ -48,22 +47,12 @@ def train_run(code: Path, overrides: list[str], out: Path, data_root: str) -> di
         argv += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(code), "NERCO_DATA_ROOT": data_root, "OMP_NUM_THREADS": "1",
            "TQDM_DISABLE": "1"}
-    child = subprocess.Popen([sys.executable, "-c", "import sys; from nerco_dist.cli import main; "
-                              "sys.exit(main(sys.argv[1:]))", *argv], cwd=code, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    start = end = None
-    dev_f1 = None
-    log = []
-    for line in child.stdout:
-        log.append(line)
-        if start is None and START.search(line):
-            start = cpu_seconds(child.pid)
-        match = EPOCH.search(line)
-        if match and int(match.group(1)) == EPOCHS and end is None:
-            end, dev_f1 = cpu_seconds(child.pid), float(match.group(2))
-    if child.wait() != 0 or start is None or end is None:
-        raise RuntimeError(f"the run of {code} failed (exit {child.returncode}):\n{''.join(log[-20:])}")
-    return dict(cpu_s=round(end - start, 2), dev_f1=dev_f1)
+    epochs = train_epochs([sys.executable, "-c", "import sys; from nerco_dist.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", *argv], env, code, START)
+    last = next((e for e in epochs if e[0] == EPOCHS), None)
+    if last is None:
+        raise RuntimeError(f"the run of {code} logged no epoch {EPOCHS}")
+    return dict(cpu_s=round(last[1], 2), dev_f1=last[2])
 
 
 def training_characters(data_root: str) -> int:

@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,28 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a running process (Linux: ``/proc/PID/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# an epoch's log line with its dev score: "epoch 2: dev P .." (earlier commits), "... epoch 2/6: loss .., dev P .."
+EPOCH_LINE = re.compile(r"epoch (\d+)(?:/\d+)?: .*?dev P [\d.]+ R [\d.]+ F1 ([\d.]+)")
+
+
+def train_epochs(cmd: list[str], env: dict[str, str], cwd: Path, start: re.Pattern) -> list[tuple[int, float, float]]:
+    """Run a training command, reading its log as it comes: for each epoch line after the line ``start``
+    matches (the epoch loop begins, so start-up and data loading are left out), the epoch, the child's CPU
+    seconds since then and the dev F1. A failed run raises with the log's tail."""
+    child = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    begun, epochs, log = None, [], []
+    for line in child.stdout:
+        log.append(line)
+        if begun is None and start.search(line):
+            begun = cpu_seconds(child.pid)
+        match = EPOCH_LINE.search(line)
+        if match and begun is not None:
+            epochs.append((int(match.group(1)), cpu_seconds(child.pid) - begun, float(match.group(2))))
+    if child.wait() != 0 or not epochs:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {child.returncode}):\n{''.join(log[-20:])}")
+    return epochs
 
 
 class ResultsFile:

@@ -81,12 +81,15 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: P
     return results
 
 
+NOT_RECIPE = ("out_dir", "threads", "flush_denormals")  # run keys that change where and how fast, not what is learned
+
+
 def same_recipe(a: dict, b: dict) -> bool:
     """Whether two runs' configs train the same way (where they ran, with how many threads and whether CPU
     denormals were flushed aside: these change the speed and, like another summation order, nothing but
     rounding; keys added since a run have their defaults through ``Config.from_dict``)."""
     def recipe(cfg: dict) -> dict:
-        return {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in ("out_dir", "threads", "flush_denormals")}}
+        return {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in NOT_RECIPE}}
     return recipe(a) == recipe(b)
 
 

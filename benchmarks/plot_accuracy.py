@@ -2,7 +2,9 @@
 (``results.<system>.per_seed_f1``): the baseline, NerCo and each variant side by side, with the seed spread
 that says how much a difference of means is worth.
 
-    python3 benchmarks/plot_accuracy.py benchmarks/results/accuracy/weibo*.json --out benchmarks/results/accuracy/weibo_test_f1.png
+    cd benchmarks/results/accuracy
+    python3 ../../plot_accuracy.py weibo.json weibo_frozen_embeddings.json weibo_low_encoder_lr_stage1_batch20.json \
+        --out weibo_test_f1.png
 
 A system in several files (the baseline and NerCo are in each variant's) must have the same scores in all of
 them, or the files come from different runs and are refused.

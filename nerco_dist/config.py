@@ -94,8 +94,10 @@ class ContrastiveConfig:
     temperature: float = field(default=0.07, metadata={"gt": 0})
     backend: str = "auto"  # auto | torch | triton: where the loss runs (auto: Triton on CUDA)
     select: str = "dev_loss"  # dev_loss: lowest dev InfoNCE | head_f1: dev F1 of a head trained on the features
-    # head_f1: epochs of that head (finetune.head's optimiser), one process only
-    head_probe_epochs: int = field(default=1, metadata={"ge": 1})
+    # head_f1: that head's epochs and peak LR (finetune.head's optimiser, its warmup spread over these epochs);
+    # 5 x 3e-2 chosen on Weibo dev (README, "The head probe"); one process only
+    head_probe_epochs: int = field(default=5, metadata={"ge": 1})
+    head_probe_lr: float = field(default=3e-2, metadata={"gt": 0})
     phase: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         optim=OptimConfig(optimizer="adamw", warmup=0.05, epochs=30, batch_size=32), patience=10,
         hand_off="best"))

@@ -8,6 +8,7 @@ import torch
 
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.config import load_config
+from nerco_dist.train.objectives import head_probe_report
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
@@ -141,9 +142,9 @@ def test_stage_one_selected_by_a_head_probe_trains_exactly_as_without_it(tmp_pat
     features; the probe draws nothing from the training's random streams, so the stage-1 weights are those
     of a run selected on the dev InfoNCE."""
     sets = ["data.max_len=40", "contrastive.enabled=true", "contrastive.phase.optim.epochs=2",
-            "finetune.head.optim.optimizer=adamw", "finetune.head.optim.lr=0.05", "finetune.head.optim.batch_size=8"]
+            "finetune.head.optim.optimizer=adamw", "finetune.head.optim.batch_size=8"]
     probed = train(load_config(TINY, sets + [f"run.out_dir={tmp_path / 'probe'}", "contrastive.select=head_f1",
-                                                  "contrastive.head_probe_epochs=6"]),
+                                                  "contrastive.head_probe_epochs=6", "contrastive.head_probe_lr=0.05"]),
                    data_root, stage="contrastive")
     plain = train(load_config(TINY, sets + [f"run.out_dir={tmp_path / 'plain'}"]), data_root, stage="contrastive")
     a, b = (load_checkpoint(tmp_path / d / "contrastive" / "last.pt") for d in ("probe", "plain"))
@@ -152,3 +153,20 @@ def test_stage_one_selected_by_a_head_probe_trains_exactly_as_without_it(tmp_pat
     assert probed["contrastive"]["best_head_f1"] == best["dev"]["f1"] >= a["dev"]["f1"]
     assert best["dev"]["f1"] > 0 and best["epoch"] == probed["contrastive"]["best_epoch"]
     assert "best_dev_loss" in plain["contrastive"] and "dev_loss" in b
+
+
+def test_the_head_probe_warms_up_within_its_own_epochs_whatever_the_head_phase_length(tmp_path, data_root):
+    """The probe keeps finetune.head's optimiser and warmup fraction but spreads them over its own epochs: a
+    head phase of 100 epochs (its 40% warmup alone longer than the probe) scores a checkpoint exactly as one
+    of 2 epochs (under the phase's schedule the probe would still be warming up), and the probe's head tags the
+    dev split better than the untrained one does."""
+    sets = ["data.max_len=40", "finetune.head.optim.optimizer=adamw", "finetune.head.optim.batch_size=8",
+            "finetune.head.optim.warmup=0.4", f"run.out_dir={tmp_path}"]
+    reports = []
+    for head_epochs in (2, 100):
+        run = TrainingRun.start(load_config(TINY, sets + [f"finetune.head.optim.epochs={head_epochs}"]), data_root)
+        model = run.initial_model(None)
+        reports.append(head_probe_report(run, model, epochs=8, lr=0.05))
+    assert reports[0].to_dict() == reports[1].to_dict()
+    untrained = run.scores(model, run.splits.dev)
+    assert reports[0].f1 > untrained.f1 + 0.02, (reports[0].f1, untrained.f1)

@@ -8,7 +8,7 @@ where tests put their own in.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -99,13 +99,15 @@ class DevScore:
         return cls(loss, True, dict(dev_loss=loss), {"contrastive/dev_loss": loss}, f"dev InfoNCE {loss:.4f}")
 
 
-def head_probe_report(run, model: NerTagger, epochs: int) -> NerReport:
-    """Dev scores of a Linear + CRF head trained for ``epochs`` on the frozen features of ``model`` (its
-    untrained head, as stage 1 leaves it), with ``finetune.head``'s optimiser. The model is copied and the
-    random streams are left as they were, so the probe does not change the training it scores."""
+def head_probe_report(run, model: NerTagger, epochs: int, lr: float) -> NerReport:
+    """Dev scores of a Linear + CRF head trained for ``epochs`` at peak LR ``lr`` on the frozen features of
+    ``model`` (its untrained head, as stage 1 leaves it), with ``finetune.head``'s optimiser. The probe's
+    schedule spans its own epochs: ``finetune.head``'s spans that phase's (100 epochs), and a short probe
+    inside its warmup learns nothing. The model is copied and the random streams are left as they were, so
+    the probe does not change the training it scores."""
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         probe = run.model_with(model.state_dict())
-        optim = run.cfg.finetune.head.optim
+        optim = replace(run.cfg.finetune.head.optim, epochs=epochs, lr=lr)
         batches = run.train_batches(optim.batch_size)
         engine = build_engine(probe, optim, [(list(probe.head.parameters()), 1.0)], len(batches))
         loss = CrfLoss(trains_encoder=False)

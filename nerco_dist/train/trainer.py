@@ -281,7 +281,8 @@ def dev_score(run: TrainingRun, phase: Phase, model: NerTagger) -> DevScore:
         loss = InfoNCELoss(run.cfg, len(run.codec.labels.classes), across_ranks=False)
         return DevScore.from_loss(mean_dev_infonce(loss, model, batches, run.device))
     if phase.select == "head_f1":
-        return DevScore.from_report(head_probe_report(run, model, run.cfg.contrastive.head_probe_epochs))
+        return DevScore.from_report(head_probe_report(run, model, run.cfg.contrastive.head_probe_epochs,
+                                                       run.cfg.contrastive.head_probe_lr))
     return DevScore.from_report(run.scores(model, run.splits.dev))
 
 

@@ -33,6 +33,8 @@ from .conftest import TINY
     ("finetune.full.optim.lr=0", "finetune.full.optim.lr=0.0: out of range (allowed: > 0)"),
     ("finetune.full.optim.warmup=2", "finetune.full.optim.warmup=2.0: out of range (allowed: >= 0 and <= 1)"),
     ("contrastive.temperature=-0.1", "contrastive.temperature=-0.1: out of range (allowed: > 0)"),
+    ("contrastive.head_probe_lr=0", "contrastive.head_probe_lr=0.0: out of range (allowed: > 0)"),
+    ("contrastive.head_probe_epochs=0", "contrastive.head_probe_epochs=0: out of range (allowed: >= 1)"),
     ("distributed.timeout_s=0", "distributed.timeout_s=0.0: out of range (allowed: > 0)"),
     ("run.out_dir=", "run.out_dir: must not be empty"),  # wrote into the working directory
     ("run.device=cuda:0", "run.device='cuda:0': expected one of auto, cpu, cuda"),

@@ -158,9 +158,16 @@ def test_predict_answers_each_line_while_the_input_is_still_open(trained):
         proc.kill()
 
 
+def _sigint_at_its_default() -> None:
+    """What a terminal's foreground process starts with. Under a non-interactive shell's background job (``cmd
+    &``) SIGINT is ignored, a child inherits that, and Python then keeps ignoring it: Ctrl-C cannot be tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_predict_with_status_130_and_no_traceback(trained):
     proc = subprocess.Popen([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_sigint_at_its_default)
     try:
         proc.stdin.write("高勇，男，中国国籍。\n".encode())
         proc.stdin.flush()

@@ -87,9 +87,13 @@ NOT_RECIPE = ("out_dir", "threads", "flush_denormals")  # run keys that change w
 def same_recipe(a: dict, b: dict) -> bool:
     """Whether two runs' configs train the same way (where they ran, with how many threads and whether CPU
     denormals were flushed aside: these change the speed and, like another summation order, nothing but
-    rounding; keys added since a run have their defaults through ``Config.from_dict``)."""
+    rounding; keys added since a run have their defaults through ``Config.from_dict``). The head probe's keys
+    count only where the probe selects the stage-1 epoch (their defaults changed under finished runs)."""
     def recipe(cfg: dict) -> dict:
-        return {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in NOT_RECIPE}}
+        kept = {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in NOT_RECIPE}}
+        if cfg["contrastive"]["select"] != "head_f1":
+            kept["contrastive"] = {k: v for k, v in cfg["contrastive"].items() if not k.startswith("head_probe_")}
+        return kept
     return recipe(a) == recipe(b)
 
 

@@ -3,7 +3,7 @@
 that says how much a difference of means is worth.
 
     cd benchmarks/results/accuracy
-    python3 ../../plot_accuracy.py weibo.json weibo_frozen_embeddings.json weibo_low_encoder_lr_stage1_batch20.json \
+    python3 ../../plot_accuracy.py weibo.json weibo_frozen_embeddings.json weibo_low_encoder_lr_stage1_batch20.json weibo_head_f1_select.json \
         --out weibo_test_f1.png
 
 A system in several files (the baseline and NerCo are in each variant's) must have the same scores in all of

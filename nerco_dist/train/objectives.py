@@ -102,9 +102,9 @@ class DevScore:
 def head_probe_report(run, model: NerTagger, epochs: int, lr: float) -> NerReport:
     """Dev scores of a Linear + CRF head trained for ``epochs`` at peak LR ``lr`` on the frozen features of
     ``model`` (its untrained head, as stage 1 leaves it), with ``finetune.head``'s optimiser. The probe's
-    schedule spans its own epochs: ``finetune.head``'s spans that phase's (100 epochs), and a short probe
-    inside its warmup learns nothing. The model is copied and the random streams are left as they were, so
-    the probe does not change the training it scores."""
+    schedule spans its own epochs: ``finetune.head``'s spans that phase's (100 epochs in the configs), and a
+    short probe inside its warmup learns nothing. The model is copied and the random streams are left as
+    they were, so the probe does not change the training it scores."""
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         probe = run.model_with(model.state_dict())
         optim = replace(run.cfg.finetune.head.optim, epochs=epochs, lr=lr)

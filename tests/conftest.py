@@ -25,6 +25,18 @@ LIMIT = 150  # tiny.yaml's data.limit
 DATA_ROOT = Path(os.environ.get("NERCO_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
+def benchmark_module(name: str):
+    """``benchmarks/NAME.py`` as a module (benchmarks/ is not a package; its scripts import their neighbours)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "resume").is_dir():

@@ -3,7 +3,6 @@ is a 12 x 768 BERT of over 100M parameters that reads the batch's BERT ids, and 
 On the tiny config (the corpus only sizes FLAT's embeddings; the benchmark reads MSRA)."""
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -13,21 +12,18 @@ import torch
 from nerco_dist.config import load_config
 from nerco_dist.train.run import TrainingRun
 
-from .conftest import REPO, TINY
+from .conftest import TINY, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench_train():
     """benchmarks/bench_train.py as a module (benchmarks/ is not a package; it imports its neighbour common.py)."""
     tqdm_disable = os.environ.get("TQDM_DISABLE")  # set by the module for its own runs
-    sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import bench_train
+        return benchmark_module("bench_train")
     finally:
-        sys.path.remove(str(REPO / "benchmarks"))
         if tqdm_disable is None:
             os.environ.pop("TQDM_DISABLE", None)
-    return bench_train
 
 
 def parameters(model: torch.nn.Module) -> int:

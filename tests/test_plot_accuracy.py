@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, benchmark_module
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -27,12 +27,7 @@ def plot(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def merged_scores():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from plot_accuracy import merged_scores
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return merged_scores
+    return benchmark_module("plot_accuracy").merged_scores
 
 
 def test_systems_of_several_files_are_merged_once_each(tmp_path, merged_scores):

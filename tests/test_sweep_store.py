@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from nerco_dist.config import Config, load_config
 
-from .conftest import REPO, TINY
+from .conftest import TINY, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def same_recipe():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from nerco_vs_baseline import same_recipe
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return same_recipe
+    return benchmark_module("nerco_vs_baseline").same_recipe
 
 
 def stored(*overrides: str) -> dict:

@@ -1,5 +1,6 @@
 """One PNG of every system's per-seed test F1 on a corpus, from the sweep's results files
-(``results.<system>.per_seed_f1``): the baseline, NerCo and each variant side by side, with the seed spread
+(``results.<system>.per_seed_test``'s F1, unrounded, so the means agree with the sweep's tables; else
+``per_seed_f1``): the baseline, NerCo and each variant side by side, with the seed spread
 that says how much a difference of means is worth.
 
     cd benchmarks/results/accuracy
@@ -34,10 +35,11 @@ def merged_scores(files: list[Path]) -> tuple[str, dict[str, list[float]]]:
             raise InputError(path, f"corpus {payload.get('corpus')!r}, but {files[0]} is {corpus!r}")
         corpus = payload.get("corpus")
         for name, row in rows.items():
-            if name in scores and scores[name] != row["per_seed_f1"]:
-                raise InputError(path, f"{name} scores {row['per_seed_f1']}, but {source[name]} has "
-                                       f"{scores[name]}: not the same runs")
-            scores.setdefault(name, row["per_seed_f1"])
+            f1 = [100 * t["f1"] for t in row["per_seed_test"]] if "per_seed_test" in row else row["per_seed_f1"]
+            if name in scores and scores[name] != f1:
+                raise InputError(path, f"{name} scores {f1}, but {source[name]} has {scores[name]}: not the same "
+                                       f"runs")
+            scores.setdefault(name, f1)
             source.setdefault(name, path)
     return corpus, scores
 

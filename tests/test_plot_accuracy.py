@@ -42,6 +42,16 @@ def test_systems_of_several_files_are_merged_once_each(tmp_path, merged_scores):
     assert out.read_bytes()[:8] == PNG
 
 
+def test_the_unrounded_test_f1_is_plotted_where_the_file_has_it(tmp_path, merged_scores):
+    """Rounded per-seed F1s can move the mean by 0.01 against the sweep's table (92.93, 92.53, 94.24 -> 93.23;
+    the runs' own F1s -> 93.24)."""
+    path = tmp_path / "resume.json"
+    path.write_text(json.dumps(dict(corpus="resume", results={
+        "baseline": dict(per_seed_f1=[92.93, 94.24], per_seed_test=[dict(f1=0.929349), dict(f1=0.942401)])})))
+    corpus, scores = merged_scores([path])
+    assert corpus == "resume" and scores["baseline"] == pytest.approx([92.9349, 94.2401], abs=1e-9)
+
+
 def test_files_from_other_runs_or_corpora_are_refused(tmp_path):
     main = sweep_file(tmp_path / "weibo.json", "weibo", {"baseline": [50.0, 40.0]})
     other_runs = sweep_file(tmp_path / "weibo_seed1.json", "weibo", {"baseline": [50.0]})

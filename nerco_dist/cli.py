@@ -28,6 +28,11 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
     try:
         results = train(cfg, data_root(args.data_root), args.stage, Path(args.init) if args.init else None,
                         resume=not args.no_resume, wrap_loss=wrap_loss)
+        if distributed.is_main() and "test" in results:
+            t = results["test"]
+            print(f"test P {100 * t['precision']:.2f} R {100 * t['recall']:.2f} F1 {100 * t['f1']:.2f} "
+                  f"(best dev epoch {results['best_epoch']}, {results['wall_time_s']:.0f} s)")
+        return 0
     except NonFiniteLoss as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 3
@@ -49,13 +54,8 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
                   flush=True)
             os._exit(3)
         raise
-    if not distributed.is_main():
-        return 0
-    if "test" in results:
-        t = results["test"]
-        print(f"test P {100 * t['precision']:.2f} R {100 * t['recall']:.2f} F1 {100 * t['f1']:.2f} "
-              f"(best dev epoch {results['best_epoch']}, {results['wall_time_s']:.0f} s)")
-    return 0
+    finally:  # not after a peer failure (os._exit): tearing down a broken process group can hang
+        distributed.leave()
 
 
 def _eval(args: argparse.Namespace) -> int:

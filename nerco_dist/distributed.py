@@ -12,7 +12,6 @@ import datetime
 import functools
 import os
 import random
-import socket
 import warnings
 from typing import Any, Sequence
 
@@ -44,12 +43,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init(device: torch.device, timeout_s: float) -> None:
     """Join the launcher's process group (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment), or make a
     one-process group when there is no launcher. NCCL on CUDA, gloo on CPU. Collectives that wait longer
@@ -57,8 +50,9 @@ def init(device: torch.device, timeout_s: float) -> None:
     if initialized():
         return
     if "RANK" not in os.environ:  # no launcher: a group of one, so DeepSpeed runs in a plain process too
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        # port 0: the store's server binds a port the kernel picks. A port found free first and bound later
+        # can be taken in between (as an outgoing connection's source port: EADDRINUSE)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # NCCL: a timed-out collective raises
     # DeepSpeed calls torch's *_tensor collectives, which torch now reports as deprecated on every call
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
@@ -77,6 +71,14 @@ def init(device: torch.device, timeout_s: float) -> None:
     # backend, which leaves them torch's default timeout (30 minutes on gloo): a rank hung in backward kept
     # the others waiting that long. Its groups get the run's timeout too.
     deepspeed.comm.comm.cdb.new_group = functools.partial(tdist.new_group, timeout=timeout)
+
+
+def leave() -> None:
+    """Destroy the process group while the interpreter is fully alive. Left to the interpreter's exit, gloo's
+    worker threads still hold work with tensors whose teardown then needs the GIL: now and then a rank dies
+    with SIGABRT ("terminate called without an active exception") after an otherwise clean exit."""
+    if initialized():
+        tdist.destroy_process_group()
 
 
 def device_for_rank(name: str) -> torch.device:

@@ -2,6 +2,7 @@
 for ``pytest -m gpu``); corpora are read from the data root."""
 import os
 import shutil
+import signal
 
 import torch
 
@@ -35,6 +36,13 @@ def benchmark_module(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+
+
+def sigint_at_its_default() -> None:
+    """A child's ``preexec_fn``: SIGINT as a terminal's foreground process starts with it. Under a
+    non-interactive shell's background job (``cmd &``) SIGINT is ignored, a child inherits that, and Python
+    (and a training run) then keeps ignoring it: Ctrl-C could not be tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.inference import load_for_inference, predict
 
-from .conftest import LIMIT, REPO, TINY
+from .conftest import LIMIT, REPO, TINY, sigint_at_its_default
 
 def test_train_writes_checkpoints_results_and_tensorboard(trained):
     results = json.loads((trained / "results.json").read_text())
@@ -158,16 +158,10 @@ def test_predict_answers_each_line_while_the_input_is_still_open(trained):
         proc.kill()
 
 
-def _sigint_at_its_default() -> None:
-    """What a terminal's foreground process starts with. Under a non-interactive shell's background job (``cmd
-    &``) SIGINT is ignored, a child inherits that, and Python then keeps ignoring it: Ctrl-C cannot be tested."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_stops_predict_with_status_130_and_no_traceback(trained):
     proc = subprocess.Popen([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_sigint_at_its_default)
+                            preexec_fn=sigint_at_its_default)
     try:
         proc.stdin.write("高勇，男，中国国籍。\n".encode())
         proc.stdin.flush()

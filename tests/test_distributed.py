@@ -8,7 +8,8 @@
 - a run killed in stage 1 and again in stage 2 and restarted with the same command ends where an
   uninterrupted run ends; so does one whose launcher got SIGTERM (every rank saves the same step and stops);
 - a rank that dies or hangs makes the other exit with a clear error; a NaN loss on one rank skips the step
-  on both; a run of non-finite losses aborts.
+  on both; a run of non-finite losses aborts;
+- ``nerco train`` destroys its process group before it returns, ending or refused.
 """
 
 from __future__ import annotations
@@ -79,6 +80,31 @@ def test_local_rank_flag_is_accepted():
     args = build_parser().parse_args(["--local_rank=1", "train", "x.yaml", "--no-resume"])
     assert args.command == "train" and args.no_resume
     assert build_parser().parse_args(["train", "x.yaml", "--local_rank", "0"]).command == "train"
+
+
+def test_nerco_train_leaves_its_process_group_whether_it_ends_or_is_refused(tmp_path, data_root, monkeypatch,
+                                                                              capsys):
+    """Left to the interpreter's exit, a gloo group now and then aborted a rank (SIGABRT) after a clean end."""
+    import fcntl
+
+    import torch.distributed as tdist
+
+    from nerco_dist.cli import main
+    from nerco_dist.train.run import LOCK_FILE
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # a group of one, set up by DeepSpeed in this process
+    sets = [f"run.out_dir={tmp_path}", "distributed.config=zero1.json", *RUN, "contrastive.enabled=false",
+            "finetune.full.optim.epochs=1"]
+    args = ["train", "configs/tiny.yaml", "--data-root", str(data_root), *[a for s in sets for a in ("--set", s)]]
+    with open(tmp_path / LOCK_FILE, "a+") as held:  # as a second run would find the folder: refused
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(args) == 2
+    assert "in use by another nerco train" in capsys.readouterr().err
+    assert not tdist.is_initialized()
+    assert main(args) == 0
+    assert "test P " in capsys.readouterr().out
+    assert not tdist.is_initialized()
 
 
 def test_lr_scaling_rules():

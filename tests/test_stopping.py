@@ -84,3 +84,16 @@ def test_signals_are_recorded_only_while_entered_and_sigterm_decides_the_status(
     assert signal.getsignal(signal.SIGINT) is before
     assert agreed_signal([1.0, 0.0]) == signal.SIGINT and agreed_signal([1.0, 1.0]) == signal.SIGTERM
     assert agreed_signal([0.0, 0.0]) is None
+
+
+def test_a_signal_ignored_when_the_run_starts_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job of a shell script
+    try:
+        with StopSignals() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.received is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert signals.received == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -25,7 +25,8 @@ import torch
 
 from nerco_dist.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, sigint_at_its_default
+
 # the README's commands with tiny sizes, appended to every `nerco train` of the block (120 Weibo sentences: the
 # first that hold every entity type of its dev split)
 TINY_TRAIN = ["data.limit=120", "model.hidden=40", "model.heads=2", "model.head_dim=20",
@@ -124,7 +125,8 @@ def test_the_readme_main_path_runs_nerco_then_the_baseline_then_the_analysis(mai
 def run_smoke(checkout: Path, *extra: str, tqdm: bool = False) -> subprocess.Popen:
     cmd = [*SMOKE.split(), *extra]
     env = user_env(checkout) if tqdm else user_env(checkout, TQDM_DISABLE="1")
-    return subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_at_its_default)
 
 
 @pytest.fixture(scope="module")

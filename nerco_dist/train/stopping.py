@@ -29,7 +29,9 @@ class StopRequested(Exception):
 
 class StopSignals:
     """While entered (in the main thread; elsewhere signals cannot be caught), records SIGINT and SIGTERM
-    instead of dying. A second SIGINT stops at once (KeyboardInterrupt), without a checkpoint."""
+    instead of dying. A second SIGINT stops at once (KeyboardInterrupt), without a checkpoint. A signal
+    ignored when the run starts stays ignored (a shell script's background job ignores SIGINT: the terminal's
+    Ctrl-C is not for it)."""
 
     def __init__(self):
         self.received: int | None = None
@@ -37,7 +39,8 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+            self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -45,13 +45,18 @@ def main_block() -> list[str]:
     return [c.strip() for c in block.replace("\\\n", " ").split("&&")]
 
 
+SHARED = ("README.md", "lexicon", "msra", "resume", "vectors", "vocab", "weibo")  # ../shared/data's own entries
+
+
 def tiny_shared_data(shared: Path, data_root: Path) -> None:
-    """``shared/data`` with the corpora as they are but MSRA's training split and the raw news text cut short."""
+    """``shared/data`` with the corpora as they are but MSRA's training split and the raw news text cut short.
+    Only the shared data's own entries are linked: a user's data root also holds what the project generated
+    there (``pretrained/``), which the README's commands in the checkout would otherwise write through."""
     shared.mkdir(parents=True)
     data_root = data_root.resolve()
-    for entry in data_root.iterdir():
-        if entry.name not in ("msra", "vectors"):
-            (shared / entry.name).symlink_to(entry)
+    for name in SHARED:
+        if name not in ("msra", "vectors"):
+            (shared / name).symlink_to(data_root / name)
     for name, keep in (("msra", ["train.char.bmes"]), ("vectors", [])):
         (shared / name).mkdir()
         for f in (data_root / name).iterdir():
@@ -61,6 +66,13 @@ def tiny_shared_data(shared: Path, data_root: Path) -> None:
     (shared / "msra/train.char.bmes").write_text("\n\n".join(msra) + "\n", encoding="utf-8")
     with open(data_root / "vectors/pd2014_raw.txt", encoding="utf-8") as f:
         (shared / "vectors/pd2014_raw.txt").write_text("".join(f.readline() for _ in range(300)), encoding="utf-8")
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (not inside linked folders): its size and modification time."""
+    root = root.resolve()
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +99,9 @@ def user_env(checkout: Path, **extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def main_path(checkout) -> subprocess.CompletedProcess:
+def main_path(checkout, data_root) -> subprocess.CompletedProcess:
+    """The README's main block in the checkout; the data root it was made from is left as it was."""
+    before = tree_state(data_root)
     commands = [c for c in main_block() if not c.startswith(("python3 -m venv", ". .venv", "pip install"))]
     assert any(c.startswith("nerco train configs/weibo_nerco.yaml") for c in commands), commands
     script = "\n".join([
@@ -98,8 +112,10 @@ def main_path(checkout) -> subprocess.CompletedProcess:
         '  *) command nerco "$@" ;;',
         "esac; }",
         " && ".join(commands)])
-    return subprocess.run(["bash", "-c", script], cwd=checkout, env=user_env(checkout, TQDM_DISABLE="1"),
+    done = subprocess.run(["bash", "-c", script], cwd=checkout, env=user_env(checkout, TQDM_DISABLE="1"),
                           capture_output=True, text=True, timeout=900)
+    assert tree_state(data_root) == before, "the README's commands in the checkout wrote into the data root"
+    return done
 
 
 def test_the_readme_main_path_runs_nerco_then_the_baseline_then_the_analysis(main_path, checkout):

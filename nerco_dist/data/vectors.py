@@ -79,8 +79,8 @@ def training_texts(raw_files: Sequence[Path], corpus_files: Sequence[Path]) -> l
 
 def train_vectors(sequences: list[list[str]], dim: int, epochs: int, min_count: int, window: int, seed: int,
                   bar: tqdm):
-    """Skip-gram Word2Vec on ``sequences`` (one worker, so a seed repeats the vectors exactly); ``bar``
-    advances once per epoch."""
+    """Skip-gram Word2Vec on ``sequences`` (one worker, so a seed repeats the vectors exactly on one machine;
+    another CPU's BLAS can round differently); ``bar`` advances once per epoch."""
     from gensim.models import Word2Vec
     from gensim.models.callbacks import CallbackAny2Vec
 

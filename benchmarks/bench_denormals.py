@@ -3,7 +3,7 @@ trained with ``run.flush_denormals`` true and false, alternating, at one thread;
 epoch for each run.
 
 Adam's first moment of an embedding row that a batch does not touch decays by beta1 at each step and after
-some 800 steps is denormal, where an x86 core handles it many times slower; a flushing run keeps it at 0. The
+some 800 steps is denormal, where some x86 cores take a slow path; a flushing run keeps it at 0. The
 per-epoch times show when the slow-down sets in; the dev F1s show whether flushing changed what is learned.
 
     python3 benchmarks/bench_denormals.py                       # 6 epochs, 2 rounds (~30 CPU-minutes)

@@ -51,9 +51,9 @@ def flush_denormals(enabled: bool = True) -> bool:
 
     Adam's first moment of a row that gets no gradient decays by beta1 each step, so the embedding rows a
     batch does not touch, and unused rows of FLAT's position table, sink through the denormal range, where
-    an x86 core handles them in microcode, many times slower, and the optimizer step slows as they pile up
-    (benchmarks/bench_denormals.py). Such values move a weight by less than 1e-30. The setting is per thread
-    and threads inherit it when created: call it before torch's first parallel op."""
+    some x86 cores take a slow path (on the AMD EPYC of benchmarks/bench_denormals.py it made no measurable
+    difference). Such values move a weight by less than 1e-30. The setting is per thread and threads inherit
+    it when created: call it before torch's first parallel op."""
     return torch.set_flush_denormal(enabled)
 
 

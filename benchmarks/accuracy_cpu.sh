@@ -17,9 +17,12 @@
 #   bash benchmarks/accuracy_cpu.sh weibo            # seeds 1 2 3
 #   bash benchmarks/accuracy_cpu.sh msra --seeds 1   # extra arguments go to nerco_vs_baseline.py
 #   SYSTEMS="frozen_embeddings low_encoder_lr" bash benchmarks/accuracy_cpu.sh weibo   # other lanes: variants
+#   TAG=head_patience15 bash benchmarks/accuracy_cpu.sh weibo --set finetune.head.patience=15  # another recipe
 #
 # SYSTEMS (default "baseline NerCo") names one lane per system; the closing sweep reports them beside the
-# baseline and NerCo (CORPUS.json, or CORPUS_SYSTEMS.json for variants).
+# baseline and NerCo (CORPUS.json, or CORPUS_SYSTEMS.json for variants). TAG names the runs of a recipe
+# changed by extra --set overrides (a later --set wins), for every system, the baseline and NerCo included:
+# their runs, summaries, logs and CORPUS[_SYSTEMS]_TAG.json never replace the untagged ones.
 #
 # Needs the data root with the generated vectors (README, "Pretrained inputs"); default data/.
 set -euo pipefail
@@ -35,18 +38,19 @@ if [ "$corpus" = msra ]; then  # 46k sentences: both arms within one sitting
     budget=(--set contrastive.phase.optim.epochs=2 --set finetune.head.optim.epochs=1
             --set finetune.full.optim.epochs=3)
 fi
+tag=${TAG:+_$TAG}
 sweep=(python3 benchmarks/nerco_vs_baseline.py --corpus "$corpus" --runs runs/accuracy --store benchmarks/results/accuracy/runs
-       --set run.threads=1 "${budget[@]}" "$@")
+       --set run.threads=1 "${budget[@]}" "$@" ${TAG:+--tag "$TAG"})
 read -r -a lanes <<< "${SYSTEMS:-baseline NerCo}"
 for system in "${lanes[@]}"; do
-    "${sweep[@]}" --systems "$system" --results runs/accuracy/lanes >> "runs/accuracy/logs/${corpus}_${system}.log" 2>&1 &
+    "${sweep[@]}" --systems "$system" --results runs/accuracy/lanes >> "runs/accuracy/logs/${corpus}_${system}${tag}.log" 2>&1 &
 done
 status=0
 for _ in "${lanes[@]}"; do wait -n || status=1; done
-[ "$status" = 0 ] || { echo "a lane failed: see runs/accuracy/logs/${corpus}_*.log" >&2; exit 1; }
+[ "$status" = 0 ] || { echo "a lane failed: see runs/accuracy/logs/${corpus}_*${tag}.log" >&2; exit 1; }
 extra=()
 for system in "${lanes[@]}"; do
     [[ $system = baseline || $system = NerCo ]] || extra+=("$system")
 done
-name=$(IFS=_; echo "${corpus}${extra[*]:+_${extra[*]}}")
+name=$(IFS=_; echo "${corpus}${extra[*]:+_${extra[*]}}${tag}")
 "${sweep[@]}" --systems baseline NerCo "${extra[@]}" --results benchmarks/results/accuracy --name "$name"

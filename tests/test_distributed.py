@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -48,9 +49,21 @@ RUN = ["data.limit=45", "data.max_len=40", "contrastive.enabled=true", "contrast
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be taken
+    as an outgoing connection's source port before rank 0 binds it (EADDRINUSE)."""
+    try:
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest_ephemeral = 32768
+    candidates = range(10000, lowest_ephemeral)
+    for port in random.Random().sample(candidates, min(100, len(candidates))):  # not the seeded global one
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found below the ephemeral range")
 
 
 def env(data_root: Path) -> dict:

@@ -95,7 +95,7 @@ stage_setup() {
     if ((INSTALL)); then
         # A venv that sees the image's packages (its site folders, added by a .pth: this works whether the
         # image's python3 is a system Python or a venv itself) below the carried wheels, which win; pip is the
-        # image's. Editable, so that pytest's imports from the repository root find nerco_dist.kernels too.
+        # image's. Editable, so that pytest's imports from the repository root find nerco_dist.ds_configs too.
         python3 -m venv --without-pip "$ENV"
         local purelib
         purelib=$("$ENV/bin/python3" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
@@ -116,7 +116,7 @@ import os
 import torch
 assert torch.cuda.is_available() or os.environ["DRY_RUN"] == "1", "torch sees no CUDA device"
 import deepspeed, jieba, pytest, torchcrf  # noqa: F401  (what the image lacks, carried)
-import nerco_dist.ds_configs, nerco_dist.kernels  # noqa: F401  (the package-dir mappings)
+import nerco_dist.ds_configs, nerco_dist.kernels  # noqa: F401  (the package-dir mapping; the Triton ops)
 versions = " ".join(f"{d}={md.version(d)}" for d in ("torch", "triton", "transformers", "deepspeed", "pydantic"))
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
 print(f"ok: {versions}; {gpu}")

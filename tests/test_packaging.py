@@ -1,5 +1,7 @@
-"""The wheel installs ``kernels/`` as ``nerco_dist.kernels`` and no top-level ``kernels`` module (PyPI has a
-package of that name); the editable install imports it from the source tree."""
+"""The wheel installs the Triton ops as ``nerco_dist.kernels`` and no top-level ``kernels`` module: PyPI has a
+package of that name, which transformers imports when it is installed, and a ``kernels`` folder at the
+repository root would shadow it for every command run there. The editable install imports them from the
+source tree."""
 
 import subprocess
 import sys
@@ -36,5 +38,14 @@ def test_wheel_maps_kernels_into_the_package(tmp_path):
 def test_editable_install_imports_kernels_from_the_source_tree():
     import nerco_dist.kernels as k
 
-    assert Path(k.__file__).resolve() == REPO / "kernels" / "__init__.py"
+    assert Path(k.__file__).resolve() == REPO / "nerco_dist" / "kernels" / "__init__.py"
     assert hasattr(k, "CRF") and hasattr(k, "semantic_infonce")
+
+
+def test_nothing_at_the_repository_root_answers_import_kernels():
+    """transformers (5.25) imports the ``kernels`` package when one is installed: from the repository root it
+    must not find this project's files instead."""
+    out = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                          "print(s.origin if s else None)"], cwd=REPO, capture_output=True, text=True, check=True)
+    origin = out.stdout.strip()
+    assert origin == "None" or not Path(origin).resolve().is_relative_to(REPO), origin

@@ -1,4 +1,4 @@
-"""Triton kernels (installed as ``nerco_dist.kernels``). They know nothing of the trainer or the data.
+"""Triton kernels. They know nothing of the trainer or the data.
 
 ``semantic_infonce`` is imported on first use: it needs Triton, while the CRF's torch path and the InfoNCE
 query selection must import without it."""

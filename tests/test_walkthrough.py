@@ -179,19 +179,20 @@ def stderr_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
     return "".join(seen)
 
 
-def test_ctrl_c_mid_epoch_then_the_same_command_ends_as_the_uninterrupted_run(smoke, checkout):
+def test_ctrl_c_then_the_same_command_ends_as_the_uninterrupted_run(smoke, checkout):
+    """A real Ctrl-C through the CLI with its progress bar. Where inside an epoch it lands is up to the
+    machine (an epoch here can take 0.2 s); tests/test_stopping.py stops at chosen batches."""
     uninterrupted, _ = smoke
     out = "runs/tiny_interrupted"
     proc = run_smoke(checkout, "--set", f"run.out_dir={out}", tqdm=True)
-    stderr_until(proc, r"full 2/4: +([1-9]|[1-5]\d)%", timeout=120)  # the bar inside the second epoch
+    stderr_until(proc, r"finetune 'full' epoch 1/4: ", timeout=120)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     assert proc.returncode == 130
     resumed = run_smoke(checkout, "--set", f"run.out_dir={out}")
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
-    at = re.search(r"finetune: resuming at phase 1, epoch 2, batch (\d+)", stderr)
-    assert at and int(at.group(1)) >= 1, stderr[-3000:]
+    assert re.search(r"finetune: resuming at phase 1, epoch [234], batch \d+", stderr), stderr[-3000:]
     assert stdout.splitlines()[-1].split(" (best")[0] == uninterrupted.stdout.splitlines()[-1].split(" (best")[0]
     for name in ("best.pt", "last.pt"):
         a, b = (load_checkpoint(checkout / d / name)["model"] for d in (out, "runs/tiny"))

@@ -18,7 +18,8 @@ import torch
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.train.stopping import StopSignals, agreed_signal
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, sigint_at_its_default
+
 FAULTS = Path(__file__).resolve().parent / "dist_scripts" / "faults.py"
 # 60 sentences (a few more pieces) in batches of 8, 2 epochs
 SETS = ["data.limit=60", "finetune.full.optim.epochs=2", "finetune.full.optim.batch_size=8", "run.threads=1"]
@@ -29,7 +30,8 @@ def train(out: Path, data_root: Path, fault: tuple[str, int] | None = None) -> s
     cmd = [sys.executable, str(FAULTS), fault[0], str(fault[1]), "--", *args] if fault else \
         [sys.executable, "-m", "nerco_dist.cli", *args]
     env = dict(os.environ, NERCO_DATA_ROOT=str(data_root), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=sigint_at_its_default)
 
 
 @pytest.fixture(scope="module")

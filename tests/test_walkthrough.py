@@ -45,7 +45,7 @@ def main_block() -> list[str]:
     return [c.strip() for c in block.replace("\\\n", " ").split("&&")]
 
 
-SHARED = ("README.md", "lexicon", "msra", "resume", "vectors", "vocab", "weibo")  # ../shared/data's own entries
+LINKED = ("README.md", "lexicon", "resume", "vocab", "weibo")  # ../shared/data's own entries but msra, vectors
 
 
 def tiny_shared_data(shared: Path, data_root: Path) -> None:
@@ -54,9 +54,8 @@ def tiny_shared_data(shared: Path, data_root: Path) -> None:
     there (``pretrained/``), which the README's commands in the checkout would otherwise write through."""
     shared.mkdir(parents=True)
     data_root = data_root.resolve()
-    for name in SHARED:
-        if name not in ("msra", "vectors"):
-            (shared / name).symlink_to(data_root / name)
+    for name in LINKED:
+        (shared / name).symlink_to(data_root / name)
     for name, keep in (("msra", ["train.char.bmes"]), ("vectors", [])):
         (shared / name).mkdir()
         for f in (data_root / name).iterdir():

@@ -76,6 +76,4 @@ if __name__ == "__main__":
     mode, at, sep, *argv = [a for a in sys.argv[1:] if a not in launcher_args]
     assert sep == "--"
     argv += launcher_args
-    # the Ctrl-C of a run in the foreground, even where the test runner is a background job (SIGINT ignored)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main(argv, wrap_loss=fault(mode, int(at))))

@@ -169,13 +169,14 @@ def _vectors(args: argparse.Namespace) -> int:
     from .data.lexicon import Lexicon
     from .data.vectors import build_vectors, check_options
 
-    check_options(args.dim, args.epochs, args.min_count, args.window)
+    check_options(args.dim, args.epochs, args.min_count, args.window, args.workers)
     root = data_root(args.data_root)
+    words_by_lexicon = "word" in args.kinds and args.segmenter == "fmm"
+    lexicon = Lexicon.load(lexicon_reference(args.lexicon, root)) if words_by_lexicon else None
     written = build_vectors([resolve_data_path(p, root) for p in args.raw],
-                            [resolve_data_path(p, root) for p in args.corpus],
-                            Lexicon.load(lexicon_reference(args.lexicon, root)), Path(args.out), dim=args.dim,
-                            epochs=args.epochs, min_count=args.min_count, window=args.window, seed=args.seed,
-                            kinds=args.kinds)
+                            [resolve_data_path(p, root) for p in args.corpus], lexicon, Path(args.out),
+                            dim=args.dim, epochs=args.epochs, min_count=args.min_count, window=args.window,
+                            seed=args.seed, workers=args.workers, segmenter=args.segmenter, kinds=args.kinds)
     print("wrote " + ", ".join(map(str, written.values())))
     return 0
 
@@ -222,20 +223,27 @@ def _add_train(sub) -> None:
 
 
 def _add_vectors(sub) -> None:
-    from .data.vectors import KINDS
+    from .data.vectors import KINDS, MIN_COUNT, SEGMENTERS
 
     p = sub.add_parser("vectors", help="train character, bigram and word vectors (word2vec text files)")
     p.add_argument("out", help="folder for char.vec, bigram.vec, word.vec")
     p.add_argument("--raw", action="append", default=[], help="raw text file, one paragraph per line (repeatable)")
     p.add_argument("--corpus", action="append", default=[],
                    help="labelled TRAINING split whose characters are added (repeatable; never a test split)")
-    p.add_argument("--lexicon", help="segments the words: as data.lexicon (default jieba; a+b: a union)")
+    p.add_argument("--lexicon", help="segments the words (--segmenter fmm): as data.lexicon (default jieba's "
+                                     "dictionary; a+b: a union)")
+    p.add_argument("--segmenter", choices=SEGMENTERS, default="fmm",
+                   help="word tokens by forward maximum matching against --lexicon, or by jieba's segmentation")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--dim", type=int, default=50)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--min-count", type=int, default=1)
+    p.add_argument("--min-count", type=int, default=MIN_COUNT,
+                   help="tokens seen fewer times get no vector (keeps the files, and the frozen rows a checkpoint "
+                        "carries, small)")
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="training threads (default: every core); 1 repeats the files exactly for a seed")
     p.add_argument("--data-root", help="root of relative --raw/--corpus/--lexicon paths")
     p.set_defaults(func=_vectors)
 

@@ -11,16 +11,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import DATA_ROOT_ENV, Config, DataConfig, resolve_data_path
+from .config import DATA_ROOT_ENV, Config, resolve_data_path
 from .model.config import ModelConfig
 from .data.dataset import (LabelSet, LatticeEncoder, Piece, Vocabs, collate, holdout_split, lexicon_matches,
                            split_summary)
 from .data.lexicon import JIEBA, Lexicon
 from .data.readers import Sentence, read_corpus
-from .data.vectors import coverage
-from .data.vocab import embedding_matrix
+from .data.vocab import PretrainedVectors, Vocabulary, embedding_matrices
 from .errors import InputError
-from .model.tagger import NerTagger
+from .model.tagger import KINDS, NerTagger
 
 log = logging.getLogger("nerco_dist")
 
@@ -75,24 +74,44 @@ def _read_split(split: str, path: str, root: Path, corpus_format: str) -> list[S
     return read_corpus(resolved, corpus_format).sentences
 
 
-def log_vector_coverage(data: DataConfig, vocabs: Vocabs, root: Path) -> None:
-    """How much of each vocabulary the configured vector files cover: a file that misses most of it (another
+def read_pretrained(cfg: Config, root: Path) -> dict[str, PretrainedVectors | None]:
+    """The configured vector files by kind (None where a kind has none), each read once."""
+    m, d = cfg.model, cfg.data
+    files = dict(char=(d.char_vectors, m.char_dim), bigram=(d.bigram_vectors, m.bigram_dim),
+                 word=(d.word_vectors, m.word_dim))
+    return {kind: PretrainedVectors.read(str(resolve_data_path(path, root)), dim) if path else None
+            for kind, (path, dim) in files.items()}
+
+
+def with_pretrained_rows(vocabs: Vocabs, pretrained: dict[str, PretrainedVectors | None],
+                         unseen: bool = True) -> Vocabs:
+    """The training vocabularies with (``unseen``) every other token of their vector file appended as a
+    frozen row, so text training never saw (dev, test, ``predict``'s input) reads its pretrained vector, not
+    ``<unk>``. What each file covers is logged: a file that misses most of the vocabulary (another
     tokenisation, the wrong file) leaves those rows random, which the scores alone would not show."""
-    for name, vocab, vectors in (("char", vocabs.chars, data.char_vectors),
-                                 ("bigram", vocabs.bigrams, data.bigram_vectors),
-                                 ("word", vocabs.words, data.word_vectors)):
-        if vectors:
-            covered, total = coverage(vocab, resolve_data_path(vectors, root))
-            log.info("%s vectors %s: %s of the vocabulary's %s %ss (%.1f%%)", name, vectors, f"{covered:,}",
-                     f"{total:,}", name, 100 * covered / max(total, 1))
+    tables = dict(zip(KINDS, (vocabs.chars, vocabs.bigrams, vocabs.words)))
+    for kind, vectors in pretrained.items():
+        if vectors is None:
+            continue
+        vocab: Vocabulary = tables[kind]
+        trained = vocab.itos[2 : vocab.num_trained]
+        covered = sum(t in vectors.index for t in trained)
+        if unseen:
+            tables[kind] = vocab.with_frozen(vectors.index)
+        log.info("%s vectors %s: %s of the vocabulary's %s %ss (%.1f%%); %s frozen pretrained rows for %ss "
+                 "training never saw", kind, vectors.source, f"{covered:,}", f"{len(trained):,}", kind,
+                 100 * covered / max(len(trained), 1), f"{tables[kind].num_frozen:,}", kind)
+    return Vocabs(tables["char"], tables["bigram"], tables["word"])
 
 
 class TextCodec:
     """Vocabularies, lexicon and labels of one trained tagger, with the config that built it: text to lattice
     batches, label ids back to BIO tags, and the model those inputs fit. Saved in every checkpoint."""
 
-    def __init__(self, config: Config, encoder: LatticeEncoder):
+    def __init__(self, config: Config, encoder: LatticeEncoder,
+                 pretrained: dict[str, PretrainedVectors | None] | None = None):
         self.config, self.encoder = config, encoder
+        self.pretrained = pretrained  # the vector files a new model's rows start from (training only)
 
     @property
     def labels(self) -> LabelSet:
@@ -104,6 +123,7 @@ class TextCodec:
         each sentence is matched against the lexicon once, for the vocabulary and the lattice alike."""
         lexicon = Lexicon.load(lexicon_reference(cfg.data.lexicon, root))
         matches = lexicon_matches(train, lexicon)
+        pretrained = read_pretrained(cfg, root)
         vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq, matches=matches)
         labels = LabelSet.from_sentences(train)
         bert_vocab = read_bert_vocab(cfg.model.bert) if cfg.model.bert else None
@@ -112,9 +132,8 @@ class TextCodec:
                  f"{len({m.word for found in matches for m in found}):,}")
         log.info("vocab chars %s, bigrams %s, lattice words %s; labels %s", f"{len(vocabs.chars):,}",
                  f"{len(vocabs.bigrams):,}", f"{len(vocabs.words):,}", " ".join(labels.labels))
-        if log.isEnabledFor(logging.INFO):
-            log_vector_coverage(cfg.data, vocabs, root)
-        codec = cls(cfg, LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab))
+        vocabs = with_pretrained_rows(vocabs, pretrained, cfg.data.pretrained_unseen_rows)
+        codec = cls(cfg, LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab), pretrained)
         return codec, codec.encoder.encode(train, split_on_entities=True, source="train ", matches=matches)
 
     def state_dict(self) -> dict:
@@ -135,18 +154,21 @@ class TextCodec:
                                  cfg.data.max_len, bert_vocab)
         return cls(cfg, encoder)
 
-    def build_model(self, root: Path | None = None, seed: int = 0) -> NerTagger:
-        """A fresh tagger; embeddings from word2vec files where configured (and a data root is given)."""
+    def build_model(self, seed: int = 0, *, initial_rows: bool = True) -> NerTagger:
+        """A fresh tagger. Built for training, its tables start from the vector files (unit-norm rows with
+        ``data.norm_embeddings``) and seeded random rows; restored from a checkpoint, or with
+        ``initial_rows=False`` (weights are loaded next), they are left as torch initialises them."""
         m: ModelConfig = self.config.model
-        rng = np.random.default_rng(seed)
         v = self.encoder.vocabs
-        pretrained = {}
-        for name, vocab, dim, vectors in (("char", v.chars, m.char_dim, self.config.data.char_vectors),
-                                          ("bigram", v.bigrams, m.bigram_dim, self.config.data.bigram_vectors),
-                                          ("word", v.words, m.word_dim, self.config.data.word_vectors)):
-            path = resolve_data_path(vectors, root) if (vectors and root is not None) else None
-            pretrained[name] = embedding_matrix(vocab, dim, str(path) if path else None, rng)
-        return NerTagger(m, len(v.chars), len(v.bigrams), len(v.words), self.labels.labels, pretrained)
+        vocabs = dict(zip(KINDS, (v.chars, v.bigrams, v.words)))
+        sizes = {kind: (vocab.num_trained, vocab.num_frozen) for kind, vocab in vocabs.items()}
+        rows = None
+        if self.pretrained is not None and initial_rows:
+            rng = np.random.default_rng(seed)
+            dims = dict(char=m.char_dim, bigram=m.bigram_dim, word=m.word_dim)
+            rows = {kind: embedding_matrices(vocab, dims[kind], self.pretrained[kind], rng,
+                                             self.config.data.norm_embeddings) for kind, vocab in vocabs.items()}
+        return NerTagger(m, sizes, self.labels.labels, rows)
 
     def batches(self, pieces: Sequence[Piece], batch_sampler) -> "BatchIterable":
         return BatchIterable(pieces, batch_sampler, self.labels.label_to_class())

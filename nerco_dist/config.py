@@ -37,6 +37,11 @@ class DataConfig:
     char_vectors: str | None = None
     bigram_vectors: str | None = None
     word_vectors: str | None = None
+    # tokens outside the training vocabulary that a vector file knows keep its vector (frozen rows) instead of
+    # becoming <unk>: at dev, test and predict time
+    pretrained_unseen_rows: bool = True
+    # every table row at unit L2 norm (FLAT's norm_embed): pretrained and random rows weigh the same
+    norm_embeddings: bool = True
     min_freq: int = field(default=1, metadata={"ge": 1})
     limit: int | None = field(default=None, metadata={"ge": 1})  # only the first N sentences of each split (quick runs)
 

@@ -251,7 +251,9 @@ def test_base_config_is_merged_under_the_file(tmp_path):
     nerco = load_config(REPO / "configs" / "weibo_nerco.yaml")
     assert nerco.contrastive.enabled and nerco.contrastive.temperature == 0.08
     assert nerco.data.format == "weibo" and nerco.contrastive.phase.optim.batch_size == 40
-    assert nerco.finetune == load_config(REPO / "configs" / "weibo.yaml").finetune  # the baseline's phases
+    baseline = load_config(REPO / "configs" / "weibo.yaml").finetune
+    assert nerco.finetune.full == baseline.full and baseline.head.optim.epochs == 0  # the baseline's one phase
+    assert nerco.finetune.head.optim.epochs > 0  # NerCo's head phase comes first
 
 
 def test_overrides_are_typed():

@@ -12,7 +12,7 @@ from nerco_dist.data.dataset import (LabelSet, LatticeEncoder, LengthBucketBatch
                                      collate, holdout_split, lexicon_matches, piece_spans)
 from nerco_dist.data.lexicon import Lexicon, read_word2vec
 from nerco_dist.data.readers import Sentence, read_corpus
-from nerco_dist.data.tags import (Entity, count_orphan_inside, detect_scheme, entities, from_entities, semantic_class,
+from nerco_dist.data.tags import (Entity, detect_scheme, entities, from_entities, repair_orphan_inside, semantic_class,
                                   to_bio)
 from nerco_dist.errors import InputError
 
@@ -43,6 +43,11 @@ def test_weibo_characters_and_orphan_inside_entities(data_root, caplog):
         test = read_corpus(data_root / "weibo/weiboNER_2nd_conll.test")
     assert (train.orphan_inside, test.orphan_inside) == (10, 4)  # the published quirk: 14 in all
     assert sum("begin with I-" in r.getMessage() for r in caplog.records) == 2  # once per file
+    # the tags as written, read by hand: the same entities (conlleval's reading), now every one opened by B-
+    written = [[line.split("\t")[1] for line in block.splitlines()] for block in
+               (data_root / "weibo/weiboNER_2nd_conll.train").read_text(encoding="utf-8").strip().split("\n\n")]
+    assert [entities(tags) for tags in written] == [entities(s.tags) for s in train.sentences]
+    assert all(s.tags[e.start].startswith("B-") for s in train.sentences for e in entities(s.tags))
     raw = (data_root / "weibo/weiboNER_2nd_conll.train").read_text(encoding="utf-8").split("\n")[0].split("\t")[0]
     assert train.sentences[0].chars[0] == raw[:-1]  # the token minus its position digit
     assert all(c[-1] not in "0123456789" or len(c) == 1 for s in train.sentences for c in s.chars)
@@ -243,13 +248,32 @@ def test_scheme_round_trips(seed):
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_orphan_inside_count_matches_the_entity_reading(seed):
+def test_orphan_inside_repair_keeps_the_entities_and_counts_them(seed):
     rng = random.Random(seed)
     tags = [rng.choice(["O", "B-PER", "I-PER", "M-PER", "E-PER", "S-PER", "I-LOC", "E-LOC"]) for _ in range(30)]
     bio = to_bio(tags)
+    repaired, count = repair_orphan_inside(bio)
     # reference: the entities conlleval reads from the BIO tags, counted where one starts on an I- tag
-    assert count_orphan_inside(bio) == sum(1 for e in entities(bio) if bio[e.start].startswith("I-"))
-    assert count_orphan_inside(["I-PER", "I-PER", "O", "I-PER", "B-LOC", "I-PER", "I-LOC"]) == 4
+    assert count == sum(1 for e in entities(bio) if bio[e.start].startswith("I-"))
+    assert entities(repaired) == entities(bio) and all(repaired[e.start].startswith("B-") for e in entities(bio))
+    assert repair_orphan_inside(["I-PER", "I-PER", "O", "I-PER", "B-LOC", "I-PER", "I-LOC"]) == (
+        ["B-PER", "I-PER", "O", "B-PER", "B-LOC", "B-PER", "B-LOC"], 4)
+
+
+def test_a_training_file_with_an_orphan_inside_has_a_gold_path_the_constrained_crf_allows(tmp_path):
+    """Read as written, O -> I-PER has probability zero under the BIO constraints: the loss would be
+    infinite (the logged loss rose by about 10,000 a sentence); read as B-PER it is finite."""
+    from nerco_dist.model.crf import bio_allowed_transitions, build_crf
+
+    path = write(tmp_path, "train.bio", "甲 O\n乙 I-PER\n丙 I-PER\n\n丁 B-PER\n")
+    sentence = read_corpus(path).sentences[0]
+    labels = LabelSet.from_sentences([sentence])
+    crf = build_crf(len(labels.labels), allowed=bio_allowed_transitions(labels.labels)).double()
+    emissions = torch.zeros(1, 3, len(labels.labels), dtype=torch.float64)
+    def nll(tags):
+        return -crf(emissions, torch.tensor([labels.ids(tags)]), torch.ones(1, 3, dtype=torch.bool)).item()
+    assert sentence.tags == ["O", "B-PER", "I-PER"] and nll(sentence.tags) < 10
+    assert nll(["O", "I-PER", "I-PER"]) > 1e3  # what the tags as written would have cost
 
 
 def test_scheme_detection_and_semantic_class():
@@ -428,16 +452,23 @@ def test_unknown_label_is_reported_at_its_file_and_line(tmp_path):
         enc.encode(read_corpus(dev).sentences)
 
 
-def test_pretrained_vectors_fill_their_rows(tmp_path):
+def test_trained_rows_start_pretrained_or_random_and_frozen_rows_are_the_file(tmp_path):
     import numpy as np
 
-    from nerco_dist.data.vocab import Vocabulary, embedding_matrix
+    from nerco_dist.data.vocab import PretrainedVectors, Vocabulary, embedding_matrices
 
-    vec = write(tmp_path, "c.vec", "2 3\n中 1 2 3\n国 4 5 6\n")
-    vocab = Vocabulary(["国", "人"])
-    m = embedding_matrix(vocab, 3, str(vec), np.random.default_rng(0))
-    assert m.shape == (4, 3) and not m[0].any()  # <pad> row is zero
-    assert m[vocab["国"]].tolist() == [4, 5, 6]
-    assert np.abs(m[vocab["人"]]).max() <= np.sqrt(3 / 3)  # not in the file: uniform random
+    vec = write(tmp_path, "c.vec", "3 3\n中 1 2 3\n国 4 5 6\n天 0 3 4\n")
+    vocab = Vocabulary(["国", "人"]).with_frozen(["中", "国", "天"])  # 国 is trained already
+    assert vocab.itos == ["<pad>", "<unk>", "国", "人", "中", "天"] and (vocab.num_trained, vocab.num_frozen) == (4, 2)
+    pretrained = PretrainedVectors.read(str(vec), 3)
+    trained, frozen = embedding_matrices(vocab, 3, pretrained, np.random.default_rng(0))
+    assert trained.shape == (4, 3) and not trained[0].any()  # <pad> row is zero
+    assert trained[vocab["国"]].tolist() == [4, 5, 6] and frozen.tolist() == [[1, 2, 3], [0, 3, 4]]
+    assert np.abs(trained[vocab["人"]]).max() <= np.sqrt(3 / 3)  # not in the file: uniform random
+    unit_trained, unit_frozen = embedding_matrices(vocab, 3, pretrained, np.random.default_rng(0), normalize=True)
+    assert np.allclose(unit_frozen[1], [0, 0.6, 0.8]) and np.allclose(unit_trained[2], np.array([4, 5, 6]) / 77 ** 0.5)
+    assert np.allclose(np.linalg.norm(unit_trained[1:], axis=1), 1) and not unit_trained[0].any()
     with pytest.raises(ValueError, match="dimension 3"):
-        embedding_matrix(vocab, 5, str(vec), np.random.default_rng(0))
+        PretrainedVectors.read(str(vec), 5)
+
+

@@ -31,7 +31,7 @@ def initial_model(cfg, data_root):
     splits = read_splits(cfg, data_root)
     codec = TextCodec.for_training(cfg, splits.train, data_root)[0]
     seed_everything(cfg.run.seed)
-    return codec.build_model(data_root, seed=cfg.run.seed)
+    return codec.build_model(seed=cfg.run.seed)
 
 
 def split_state(state):
@@ -142,7 +142,7 @@ def double_model_and_batch(cfg, data_root):
     codec = TextCodec.for_training(cfg, splits.train, data_root)[0]
     pieces = codec.encoder.encode(splits.train[:2])
     batch = next(iter(codec.batches(pieces, [list(range(len(pieces)))])))
-    return codec.build_model(data_root).double().eval(), batch
+    return codec.build_model().double().eval(), batch
 
 
 def literal_class_term(f, labels, c, tau):

@@ -63,7 +63,8 @@ def test_training_logs_split_lexicon_and_vector_statistics_once(tmp_path, data_r
               f"{len(set(matches)):,} distinct words"
     assert logged.count(lexicon) == 1, logged
     share = 100 * 5 / len(distinct_chars)
-    coverage = f"char vectors {vectors}: 5 of the vocabulary's {len(distinct_chars)} chars ({share:.1f}%)"
+    coverage = (f"char vectors {vectors}: 5 of the vocabulary's {len(distinct_chars)} chars ({share:.1f}%); "
+                f"{len(OUTSIDE_CORPUS)} frozen pretrained rows for chars training never saw")
     assert logged.count(coverage) == 1, logged
     assert not any(m.startswith(("bigram vectors", "word vectors", "run.threads=auto")) for m in logged)
 

@@ -49,7 +49,7 @@ LINKED = ("README.md", "lexicon", "resume", "vocab", "weibo")  # ../shared/data'
 
 
 def tiny_shared_data(shared: Path, data_root: Path) -> None:
-    """``shared/data`` with the corpora as they are but MSRA's training split and the raw news text cut short.
+    """``shared/data`` with the corpora as they are but MSRA's training split and the raw text cut short.
     Only the shared data's own entries are linked: a user's data root also holds what the project generated
     there (``pretrained/``), which the README's commands in the checkout would otherwise write through."""
     shared.mkdir(parents=True)
@@ -61,6 +61,11 @@ def tiny_shared_data(shared: Path, data_root: Path) -> None:
         for f in (data_root / name).iterdir():
             if f.name not in keep and f.name != "pd2014_raw.txt":
                 (shared / name / f.name).symlink_to(f)
+    (shared / "raw").mkdir()
+    for f in (data_root / "raw").iterdir():  # the raw text: 300 lines of each file
+        if f.suffix == ".txt":
+            with open(f, encoding="utf-8") as text:
+                (shared / "raw" / f.name).write_text("".join(text.readline() for _ in range(300)), encoding="utf-8")
     msra = (data_root / "msra/train.char.bmes").read_text(encoding="utf-8").split("\n\n")[:200]
     (shared / "msra/train.char.bmes").write_text("\n\n".join(msra) + "\n", encoding="utf-8")
     with open(data_root / "vectors/pd2014_raw.txt", encoding="utf-8") as f:
@@ -123,7 +128,9 @@ def test_the_readme_main_path_runs_nerco_then_the_baseline_then_the_analysis(mai
     assert re.search(r"run\.threads=auto: \d+ torch threads? \(\d+ cores", log)
     assert re.search(r"train: 120 sentences, [\d,]+ characters, [\d,]+ entities \((GPE|LOC|ORG|PER)\.", log), log[-3000:]
     assert re.search(r"lexicon jieba: [\d,]+ words; in the training split [\d,]+ matches", log)
-    assert re.search(r"char vectors vectors/char_vec_pd2014\.50d\.vec: [\d,]+ of the vocabulary's", log), log[-3000:]
+    assert re.search(r"char vectors data/vectors/char_vec_pd2014\.50d\.vec: [\d,]+ of the vocabulary's [\d,]+ chars "
+                     r"\([\d.]+%\); [\d,]+ frozen", log), log[-3000:]
+    assert re.search(r"bigram vectors data/pretrained/raw37m/bigram\.vec: [\d,]+ of", log), log[-3000:]
     assert re.search(r"contrastive 'contrastive' epoch 2/2: loss [\d.]+, [\d,]+ tok/s, dev InfoNCE", log)
     runs = checkout / "runs"
     for path in ("weibo_nerco/contrastive/best.pt", "weibo_nerco/contrastive/last.pt", "weibo_nerco/best.pt",

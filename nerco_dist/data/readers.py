@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import InputError
-from .tags import (Entity, MixedSchemes, check_type, count_orphan_inside, detect_scheme, from_entities, split_tag,
+from .tags import (Entity, MixedSchemes, check_type, detect_scheme, from_entities, repair_orphan_inside, split_tag,
                    to_bio)
 
 log = logging.getLogger("nerco_dist")
@@ -90,11 +90,10 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
         raise InputError(path, str(err), first_line[err.tag]) from None
     orphans = 0
     for s in sentences:
-        s.tags = to_bio(s.tags)
-        orphans += count_orphan_inside(s.tags)
+        s.tags, repaired = repair_orphan_inside(to_bio(s.tags))
+        orphans += repaired
     if orphans:
-        log.warning("%s: %d entities begin with I- and no B-; read as starting an entity (as conlleval does)",
-                    path, orphans)
+        log.warning("%s: %d entities begin with I- and no B-; read as B- (as conlleval reads them)", path, orphans)
     return Corpus(path, sentences, scheme, orphans)
 
 

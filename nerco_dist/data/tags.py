@@ -112,16 +112,18 @@ def entities(tags: Sequence[str]) -> list[Entity]:
     return spans
 
 
-def count_orphan_inside(bio: Sequence[str]) -> int:
-    """How many entities of a BIO sequence start with I- (an I- not after B-/I- of its type; conlleval reads
-    it as starting an entity). Takes BIO so that readers convert each sentence once."""
-    count, previous = 0, None
-    for tag in bio:
+def repair_orphan_inside(bio: Sequence[str]) -> tuple[list[str], int]:
+    """BIO tags with each I- that starts an entity (not after B-/I- of its type) turned into B-, as conlleval
+    reads it, and how many there were. The entities are unchanged; the tags become a path the constrained
+    CRF allows (O -> I-X is forbidden there), so training sees no gold sequence of zero probability."""
+    out, count, previous = list(bio), 0, None
+    for i, tag in enumerate(bio):
         prefix, etype = split_tag(tag)
         if prefix == "I" and etype != previous:
+            out[i] = f"B-{etype}"
             count += 1
         previous = etype
-    return count
+    return out, count
 
 
 def from_entities(length: int, spans: Iterable[Entity], scheme: str = "BIO") -> list[str]:

@@ -3,15 +3,22 @@
 ``data.bigram_vectors`` and ``data.word_vectors``.
 
 The tokens are the lattice's own: characters, the bigrams :func:`dataset.char_bigrams` forms (with its end
-marker), and words found by forward maximum matching against the project's lexicon (single characters where
-no word starts), so every vector is looked up under the name the vocabularies use.
+marker), and words, found by forward maximum matching against the project's lexicon (single characters
+where no word starts) or by jieba's own segmentation, so every vector is looked up under the name the
+vocabularies use.
+
+The text is streamed: every pass (gensim's vocabulary count, then one per epoch) reads the files again line
+by line, so memory grows with the vocabulary, not with the text (tens of millions of characters fit in a
+few hundred MB).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -26,14 +33,15 @@ from .vocab import Vocabulary
 log = logging.getLogger("nerco_dist")
 
 KINDS = ("char", "bigram", "word")
+# a token seen fewer times gets no vector: on the 37M characters of the benchmark's raw text, 1 keeps 1.04M
+# bigrams, 3 keeps 491k, 5 keeps 356k (every row is also a frozen row in each checkpoint)
+MIN_COUNT = 3
+SEGMENTERS = ("fmm", "jieba")  # how raw text becomes word tokens: forward maximum matching, or jieba.cut
 
 
-def read_raw_text(path: Path) -> list[list[str]]:
-    """One sequence of characters per non-empty line (whitespace dropped); an undecodable line is an
-    error naming the file and line."""
-    if not path.is_file():
-        raise InputError(path, "raw text file not found")
-    lines = []
+def raw_lines(path: Path) -> Iterator[tuple[list[str], int]]:
+    """Each non-empty line's characters (whitespace dropped) with the line's size in bytes; an undecodable
+    line is an error naming the file and line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -42,10 +50,7 @@ def read_raw_text(path: Path) -> list[list[str]]:
                 raise InputError(path, "not valid UTF-8", lineno) from None
             chars = [c for c in text if not c.isspace()]
             if chars:
-                lines.append(chars)
-    if not lines:
-        raise InputError(path, "no text")
-    return lines
+                yield chars, len(raw)
 
 
 def segment(chars: Sequence[str], lexicon: Lexicon) -> list[str]:
@@ -62,34 +67,85 @@ def segment(chars: Sequence[str], lexicon: Lexicon) -> list[str]:
     return words
 
 
-def token_sequences(texts: Iterable[Sequence[str]], kind: str, lexicon: Lexicon | None = None) -> list[list[str]]:
+def tokenizer(kind: str, lexicon: Lexicon | None = None, segmenter: str = "fmm") -> Callable[[list[str]], list[str]]:
+    """What one line of characters becomes for ``kind``'s vectors."""
     if kind == "char":
-        return [list(t) for t in texts]
+        return list
     if kind == "bigram":
-        return [char_bigrams(t) for t in texts]
-    return [segment(t, lexicon) for t in texts]
+        return char_bigrams
+    if segmenter == "jieba":
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        return lambda chars: jieba.lcut("".join(chars))
+    return lambda chars: segment(chars, lexicon)
 
 
-def training_texts(raw_files: Sequence[Path], corpus_files: Sequence[Path]) -> list[list[str]]:
-    """The raw text's lines and the training sentences' characters (pass training splits only)."""
-    texts = [chars for path in raw_files for chars in read_raw_text(path)]
-    texts += [s.chars for path in corpus_files for s in read_corpus(path).sentences]
-    return texts
+class TokenStream:
+    """The token sequences of raw text files and training splits, the raw files read again on every pass (a
+    restartable iterable, as gensim wants one). The training splits are read once, as one string per sentence
+    (they are small, and a reader's warnings then come once). ``progress`` is called with the bytes of text
+    behind each sequence."""
+
+    def __init__(self, raw_files: Sequence[Path], corpus_files: Sequence[Path],
+                 tokenize: Callable[[list[str]], list[str]], progress: Callable[[int], object] = lambda n: None):
+        self.raw_files, self.tokenize, self.progress = list(raw_files), tokenize, progress
+        self.sentences = ["".join(s.chars) for path in corpus_files for s in read_corpus(path).sentences]
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for path in self.raw_files:
+            for chars, size in raw_lines(path):
+                yield self.tokenize(chars)
+                self.progress(size)
+        for sentence in self.sentences:
+            yield self.tokenize(list(sentence))
+            self.progress(len(sentence.encode("utf-8")))
+
+    def size_bytes(self) -> int:
+        """What one pass reports to ``progress``."""
+        return sum(p.stat().st_size for p in self.raw_files) + sum(len(s.encode("utf-8")) for s in self.sentences)
 
 
-def train_vectors(sequences: list[list[str]], dim: int, epochs: int, min_count: int, window: int, seed: int,
-                  bar: tqdm):
-    """Skip-gram Word2Vec on ``sequences`` (one worker, so a seed repeats the vectors exactly on one machine;
-    another CPU's BLAS can round differently); ``bar`` advances once per epoch."""
+def check_inputs(raw_files: Sequence[Path], corpus_files: Sequence[Path]) -> None:
+    """Missing files are refused before any vector is trained."""
+    for path in raw_files:
+        if not path.is_file():
+            raise InputError(path, "raw text file not found")
+    for path in corpus_files:
+        if not path.is_file():
+            raise InputError(path, "training split not found")
+    if not raw_files and not corpus_files:
+        raise InputError("--raw", "no text: give at least one --raw file or --corpus split")
+
+
+def train_vectors(stream: TokenStream, dim: int, epochs: int, min_count: int, window: int, seed: int,
+                  workers: int, name: str = "vectors"):
+    """Skip-gram Word2Vec over ``stream`` (one vocabulary pass, then ``epochs`` passes). One worker repeats
+    the vectors exactly for a seed on one machine; several threads interleave their updates. Each pass is
+    logged with the time left (the progress bar is off when the output is not a terminal)."""
     from gensim.models import Word2Vec
     from gensim.models.callbacks import CallbackAny2Vec
 
-    class EpochBar(CallbackAny2Vec):
-        def on_epoch_end(self, model) -> None:
-            bar.update()
+    started = time.monotonic()
 
-    return Word2Vec(sentences=sequences, vector_size=dim, window=window, min_count=min_count, sg=1, workers=1,
-                    seed=seed, epochs=epochs, callbacks=[EpochBar()]).wv
+    class LogEpochs(CallbackAny2Vec):
+        def __init__(self):
+            self.epoch = 0
+
+        def on_epoch_end(self, model) -> None:
+            self.epoch += 1
+            elapsed = time.monotonic() - started
+            log.info("%s: pass %d/%d done, %.0f s, about %.0f s left", name, self.epoch + 1, epochs + 1, elapsed,
+                     elapsed / (self.epoch + 1) * (epochs - self.epoch))
+
+    model = Word2Vec(vector_size=dim, window=window, min_count=min_count, sg=1, workers=workers, seed=seed)
+    model.build_vocab(corpus_iterable=stream)
+    log.info("%s: pass 1/%d (vocabulary) done, %.0f s; %s tokens seen at least %d times", name, epochs + 1,
+             time.monotonic() - started, f"{len(model.wv.index_to_key):,}", min_count)
+    if not model.wv.index_to_key:
+        raise InputError("--min-count", f"no token occurs {min_count} times: no vectors to train")
+    model.train(corpus_iterable=stream, total_examples=model.corpus_count, epochs=epochs, callbacks=[LogEpochs()])
+    return model.wv
 
 
 def write_word2vec(path: Path, tokens: Sequence[str], vectors: np.ndarray) -> None:
@@ -101,34 +157,37 @@ def write_word2vec(path: Path, tokens: Sequence[str], vectors: np.ndarray) -> No
             f.write(token + " " + " ".join(f"{x:.6f}" for x in row) + "\n")
 
 
-def build_vectors(raw_files: Sequence[Path], corpus_files: Sequence[Path], lexicon: Lexicon, out: Path, *,
-                  dim: int = 50, epochs: int = 5, min_count: int = 1, window: int = 5, seed: int = 1,
-                  kinds: Sequence[str] = KINDS) -> dict[str, Path]:
-    """Train and write ``out/<kind>.vec`` for each kind; the paths written."""
-    texts = training_texts(raw_files, corpus_files)
+def build_vectors(raw_files: Sequence[Path], corpus_files: Sequence[Path], lexicon: Lexicon | None, out: Path, *,
+                  dim: int = 50, epochs: int = 5, min_count: int = MIN_COUNT, window: int = 5, seed: int = 1,
+                  workers: int | None = None, segmenter: str = "fmm", kinds: Sequence[str] = KINDS) -> dict[str, Path]:
+    """Train and write ``out/<kind>.vec`` for each kind; the paths written. ``workers``: default every core."""
+    check_inputs(raw_files, corpus_files)
+    workers = workers or os.cpu_count() or 1
     logging.getLogger("gensim").setLevel(logging.WARNING)  # it logs its progress every second; the bar does
-    log.info("vectors: %d lines, %d characters", len(texts), sum(len(t) for t in texts))
     written = {}
-    with tqdm(total=epochs * len(kinds), desc="word2vec epochs", disable=None) as bar:
-        for kind in kinds:
-            bar.set_postfix(kind=kind)
-            wv = train_vectors(token_sequences(texts, kind, lexicon), dim, epochs, min_count, window, seed, bar)
-            written[kind] = out / f"{kind}.vec"
-            write_word2vec(written[kind], list(wv.index_to_key), wv.vectors)
-            log.info("vectors: %s, %d tokens -> %s", kind, len(wv.index_to_key), written[kind])
+    stream = TokenStream(raw_files, corpus_files, list)
+    total = stream.size_bytes() * (epochs + 1)  # the vocabulary pass, then each epoch
+    for kind in kinds:
+        bar = tqdm(desc=f"{kind} vectors", total=total, unit="B", unit_scale=True, disable=None)
+        stream.tokenize, stream.progress = tokenizer(kind, lexicon, segmenter), bar.update
+        with bar:
+            wv = train_vectors(stream, dim, epochs, min_count, window, seed, workers, f"{kind} vectors")
+        written[kind] = out / f"{kind}.vec"
+        write_word2vec(written[kind], list(wv.index_to_key), wv.vectors)
+        log.info("vectors: %s, %s tokens -> %s", kind, f"{len(wv.index_to_key):,}", written[kind])
     return written
 
 
-def check_options(dim: int, epochs: int, min_count: int, window: int) -> None:
+def check_options(dim: int, epochs: int, min_count: int, window: int, workers: int | None = None) -> None:
     """Bad values are refused before any text is read."""
-    for name, value in (("dim", dim), ("epochs", epochs), ("min-count", min_count), ("window", window)):
+    for name, value in (("dim", dim), ("epochs", epochs), ("min-count", min_count), ("window", window),
+                        ("workers", 1 if workers is None else workers)):
         if value < 1:
             raise ValueError(f"--{name}={value}: expected an integer >= 1")
 
 
 def coverage(vocab: Vocabulary, path: Path) -> tuple[int, int]:
-    """How many of the vocabulary's tokens (the training split's: all but <pad> and <unk>) the word2vec file
-    has a vector for, and of how many: the rows :func:`vocab.embedding_matrix` fills from the file rather
-    than at random."""
-    tokens = set(vocab.itos[2:])
+    """How many of the vocabulary's trained tokens (the training split's: all but <pad> and <unk>) the
+    word2vec file has a vector for, and of how many."""
+    tokens = set(vocab.itos[2 : vocab.num_trained])
     return len(tokens.intersection(word2vec_tokens(path))), len(tokens)

@@ -25,6 +25,7 @@ class ModelConfig:
     ff_dropout: float = field(default=0.15, metadata=DROPOUT)
     residual_dropout: float = field(default=0.15, metadata=DROPOUT)
     output_dropout: float = field(default=0.3, metadata=DROPOUT)
+    word_dropout: float = field(default=0.01, metadata=DROPOUT)  # a token id becomes <unk> (training only)
     bert: str | None = None  # a local Hugging Face directory (nothing is downloaded)
     crf_constraints: bool = True  # forbid O -> I-X and B-X -> I-Y (in the likelihood and at decode)
     projection_head: bool = False  # contrastive loss on an MLP projection of the features, not the features

@@ -11,7 +11,10 @@ from torch import nn
 
 from .config import ModelConfig
 from .crf import bio_allowed_transitions, build_crf
+from .embedding import LatticeEmbedding
 from .flat import FlatEncoder
+
+KINDS = ("char", "bigram", "word")  # the lattice's token tables
 
 
 def load_bert(path: str) -> nn.Module:
@@ -27,16 +30,20 @@ def load_bert(path: str) -> nn.Module:
 
 
 class NerTagger(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_chars: int, num_bigrams: int, num_words: int, labels: Sequence[str],
-                 pretrained: dict[str, np.ndarray] | None = None):
+    """``table_sizes``: (trained rows, frozen rows) of the char, bigram and word tables; ``pretrained``:
+    their initial (trained, frozen) matrices by kind, where the caller has them (a checkpoint's weights
+    replace them anyway)."""
+
+    def __init__(self, cfg: ModelConfig, table_sizes: dict[str, tuple[int, int]], labels: Sequence[str],
+                 pretrained: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         super().__init__()
         self.cfg = cfg
         self.labels = tuple(labels)
-        self.char_embed = nn.Embedding(num_chars, cfg.char_dim, padding_idx=0)
-        self.bigram_embed = nn.Embedding(num_bigrams, cfg.bigram_dim, padding_idx=0)
-        self.word_embed = nn.Embedding(num_words, cfg.word_dim, padding_idx=0)
-        for name, matrix in (pretrained or {}).items():
-            getattr(self, f"{name}_embed").weight.data.copy_(torch.from_numpy(matrix))
+        dims = dict(char=cfg.char_dim, bigram=cfg.bigram_dim, word=cfg.word_dim)
+        for kind in KINDS:
+            setattr(self, f"{kind}_embed", LatticeEmbedding(*table_sizes[kind], dims[kind], cfg.word_dropout))
+        for kind, (trained, frozen) in (pretrained or {}).items():
+            getattr(self, f"{kind}_embed").load_rows(torch.from_numpy(trained), torch.from_numpy(frozen))
         self.bert = load_bert(cfg.bert) if cfg.bert else None
         bert_dim = self.bert.config.hidden_size if self.bert is not None else 0
         self.char_proj = nn.Linear(cfg.char_dim + cfg.bigram_dim + bert_dim, cfg.hidden)
@@ -76,7 +83,7 @@ class NerTagger(nn.Module):
         return list(self.bert.parameters()) if self.bert is not None else []
 
     def embedding_tables(self) -> list[nn.Parameter]:
-        """The lattice's character, bigram and word embeddings (pretrained or random)."""
+        """The trained rows of the lattice's character, bigram and word tables (pretrained or random)."""
         return [self.char_embed.weight, self.bigram_embed.weight, self.word_embed.weight]
 
     def encoder_parameters(self) -> list[nn.Parameter]:

@@ -146,7 +146,7 @@ class TrainingRun:
     def initial_model(self, init: Path | None) -> NerTagger:
         """The seeded model a stage starts from (stage 2: with the encoder of the stage-1 checkpoint)."""
         seed_everything(self.cfg.run.seed)
-        model = self.codec.build_model(self.root, seed=self.cfg.run.seed).to(self.device)
+        model = self.codec.build_model(seed=self.cfg.run.seed).to(self.device)
         if init is not None:
             load_encoder(model, init)
             log.info("stage 2 starts from the encoder of %s", init)
@@ -167,7 +167,7 @@ class TrainingRun:
     def model_with(self, weights: dict) -> NerTagger:
         """A fresh model holding ``weights``; building it draws no random numbers from the training stream."""
         with torch.random.fork_rng(devices=[]):
-            model = self.codec.build_model().to(self.device)
+            model = self.codec.build_model(initial_rows=False).to(self.device)
         model.load_state_dict(weights)
         return model
 

@@ -77,7 +77,7 @@ def main() -> None:
         d = DistributedConfig(config=str(REPO / "configs" / "ds" / f"zero{zero}.json"))
         for stage, (loss_fn, reference_loss) in losses.items():
             torch.manual_seed(0)
-            model = codec.build_model(root, seed=0).eval()  # no dropout: both sides compute the same function
+            model = codec.build_model(seed=0).eval()  # no dropout: both sides compute the same function
             params = model.encoder_parameters() + (list(model.head.parameters()) if stage == "finetune" else [])
             for p in model.parameters():
                 p.requires_grad_(any(p is q for q in params))

@@ -33,7 +33,9 @@ from nerco_dist.config import Config, data_root, load_config, resolve_data_path
 from nerco_dist.data.dataset import LengthBucketBatchSampler
 from nerco_dist.distributed import device_for_rank
 from nerco_dist.eval.analyze import analyze
+from nerco_dist.data.tags import entities, from_entities
 from nerco_dist.eval.metrics import mentions, scores_by_seen
+from nerco_dist.eval.significance import paired_bootstrap, paired_t_test
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.machine import machine_info
 from nerco_dist.train.objectives import InfoNCELoss, mean_dev_infonce
@@ -112,7 +114,30 @@ def diagnostics(cfg, root: Path, out: Path) -> dict:
     if (out / "contrastive" / "best.pt").is_file():
         infonce["after stage 1"] = mean_dev_infonce(loss, load_for_inference(out / "contrastive" / "best.pt", "cpu")[1],
                                                     dev, torch.device("cpu"))
-    return dict(test_by_seen_mention=by_seen, dev_infonce=infonce)
+    return dict(test_by_seen_mention=by_seen, dev_infonce=infonce,
+                test_predicted_entities=[[list(e) for e in entities(tags)] for tags in pred])
+
+
+def by_mention(diags: list[dict | None]) -> dict:
+    """Mean ± std test F1 over mentions seen and unseen in training, where every seed has diagnostics."""
+    if not all(diags):
+        return {}
+    return {f"{group}_f1": mean_std([d["test_by_seen_mention"][group]["f1"] for d in diags])
+            for group in ("seen", "unseen")}
+
+
+def compare(scores: dict[str, list[dict]], diags: dict[str, list[dict | None]], seeds: list[int], cfg,
+            root: Path) -> dict:
+    """NerCo against the baseline on the same seeds: the paired t-test over seeds' test F1 (in points), and
+    the paired bootstrap over test sentences for the first seed (where both runs stored their predictions)."""
+    f1 = {name: [100 * s["f1"] for s in scores[name]] for name in DEFAULT_SYSTEMS}
+    first = [d and d.get("test_predicted_entities") for d in (diags["baseline"][0], diags["NerCo"][0])]
+    boot = None
+    if all(first):
+        gold = [s.tags for s in read_splits(cfg, root).test]
+        base, nerco = ([from_entities(len(g), map(tuple, found)) for g, found in zip(gold, system)] for system in first)
+        boot = paired_bootstrap(gold, base, nerco)
+    return dict(seeds=seeds, paired_t_test=paired_t_test(f1["baseline"], f1["NerCo"]), bootstrap_first_seed=boot)
 
 
 def input_checksums(cfg, root: Path) -> dict[str, str]:
@@ -177,9 +202,11 @@ def main() -> None:
                        type_acc=mean_std([s["type_acc"] for s in runs_]),
                        per_seed_f1=[round(100 * s["f1"], 2) for s in runs_], per_seed_test=runs_,
                        per_seed_wall_time_s=wall[name], mean_wall_time_s=round(statistics.mean(wall[name]), 1),
-                       per_seed_diagnostics=diags[name])
+                       per_seed_diagnostics=diags[name], **by_mention(diags[name]))
             for name, runs_ in scores.items()}
-    payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set,
+    comparison = compare(scores, diags, args.seeds, load_config(systems["baseline"][0], args.set), root) \
+        if set(DEFAULT_SYSTEMS) <= set(systems) else None
+    payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set, nerco_vs_baseline=comparison,
                    systems={k: dict(config=str(c), switches=sw, resolved=load_config(c, sw + args.set).to_dict())
                             for k, (c, sw) in systems.items()},
                    inputs=input_checksums(load_config(next(iter(systems.values()))[0], args.set), root),
@@ -188,10 +215,19 @@ def main() -> None:
     plots_note = f"; plots in {plots.name}/" if plots.is_dir() else ""
     lines = [f"# {' vs '.join(systems)} on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",
              f"Shared overrides: {' '.join(args.set) or '(none)'}{plots_note}", "",
-             "| system | switches | F1 | Span F | Type Acc | F1 per seed | wall time per run (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| system | switches | F1 | Span F | Type Acc | F1 on seen / unseen mentions | F1 per seed | "
+             "wall time per run (s) |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {' '.join(systems[k][1]) or '-'} | {r['f1']} | {r['span_f']} | {r['type_acc']} | "
-              f"{r['per_seed_f1']} | {r['mean_wall_time_s']} |" for k, r in rows.items()]
+              f"{r.get('seen_f1', '-')} / {r.get('unseen_f1', '-')} | {r['per_seed_f1']} | {r['mean_wall_time_s']} |"
+              for k, r in rows.items()]
+    if comparison:
+        t, boot = comparison["paired_t_test"], comparison["bootstrap_first_seed"]
+        lines += ["", f"NerCo - baseline, test F1 per seed: {[round(d, 2) for d in t['differences']]}; mean "
+                      f"{t['mean']:+.2f}" + (f", paired t-test t = {t['t']:.2f}, p = {t['p']:.3f}" if t["p"] is not None else "")]
+        if boot:
+            lines.append(f"Paired bootstrap over test sentences, seed {args.seeds[0]}: {100 * boot['delta']:+.2f} F1, "
+                         f"95% interval [{100 * boot['ci95'][0]:+.2f}, {100 * boot['ci95'][1]:+.2f}], "
+                         f"p(NerCo not better) = {boot['p_b_not_better']:.3f} ({boot['samples']:,} resamples)")
     write_text(results / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,5 +1,8 @@
-"""Self-contained checkpoints: weights plus the config, vocabularies, labels and lexicon reference, so
-``eval`` and ``predict`` need nothing else. Written atomically.
+"""Self-contained checkpoints, written atomically. A checkpoint keeps what the model *is* apart from how it
+was trained: ``model_args`` (the model config), ``codec`` (the text codec's state: vocabularies, labels,
+lexicon reference, max_len, BERT vocabulary) and ``model`` (the weights) are what ``eval``, ``predict``,
+``analyze`` and ``--init`` read; ``provenance`` (the run config as it was) is only a record, so renaming a
+training key never orphans a model. Version-1 files (the whole run config inside) are upgraded on load.
 
 Every torch file the project reads (checkpoints, resume state, DeepSpeed's files) goes through
 :func:`load_tensors`: output folders sit on shared file systems, and a full unpickle runs whatever code the
@@ -18,13 +21,13 @@ import torch
 from .atomic import atomic_path
 from .errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def save_checkpoint(path: str | os.PathLike, *, model_state: dict, config: dict, vocabs: dict, labels: list[str],
-                    lexicon: dict, **extra: Any) -> None:
-    payload = dict(format=FORMAT_VERSION, model=model_state, config=config, vocabs=vocabs, labels=list(labels),
-                   lexicon=lexicon, **extra)
+def save_checkpoint(path: str | os.PathLike, *, model_state: dict, model_args: dict, codec: dict,
+                    provenance: dict | None = None, **extra: Any) -> None:
+    payload = dict(format=FORMAT_VERSION, model=model_state, model_args=model_args, codec=codec,
+                   provenance=provenance or {}, **extra)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -48,13 +51,42 @@ def load_tensors(path: str | os.PathLike, *, allow: Sequence[type] = (), map_loc
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint in the current format (a version-1 file upgraded in memory)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     payload = load_tensors(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+    version = payload.get("format") if isinstance(payload, dict) else None
+    if version == 1:
+        return upgrade_v1(payload)
+    if version != FORMAT_VERSION:
         raise InputError(path, "not a nerco-dist checkpoint (missing or unknown format version)")
     return payload
+
+
+def upgrade_v1(payload: dict) -> dict:
+    """A version-1 payload (the run config embedded, vocabularies as token lists) in format 2: the model
+    section and ``data.max_len`` of that config become ``model_args`` and the codec's ``max_len``; the
+    vocabularies have no frozen rows; the BERT vocabulary, which version 1 read from ``model.bert`` at load
+    time, is read from there once more. The embedded config is kept, unparsed, as provenance."""
+    config = payload["config"]
+    model_args = dict(config["model"])
+    vocabs = {kind: dict(trained=list(tokens), frozen=[]) for kind, tokens in payload["vocabs"].items()}
+    codec = dict(vocabs=vocabs, labels=list(payload["labels"]), lexicon=dict(payload["lexicon"]),
+                 max_len=config["data"]["max_len"], bert_vocab=_bert_vocab_tokens(model_args.get("bert")))
+    upgraded = {k: v for k, v in payload.items() if k not in ("config", "vocabs", "labels", "lexicon")}
+    return dict(upgraded, format=FORMAT_VERSION, model_args=model_args, codec=codec,
+                provenance=dict(config=config, upgraded_from_format=1))
+
+
+def _bert_vocab_tokens(bert_dir: str | None) -> list[str] | None:
+    if not bert_dir:
+        return None
+    path = Path(bert_dir).expanduser() / "vocab.txt"
+    if not path.is_file():
+        raise InputError(path, f"a version-1 checkpoint of a BERT model: its vocabulary is read from model.bert="
+                               f"{bert_dir!r}, which has no vocab.txt here")
+    return path.read_text(encoding="utf-8").splitlines()
 
 
 def require_trained_head(path: str | os.PathLike, payload: dict) -> None:
@@ -69,8 +101,9 @@ def require_same_shape(path: str | os.PathLike, weights: dict, model: torch.nn.M
                        config: dict, against: str) -> None:
     """Refuse ``weights`` (read from ``path``) that do not fit ``model``, saying what differs, where torch
     would raise a size-mismatch traceback: the model config keys (``saved_config``, the file's, against
-    ``config``; dropouts aside, they shape nothing) and the first tensors. ``against`` names ``model``."""
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ``config``; dropouts aside, they shape nothing) and the first tensors. ``against`` names ``model``. An
+    empty buffer the file lacks (the frozen rows of a table that has none) does not count."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in weights or v.numel()}
     theirs = {k: tuple(v.shape) for k, v in weights.items()}
     tensors = [f"{k} {theirs[k]} vs {ours[k]}" for k in theirs if k in ours and theirs[k] != ours[k]]
     tensors += [f"{k} missing" for k in ours if k not in theirs] + [f"{k} extra" for k in theirs if k not in ours]

@@ -4,7 +4,7 @@ split for a new run, restored from a checkpoint for ``eval`` and ``predict``."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -105,13 +105,14 @@ def with_pretrained_rows(vocabs: Vocabs, pretrained: dict[str, PretrainedVectors
 
 
 class TextCodec:
-    """Vocabularies, lexicon and labels of one trained tagger, with the config that built it: text to lattice
-    batches, label ids back to BIO tags, and the model those inputs fit. Saved in every checkpoint."""
+    """Text to lattice batches and label ids back to BIO tags for one tagger (its :class:`LatticeEncoder`),
+    with the model config those inputs fit. Built from the training split and the vector files for a new run;
+    restored from a checkpoint's ``codec`` and ``model_args`` for ``eval`` and ``predict``."""
 
-    def __init__(self, config: Config, encoder: LatticeEncoder,
-                 pretrained: dict[str, PretrainedVectors | None] | None = None):
-        self.config, self.encoder = config, encoder
-        self.pretrained = pretrained  # the vector files a new model's rows start from (training only)
+    def __init__(self, encoder: LatticeEncoder, model_cfg: ModelConfig,
+                 pretrained: dict[str, PretrainedVectors | None] | None = None, normalize: bool = False):
+        self.encoder, self.model_cfg = encoder, model_cfg
+        self.pretrained, self.normalize = pretrained, normalize  # what a new model's rows start from (training)
 
     @property
     def labels(self) -> LabelSet:
@@ -133,32 +134,23 @@ class TextCodec:
         log.info("vocab chars %s, bigrams %s, lattice words %s; labels %s", f"{len(vocabs.chars):,}",
                  f"{len(vocabs.bigrams):,}", f"{len(vocabs.words):,}", " ".join(labels.labels))
         vocabs = with_pretrained_rows(vocabs, pretrained, cfg.data.pretrained_unseen_rows)
-        codec = cls(cfg, LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab), pretrained)
-        return codec, codec.encoder.encode(train, split_on_entities=True, source="train ", matches=matches)
+        encoder = LatticeEncoder(vocabs, lexicon, labels, cfg.data.max_len, bert_vocab)
+        codec = cls(encoder, cfg.model, pretrained, cfg.data.norm_embeddings)
+        return codec, encoder.encode(train, split_on_entities=True, source="train ", matches=matches)
 
-    def state_dict(self) -> dict:
-        lex = self.encoder.lexicon
-        return dict(vocabs=self.encoder.vocabs.state_dict(), labels=list(self.labels.labels),
-                    lexicon=dict(source=lex.source, fingerprint=lex.fingerprint), config=self.config.to_dict())
+    def checkpoint_sections(self) -> dict:
+        """What a checkpoint needs to rebuild this codec and its model: ``model_args`` and ``codec``."""
+        return dict(model_args=asdict(self.model_cfg), codec=self.encoder.state_dict())
 
     @classmethod
     def from_checkpoint(cls, payload: dict) -> "TextCodec":
-        cfg = Config.from_dict(payload["config"], "checkpoint config")
-        lex_ref = payload["lexicon"]
-        lexicon = Lexicon.load(lex_ref["source"])
-        if lexicon.fingerprint != lex_ref["fingerprint"]:
-            log.warning("lexicon %s differs from the one used in training (fingerprint %s, now %s)",
-                        lex_ref["source"], lex_ref["fingerprint"], lexicon.fingerprint)
-        bert_vocab = read_bert_vocab(cfg.model.bert) if cfg.model.bert else None
-        encoder = LatticeEncoder(Vocabs.from_state_dict(payload["vocabs"]), lexicon, LabelSet(tuple(payload["labels"])),
-                                 cfg.data.max_len, bert_vocab)
-        return cls(cfg, encoder)
+        return cls(LatticeEncoder.from_state_dict(payload["codec"]), ModelConfig.from_args(payload["model_args"]))
 
     def build_model(self, seed: int = 0, *, initial_rows: bool = True) -> NerTagger:
         """A fresh tagger. Built for training, its tables start from the vector files (unit-norm rows with
         ``data.norm_embeddings``) and seeded random rows; restored from a checkpoint, or with
         ``initial_rows=False`` (weights are loaded next), they are left as torch initialises them."""
-        m: ModelConfig = self.config.model
+        m = self.model_cfg
         v = self.encoder.vocabs
         vocabs = dict(zip(KINDS, (v.chars, v.bigrams, v.words)))
         sizes = {kind: (vocab.num_trained, vocab.num_frozen) for kind, vocab in vocabs.items()}
@@ -166,8 +158,8 @@ class TextCodec:
         if self.pretrained is not None and initial_rows:
             rng = np.random.default_rng(seed)
             dims = dict(char=m.char_dim, bigram=m.bigram_dim, word=m.word_dim)
-            rows = {kind: embedding_matrices(vocab, dims[kind], self.pretrained[kind], rng,
-                                             self.config.data.norm_embeddings) for kind, vocab in vocabs.items()}
+            rows = {kind: embedding_matrices(vocab, dims[kind], self.pretrained[kind], rng, self.normalize)
+                    for kind, vocab in vocabs.items()}
         return NerTagger(m, sizes, self.labels.labels, rows)
 
     def batches(self, pieces: Sequence[Piece], batch_sampler) -> "BatchIterable":

@@ -29,9 +29,8 @@ def load_for_inference(checkpoint: Path, device: str = "auto", *, tagging: bool 
         require_trained_head(checkpoint, payload)
     codec = TextCodec.from_checkpoint(payload)
     model = codec.build_model()
-    model_config = payload["config"]["model"]
-    require_same_shape(checkpoint, payload["model"], model, saved_config=model_config, config=model_config,
-                       against="the one its own config builds")
+    require_same_shape(checkpoint, payload["model"], model, saved_config=payload["model_args"],
+                       config=payload["model_args"], against="the one its own config builds")
     model.load_state_dict(payload["model"])
     return codec, model.to(dist.device_for_rank(device)).eval()
 

@@ -168,7 +168,7 @@ def untrained_checkpoint(path, data_root, *sets, **extra):
     """A checkpoint as a run writes it, of the tiny model before training."""
     cfg = load_config(TINY, [*LIGHT, *sets])
     codec = TextCodec.for_training(cfg, read_splits(cfg, data_root).train, data_root)[0]
-    save_checkpoint(path, model_state=codec.build_model().state_dict(), **codec.state_dict(), **extra)
+    save_checkpoint(path, model_state=codec.build_model().state_dict(), **codec.checkpoint_sections(), **extra)
     return path
 
 
@@ -194,7 +194,7 @@ def test_a_checkpoint_of_another_shape_is_refused_by_init_and_eval(tmp_path, dat
             "char_dim 24 vs 16; char_embed.weight (") in capsys.readouterr().err
     # weights that the checkpoint's own config does not build (a BERT directory that now holds another model)
     plain = load_checkpoint(untrained_checkpoint(tmp_path / "plain.pt", data_root))
-    torch.save(dict(load_checkpoint(wider), stage="finetune", config=plain["config"]), tmp_path / "mismatched.pt")
+    torch.save(dict(load_checkpoint(wider), stage="finetune", model_args=plain["model_args"]), tmp_path / "mismatched.pt")
     assert main(["eval", str(tmp_path / "mismatched.pt"), "--data", str(dev_subset)]) == 2
     assert (f"nerco: error: {tmp_path / 'mismatched.pt'}: holds a model of another shape than the one its own "
             "config builds (the file's first: char_embed.weight (") in capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_stage_handoff_takes_encoder_and_leaves_a_fresh_head(tmp_path, data_root
         p.data.add_(torch.randn_like(p))  # a "trained" stage-1 model: every weight differs from init
     ckpt = tmp_path / "stage1.pt"
     codec = TextCodec.for_training(cfg, read_splits(cfg, data_root).train, data_root)[0]
-    save_checkpoint(ckpt, model_state=stage1.state_dict(), **codec.state_dict())
+    save_checkpoint(ckpt, model_state=stage1.state_dict(), **codec.checkpoint_sections())
     fresh = initial_model(cfg, data_root)
     fresh_head, _, _ = split_state(fresh.state_dict())
     load_encoder(fresh, ckpt)

@@ -8,6 +8,7 @@ the pieces can be joined back into whole sentences.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import Counter
@@ -20,6 +21,8 @@ from .lexicon import Lexicon, Match
 from .readers import Sentence
 from .tags import OUTSIDE, Entity, entities, semantic_class
 from .vocab import Vocabulary
+
+log = logging.getLogger("nerco_dist")
 
 SENTENCE_ENDS = "。！？!?"
 CLAUSE_ENDS = "，；,;"
@@ -160,12 +163,30 @@ class Piece:
 
 
 class LatticeEncoder:
-    """Turns characters (and tags) into :class:`Piece` ids; everything it needs is saved in checkpoints."""
+    """Turns characters (and tags) into :class:`Piece` ids; everything it needs is in its state dict, which
+    every checkpoint carries (the lexicon by reference and fingerprint: a word list can be millions of words)."""
 
     def __init__(self, vocabs: Vocabs, lexicon: Lexicon, labels: LabelSet, max_len: int,
                  bert_vocab: dict[str, int] | None = None):
         self.vocabs, self.lexicon, self.labels, self.max_len = vocabs, lexicon, labels, max_len
         self.bert_vocab = bert_vocab
+
+    def state_dict(self) -> dict:
+        bert = sorted(self.bert_vocab, key=self.bert_vocab.get) if self.bert_vocab is not None else None
+        return dict(vocabs=self.vocabs.state_dict(), labels=list(self.labels.labels), max_len=self.max_len,
+                    lexicon=dict(source=self.lexicon.source, fingerprint=self.lexicon.fingerprint), bert_vocab=bert)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "LatticeEncoder":
+        """The encoder a checkpoint saved; its lexicon is read again from the reference, with a warning when the
+        file's words are no longer those training matched against."""
+        lexicon = Lexicon.load(state["lexicon"]["source"])
+        if lexicon.fingerprint != state["lexicon"]["fingerprint"]:
+            log.warning("lexicon %s differs from the one used in training (fingerprint %s, now %s)",
+                        state["lexicon"]["source"], state["lexicon"]["fingerprint"], lexicon.fingerprint)
+        bert = state.get("bert_vocab")
+        return cls(Vocabs.from_state_dict(state["vocabs"]), lexicon, LabelSet(tuple(state["labels"])),
+                   state["max_len"], {t: i for i, t in enumerate(bert)} if bert is not None else None)
 
     def encode(self, sentences: Sequence[Sentence], with_labels: bool = True, split_on_entities: bool = False,
                source: str = "", matches: Sequence[list[Match]] | None = None) -> list[Piece]:

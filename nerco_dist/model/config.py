@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 POSITIVE = {"ge": 1}  # field metadata: the allowed range (checked by nerco_dist.config when a config is read)
 DROPOUT = {"ge": 0, "lt": 1}
@@ -29,3 +29,10 @@ class ModelConfig:
     bert: str | None = None  # a local Hugging Face directory (nothing is downloaded)
     crf_constraints: bool = True  # forbid O -> I-X and B-X -> I-Y (in the likelihood and at decode)
     projection_head: bool = False  # contrastive loss on an MLP projection of the features, not the features
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ModelConfig":
+        """The config a checkpoint's ``model_args`` describe; keys this version does not know are left out
+        (a dropout or switch added later: the weights fix everything that has a shape)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in args.items() if k in known})

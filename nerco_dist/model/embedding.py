@@ -37,6 +37,12 @@ class LatticeEmbedding(nn.Module):
             self.weight.copy_(trained)
             self.frozen.copy_(frozen)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Weights saved before tables had frozen rows load into a table without any."""
+        if prefix + "frozen" not in state_dict and self.frozen.shape[0] == 0:
+            state_dict[prefix + "frozen"] = self.frozen
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(...,) int64 ids -> (..., dim) rows."""
         if self.training and self.word_dropout > 0:

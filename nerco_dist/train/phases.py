@@ -84,6 +84,6 @@ def load_encoder(model: NerTagger, checkpoint: Path) -> None:
     payload = load_checkpoint(checkpoint)
     encoder_state = {k: v for k, v in payload["model"].items() if not k.startswith("head.")}
     fresh_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}  # not compared
-    require_same_shape(checkpoint, dict(encoder_state, **fresh_head), model, saved_config=payload["config"]["model"],
+    require_same_shape(checkpoint, dict(encoder_state, **fresh_head), model, saved_config=payload["model_args"],
                        config=asdict(model.cfg), against="this run's")
     model.load_state_dict(encoder_state, strict=False)

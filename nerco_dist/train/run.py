@@ -179,4 +179,5 @@ class TrainingRun:
     def checkpoint(self, path: Path, model: NerTagger, **extra) -> None:
         """A plain fp32 checkpoint for ``eval``/``predict`` (rank 0 writes it, atomically)."""
         if dist.is_main():
-            save_checkpoint(path, model_state=model.state_dict(), **self.codec.state_dict(), **extra)
+            save_checkpoint(path, model_state=model.state_dict(), **self.codec.checkpoint_sections(),
+                            provenance=dict(config=self.cfg.to_dict()), **extra)

@@ -21,7 +21,7 @@
 # changed by extra --set overrides (a later --set wins), for every system, the baseline and NerCo included:
 # their runs, summaries, logs and CORPUS[_SYSTEMS]_TAG.json never replace the untagged ones.
 #
-# Needs the data root with the generated vectors (README, "Pretrained inputs"); default data/.
+# Needs the data root with the generated vectors (docs/data.md); default data/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 corpus=$1

@@ -6,7 +6,7 @@ the vector files, building the model, saving a checkpoint) is its own.
     python3 benchmarks/bench_tables.py                    # resume weibo msra -> results/tables_cpu.json
     python3 benchmarks/bench_tables.py --corpora msra
 
-Needs the data root with the generated vectors (README, "Pretrained inputs").
+Needs the data root with the generated vectors (docs/data.md).
 """
 
 from __future__ import annotations
@@ -25,17 +25,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def measure(corpus: str, unseen: bool, root: str | None) -> dict:
     """One arm, in this process: the codec and model a training run builds, and a checkpoint of it."""
+    from nerco_dist.config import data_root, load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(REPO / "configs" / f"{corpus}.yaml", [f"data.pretrained_unseen_rows={str(unseen).lower()}",
+                                                                  "run.threads=1", f"run.out_dir={tmp}"])
+        return measure_run(cfg, data_root(root), Path(tmp), corpus, unseen)
+
+
+def measure_run(cfg, root: Path, out: Path, corpus: str, unseen: bool) -> dict:
     import torch
 
-    from nerco_dist.config import data_root, load_config
-    from nerco_dist.checkpoint import save_checkpoint
-    from nerco_dist.codec import TextCodec, read_splits
+    from nerco_dist.train.run import TrainingRun
 
-    cfg = load_config(REPO / "configs" / f"{corpus}.yaml", [f"data.pretrained_unseen_rows={str(unseen).lower()}"])
-    root = data_root(root)
     started = time.perf_counter()
-    codec, _ = TextCodec.for_training(cfg, read_splits(cfg, root).train, root)
-    model = codec.build_model(seed=1)
+    run = TrainingRun.start(cfg, root)
+    model = run.initial_model(None)
     built_s = time.perf_counter() - started
     tables = {}
     for kind in ("char", "bigram", "word"):
@@ -44,12 +49,11 @@ def measure(corpus: str, unseen: bool, root: str | None) -> dict:
                             trained_mb=round(table.weight.numel() * table.weight.element_size() / 2**20, 2),
                             frozen_mb=round(table.frozen.numel() * table.frozen.element_size() / 2**20, 2))
     parameters_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "best.pt"
-        started = time.perf_counter()
-        save_checkpoint(path, model_state=model.state_dict(), **codec.checkpoint_sections())
-        save_s = time.perf_counter() - started
-        checkpoint_mb = path.stat().st_size / 2**20
+    path = out / "best.pt"
+    started = time.perf_counter()
+    run.checkpoint(path, model)
+    save_s = time.perf_counter() - started
+    checkpoint_mb = path.stat().st_size / 2**20
     return dict(corpus=corpus, pretrained_unseen_rows=unseen, tables=tables, parameters_mb=round(parameters_mb, 2),
                 checkpoint_mb=round(checkpoint_mb, 2), build_s=round(built_s, 1), save_s=round(save_s, 1),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -4,7 +4,7 @@
     python3 benchmarks/bench_train.py --no-epoch      # the grid only
     python3 benchmarks/bench_train.py --quick         # CPU: a few steps on the tiny config (script check)
 
-Runs the trainer's own phase loop (``trainer.phase_engine`` + ``trainer.train_epoch`` with the phase's loss)
+Runs the trainer's own phase loop (``trainer.StageLoop``: its engine and ``train_epoch`` with the phase's loss)
 on the DeepSpeed engine (one rank, bf16 on GPU, the ZeRO JSON of ``--ds``) over MSRA's training split, for two
 encoders: FLAT as in ``configs/msra.yaml`` and FLAT + a BERT-base-shaped model (12 x 768, random weights,
 bert-base-chinese's vocabulary; nothing is downloaded), each read and encoded for its own model (the BERT
@@ -36,11 +36,10 @@ from common import ResultsFile, machine_info, parse_args
 
 from nerco_dist.config import data_root, load_config
 from nerco_dist.train.monitor import Scalars
-from nerco_dist.train.objectives import phase_loss
 from nerco_dist.train.phases import Phase, stage_phases
-from nerco_dist.train.resume import Progress
+from nerco_dist.train.resume import BestWeights, Progress
 from nerco_dist.train.run import TrainingRun
-from nerco_dist.train.trainer import phase_engine, train_epoch
+from nerco_dist.train.trainer import StageLoop
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_EPOCH_S = 60.0
@@ -79,19 +78,20 @@ def with_batch(phase: Phase, batch_size: int) -> Phase:
 
 def timed_steps(run: TrainingRun, phase: Phase, batches: list, warmup: int) -> dict:
     """``warmup`` micro-batches, then the rest timed, through the trainer's epoch loop."""
-    engine = phase_engine(run, phase, run.initial_model(None), 0)
-    loss = phase_loss(run.cfg, phase, len(run.codec.labels.classes))
-    engine.model.train()
-    train_epoch(run, phase, engine, batches[:warmup], Progress(), loss, None, Scalars(None))
+    loop = StageLoop(run, [phase], Progress(), BestWeights(), None, Scalars(None))
+    loop.start_phase(run.initial_model(None), 0)
+    loss = loop.phase_loss()
+    loop.train_epoch(batches[:warmup], loss)
     sync(run.device)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     progress, timed = Progress(), batches[warmup:]
+    loop.progress = progress
     tick = time.perf_counter()
-    train_epoch(run, phase, engine, timed, progress, loss, None, Scalars(None))
+    loop.train_epoch(timed, loss)
     sync(run.device)
     seconds = time.perf_counter() - tick
-    engine.close()
+    loop.engine.close()
     tokens = sum(int(b["char_mask"].sum()) for b in timed)
     peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
     return dict(steps=len(timed), tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1),

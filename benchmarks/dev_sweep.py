@@ -10,8 +10,7 @@ overrides and the shared budget; its summary goes to ``benchmarks/results/accura
 (commit it) as it ends, and a later call skips every run whose summary is there, so a stopped sweep is
 continued by the same command. ``--lane K/N`` takes every N-th run from the K-th. ``--report`` writes
 ``CORPUS_GROUP.json`` and ``.md``: each variant's dev F1 per seed, mean ± std, best epoch and wall time, and
-the sha256 of the vector files it read. Needs the data root with the generated vectors (README, "Pretrained
-inputs").
+the sha256 of the vector files it read. Needs the data root with the generated vectors (docs/data.md).
 """
 
 from __future__ import annotations

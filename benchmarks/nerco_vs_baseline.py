@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from nerco_dist.atomic import write_json, write_text
-from nerco_dist.codec import read_splits
 from nerco_dist.config import Config, data_root, load_config, resolve_data_path
 from nerco_dist.data.dataset import LengthBucketBatchSampler
 from nerco_dist.distributed import device_for_rank
@@ -40,12 +39,13 @@ from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.machine import machine_info
 from nerco_dist.train.objectives import InfoNCELoss, mean_dev_infonce
 from nerco_dist.train.stopping import StopRequested
+from nerco_dist.train.inputs import read_config_splits
 from nerco_dist.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SYSTEMS = ["baseline", "NerCo"]
 ABLATIONS = {"joint": ["ablation.joint=true"], "all_queries": ["ablation.non_entity_queries=true"]}
-# NerCo with one change to its training, tried because it lost to the baseline (issue 11, point 5)
+# NerCo with one change to its training, tried because it lost to the baseline
 VARIANTS = {
     "frozen_embeddings": ["contrastive.phase.freeze_embeddings=true"],  # stage 1 cannot memorise mentions in the tables
     "low_encoder_lr": ["finetune.full.optim.encoder_lr_ratio=0.1"],  # fine-tuning keeps more of stage 1's encoder
@@ -102,12 +102,12 @@ def same_recipe(a: dict, b: dict) -> bool:
 def diagnostics(cfg, root: Path, out: Path) -> dict:
     """Test scores over the mentions seen and unseen in training, and the dev InfoNCE of the encoder's
     features: the final model's, and for NerCo the stage-1 encoder's (does fine-tuning erase the structure?)."""
-    splits = read_splits(cfg, root)
+    splits = read_config_splits(cfg, root)
     codec, model = load_for_inference(out / "best.pt", "cpu")
     seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
     pred = predict(codec, model, splits.test, cfg.run.eval_batch_size)
     by_seen = scores_by_seen([s.chars for s in splits.test], [s.tags for s in splits.test], pred, seen)
-    pieces = codec.encoder.encode(splits.dev, split_on_entities=True)
+    pieces = codec.encode(splits.dev, split_on_entities=True)
     dev = codec.batches(pieces, LengthBucketBatchSampler([p.lattice_len for p in pieces], 32, shuffle=False))
     loss = InfoNCELoss(cfg, len(codec.labels.classes), across_ranks=False)
     infonce = {"final model": mean_dev_infonce(loss, model, dev, torch.device("cpu"))}
@@ -134,7 +134,7 @@ def compare(scores: dict[str, list[dict]], diags: dict[str, list[dict | None]], 
     first = [d and d.get("test_predicted_entities") for d in (diags["baseline"][0], diags["NerCo"][0])]
     boot = None
     if all(first):
-        gold = [s.tags for s in read_splits(cfg, root).test]
+        gold = [s.tags for s in read_config_splits(cfg, root).test]
         base, nerco = ([from_entities(len(g), map(tuple, found)) for g, found in zip(gold, system)] for system in first)
         boot = paired_bootstrap(gold, base, nerco)
     return dict(seeds=seeds, paired_t_test=paired_t_test(f1["baseline"], f1["NerCo"]), bootstrap_first_seed=boot)

@@ -22,7 +22,8 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
     from . import distributed
     from .config import data_root, load_config
     from .train.stopping import StopRequested
-    from .train.trainer import NonFiniteLoss, train
+    from .train.steps import NonFiniteLoss
+    from .train.trainer import train
 
     cfg = load_config(args.config, args.set)
     try:
@@ -164,8 +165,7 @@ def _tagged(codec, model, texts: list[str], batch_size: int) -> list[list[dict]]
 
 
 def _vectors(args: argparse.Namespace) -> int:
-    from .codec import lexicon_reference
-    from .config import data_root, resolve_data_path
+    from .config import data_root, lexicon_reference, resolve_data_path
     from .data.lexicon import Lexicon
     from .data.vectors import build_vectors, check_options
 
@@ -185,7 +185,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from .eval.analyze import analyze
 
     summary = analyze(Path(args.baseline), Path(args.nerco), Path(args.data), Path(args.out),
-                      Path(args.stage1) if args.stage1 else None, args.tsne_tokens, args.seed, args.device)
+                      stage1=Path(args.stage1) if args.stage1 else None, tsne_tokens=args.tsne_tokens, seed=args.seed,
+                      device=args.device)
     for name, s in summary.items():
         print(f"{name:10s} F1 {100 * s['f1']:.2f}  Span F {100 * s['span_f']:.2f}  Type Acc {100 * s['type_acc']:.2f}")
     print(f"wrote {args.out}")

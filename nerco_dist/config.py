@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .data.lexicon import JIEBA
 from .errors import InputError
 from .model.config import ModelConfig
 
@@ -100,7 +101,7 @@ class ContrastiveConfig:
     backend: str = "auto"  # auto | torch | triton: where the loss runs (auto: Triton on CUDA)
     select: str = "dev_loss"  # dev_loss: lowest dev InfoNCE | head_f1: dev F1 of a head trained on the features
     # head_f1: that head's epochs and peak LR (finetune.head's optimiser, its warmup spread over these epochs);
-    # 5 x 3e-2 chosen on Weibo dev (README, "The head probe"); one process only
+    # 5 x 3e-2 chosen on Weibo dev (docs/results.md, "The head probe"); one process only
     head_probe_epochs: int = field(default=5, metadata={"ge": 1})
     head_probe_lr: float = field(default=3e-2, metadata={"gt": 0})
     phase: PhaseConfig = field(default_factory=lambda: PhaseConfig(
@@ -330,6 +331,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
 
 def data_root(flag: str | None = None) -> Path:
     return Path(flag or os.environ.get(DATA_ROOT_ENV) or "data")
+
+
+def lexicon_reference(config_value: str | None, root: Path) -> str:
+    """``data.lexicon`` with each file of a ``a+b`` union under the data root (``jieba`` stays as it is)."""
+    parts = (config_value or JIEBA).split("+")
+    return "+".join(p if p == JIEBA else str(resolve_data_path(p, root)) for p in parts)
 
 
 def resolve_data_path(path: str | None, root: Path) -> Path | None:

@@ -40,7 +40,7 @@ def semantic_class_infonce(features: torch.Tensor, labels: torch.Tensor, tempera
     for half-precision inputs. Without queries it is 0 and still connected to the inputs, so backward runs
     and gives zero gradients.
     """
-    _check_arguments(features, labels, temperature, keys, key_labels, self_index, backend)
+    _check_arguments(features, labels, keys, key_labels, temperature=temperature, self_index=self_index, backend=backend)
     if keys is None:
         keys, key_labels = features, labels
         if self_index is None:
@@ -64,7 +64,7 @@ def semantic_class_infonce(features: torch.Tensor, labels: torch.Tensor, tempera
     return torch_infonce(features, keys, selection, temperature)
 
 
-def _check_arguments(features, labels, temperature, keys, key_labels, self_index, backend) -> None:
+def _check_arguments(features, labels, keys, key_labels, *, temperature, self_index, backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if features.dim() != 2 or labels.shape != features.shape[:1]:
@@ -108,10 +108,10 @@ def torch_infonce(features: torch.Tensor, keys: torch.Tensor, selection: QuerySe
     q = F.normalize(features.index_select(0, selection.rows).to(compute_dtype), dim=1)
     k = F.normalize(keys.to(compute_dtype), dim=1)
     return entity_rows_loss(q, k, selection.classes, selection.key_labels, selection.self_rows,
-                            selection.weight.to(compute_dtype), temperature)
+                            selection.weight.to(compute_dtype), temperature=temperature)
 
 
-def entity_rows_loss(q, k, q_labels, k_labels, q_self, w, temperature: float) -> torch.Tensor:
+def entity_rows_loss(q, k, q_labels, k_labels, q_self, w, *, temperature: float) -> torch.Tensor:
     """Loss of unit-norm queries q (Nq, d), all of a qualifying class, against unit-norm keys k (Nk, d).
     Shape-static, so it compiles with torch.compile."""
     logits = q @ k.T / temperature

@@ -9,7 +9,7 @@ import pytest
 
 from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
-from nerco_dist.inference import load_for_inference, predict
+from nerco_dist.inference import load_for_inference, predict, sentence_features
 
 from .conftest import LIMIT
 
@@ -68,10 +68,10 @@ def test_sentence_features_join_pieces(trained):
 
     codec, model = load_for_inference(trained / "best.pt", "cpu")
     text = list("高勇，男，中国国籍，无境外居留权。" * 5)  # 85 characters > max_len 60
-    whole = codec.sentence_features(model, [Sentence(text, ["O"] * len(text))], 8, torch.device("cpu"))[0]
-    pieces = codec.encoder.encode([Sentence(text, ["O"] * len(text))], with_labels=False)
+    whole = sentence_features(codec, model, [Sentence(text, ["O"] * len(text))], 8, torch.device("cpu"))[0]
+    pieces = codec.encode([Sentence(text, ["O"] * len(text))], with_labels=False)
     assert len(pieces) == 2
     for p in pieces:
-        alone = codec.sentence_features(model, [Sentence(text[p.start:p.start + p.num_chars], ["O"] * p.num_chars)], 8,
+        alone = sentence_features(codec, model, [Sentence(text[p.start:p.start + p.num_chars], ["O"] * p.num_chars)], 8,
                                        torch.device("cpu"))[0]
         assert abs(whole[p.start:p.start + p.num_chars] - alone).max() < 1e-5

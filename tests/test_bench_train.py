@@ -59,7 +59,7 @@ def test_bert_base_shaped_encoder_is_bert_base_and_reads_the_batch_bert_ids(benc
 
     # ... and those are BERT's ids of the batch's characters: [CLS] chars [SEP], the characters in BERT's vocabulary
     tokens = vocab.read_text(encoding="utf-8").split("\n")  # not splitlines(): some tokens are line separators
-    chars = run.codec.encoder.vocabs.chars.itos
+    chars = run.codec.vocabs.chars.itos
     same = compared = 0
     for row, n in enumerate(batch["char_mask"].sum(1).tolist()):
         ids = batch["bert_ids"][row].tolist()

@@ -19,7 +19,7 @@ from nerco_dist.data.readers import read_corpus
 from nerco_dist.data.tags import entities
 from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
-from nerco_dist.inference import load_for_inference, predict
+from nerco_dist.inference import load_for_inference, predict, predict_tags
 
 from .conftest import LIMIT, REPO, TINY, sigint_at_its_default
 
@@ -108,7 +108,7 @@ def test_predict_raw_text_json_lines(trained, tmp_path):
     codec, model = load_for_inference(trained / "best.pt", "cpu")
     from nerco_dist.data.readers import Sentence
 
-    expected = codec.predict_tags(model, [Sentence(list(lines[0]), ["O"] * len(lines[0]))], 8, torch.device("cpu"))
+    expected = predict_tags(codec, model, [Sentence(list(lines[0]), ["O"] * len(lines[0]))], 8, torch.device("cpu"))
     assert [(e["start"], e["end"], e["type"]) for e in rows[0]["entities"]] == [tuple(e) for e in entities(expected[0])]
     for r in rows:
         for e in r["entities"]:
@@ -200,9 +200,9 @@ def test_long_sentences_are_evaluated_whole(trained, tmp_path):
     from nerco_dist.data.readers import Sentence
 
     long = Sentence(list("高勇，男，中国国籍，无境外居留权。" * 9), ["O"] * 153)
-    pred = codec.predict_tags(model, [long], 8, torch.device("cpu"))
+    pred = predict_tags(codec, model, [long], 8, torch.device("cpu"))
     assert len(pred) == 1 and len(pred[0]) == 153
-    assert len(codec.encoder.encode([long], with_labels=False)) > 1
+    assert len(codec.encode([long], with_labels=False)) > 1
 
 
 def run_cli(*args):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from nerco_dist.data.dataset import (LabelSet, LatticeEncoder, LengthBucketBatchSampler, Vocabs, char_bigrams,
-                                     collate, holdout_split, lexicon_matches, piece_spans)
+                                     collate, lexicon_matches, piece_spans)
 from nerco_dist.data.lexicon import Lexicon, read_word2vec
 from nerco_dist.data.readers import Sentence, read_corpus
+from nerco_dist.data.splits import holdout_split
 from nerco_dist.data.tags import (Entity, detect_scheme, entities, from_entities, repair_orphan_inside, semantic_class,
                                   to_bio)
 from nerco_dist.errors import InputError

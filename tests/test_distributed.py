@@ -35,6 +35,7 @@ from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.train import trainer
 from nerco_dist.checkpoint import load_checkpoint
+from nerco_dist.train.steps import NonFiniteLoss
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.engine import scaled_lr
 
@@ -384,5 +385,5 @@ def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root):
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run.out_dir={tmp_path}", "data.limit=40",
                                                         "distributed.max_nonfinite=3"])
-    with pytest.raises(trainer.NonFiniteLoss, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
         trainer.train(cfg, data_root, stage="finetune", wrap_loss=nan_loss)

@@ -1,4 +1,4 @@
-"""What ``nerco`` reads back from an output folder or is given as a checkpoint (issue 13, items 2, 3, 5):
+"""What ``nerco`` reads back from an output folder or is given as a checkpoint:
 
 - no file is unpickled in full: a pickle planted as the local engine's resume state, among DeepSpeed's
   resume files (2 ranks, ZeRO 2) or as a checkpoint for ``eval``, ``predict`` or ``--init`` is refused (exit
@@ -20,10 +20,10 @@ import time
 import pytest
 import torch
 
-from nerco_dist.checkpoint import load_checkpoint, save_checkpoint
+from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.cli import main
-from nerco_dist.codec import TextCodec, read_splits
 from nerco_dist.config import load_config
+from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
 from .conftest import REPO, TINY
@@ -167,8 +167,8 @@ def test_the_final_test_scores_the_best_weights_kept_in_memory(tmp_path, data_ro
 def untrained_checkpoint(path, data_root, *sets, **extra):
     """A checkpoint as a run writes it, of the tiny model before training."""
     cfg = load_config(TINY, [*LIGHT, *sets])
-    codec = TextCodec.for_training(cfg, read_splits(cfg, data_root).train, data_root)[0]
-    save_checkpoint(path, model_state=codec.build_model().state_dict(), **codec.checkpoint_sections(), **extra)
+    run = TrainingRun.start(cfg, data_root)
+    run.checkpoint(path, run.initial_model(None), **extra)
     return path
 
 

@@ -57,7 +57,7 @@ def train_tiny(root, out, *overrides):
 
 def rows_of(codec, model, text):
     """The character rows the model reads for ``text`` (eval mode: no word dropout)."""
-    piece = codec.encoder.encode([Sentence(list(text), ["O"] * len(text))], with_labels=False)[0]
+    piece = codec.encode([Sentence(list(text), ["O"] * len(text))], with_labels=False)[0]
     with torch.no_grad():
         return model.char_embed(collate([piece])["char_ids"][0, : len(text)]).double()
 
@@ -78,7 +78,7 @@ def test_unseen_tokens_read_their_pretrained_row_and_unknown_ones_the_learnt_unk
         expected = expected / expected.norm()
     assert torch.allclose(rows[0], expected, rtol=1e-3, atol=2e-3 * expected.abs().max().item())  # fp16 storage
     assert torch.equal(rows[1], model.char_embed.weight[1].double().detach())  # <unk>
-    assert codec.encoder.vocabs.chars.num_frozen == 1  # the file's one character beyond the training split
+    assert codec.vocabs.chars.num_frozen == 1  # the file's one character beyond the training split
     raw = tmp_path / "raw.txt"
     raw.write_text("在杭鑫工作。\n", encoding="utf-8")
     assert main(["predict", str(checkpoint), str(raw)]) == 0

@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 
-from nerco_dist.checkpoint import load_checkpoint, save_checkpoint
-from nerco_dist.codec import TextCodec, read_splits
+from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.config import load_config
 from nerco_dist.train import trainer
 from nerco_dist.train.objectives import InfoNCELoss, phase_loss
 from nerco_dist.train.phases import load_encoder, stage_phases
 from nerco_dist.train.resume import Progress
-from nerco_dist.train.run import seed_everything
+from nerco_dist.train.inputs import read_training_inputs
+from nerco_dist.train.run import TrainingRun, new_model, seed_everything
 
 from .conftest import TINY
 
@@ -28,10 +28,9 @@ def tiny_config(tmp_path, *overrides):
 
 def initial_model(cfg, data_root):
     """The model exactly as a stage builds it before training (same seed, same data)."""
-    splits = read_splits(cfg, data_root)
-    codec = TextCodec.for_training(cfg, splits.train, data_root)[0]
+    _, codec, _, pretrained = read_training_inputs(cfg, data_root)
     seed_everything(cfg.run.seed)
-    return codec.build_model(seed=cfg.run.seed)
+    return new_model(cfg, codec, pretrained)
 
 
 def split_state(state):
@@ -52,8 +51,7 @@ def test_stage_handoff_takes_encoder_and_leaves_a_fresh_head(tmp_path, data_root
     for p in stage1.parameters():
         p.data.add_(torch.randn_like(p))  # a "trained" stage-1 model: every weight differs from init
     ckpt = tmp_path / "stage1.pt"
-    codec = TextCodec.for_training(cfg, read_splits(cfg, data_root).train, data_root)[0]
-    save_checkpoint(ckpt, model_state=stage1.state_dict(), **codec.checkpoint_sections())
+    TrainingRun.start(cfg, data_root).checkpoint(ckpt, stage1)
     fresh = initial_model(cfg, data_root)
     fresh_head, _, _ = split_state(fresh.state_dict())
     load_encoder(fresh, ckpt)
@@ -138,11 +136,10 @@ def test_joint_loss_is_crf_nll_plus_weighted_infonce(tmp_path, data_root):
 
 def double_model_and_batch(cfg, data_root):
     """The tiny model in float64, eval mode (no dropout), and a batch of two training sentences."""
-    splits = read_splits(cfg, data_root)
-    codec = TextCodec.for_training(cfg, splits.train, data_root)[0]
-    pieces = codec.encoder.encode(splits.train[:2])
+    splits, codec, _, pretrained = read_training_inputs(cfg, data_root)
+    pieces = codec.encode(splits.train[:2])
     batch = next(iter(codec.batches(pieces, [list(range(len(pieces)))])))
-    return codec.build_model().double().eval(), batch
+    return new_model(cfg, codec, pretrained).double().eval(), batch
 
 
 def literal_class_term(f, labels, c, tau):

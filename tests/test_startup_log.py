@@ -1,4 +1,4 @@
-"""What training logs once at its start (issue 14): each split's size and entities, the lexicon's matches in
+"""What training logs once at its start: each split's size and entities, the lexicon's matches in
 the training split, the coverage of pretrained vectors, and what ``run.threads=auto`` chose. The numbers are
 counted here from the files themselves, not with the project's readers."""
 

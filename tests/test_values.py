@@ -1,5 +1,5 @@
 """Bad config values are refused before any work: by key, with the allowed range, exit status 2, nothing
-written (issue 13, item 6)."""
+written."""
 
 import dataclasses
 import re

@@ -1,4 +1,4 @@
-"""A new user's first hour, scripted (issue 14): a fresh checkout of the tracked files beside a small copy of
+"""A new user's first hour, scripted: a fresh checkout of the tracked files beside a small copy of
 the shared data (as the README expects: ``../shared/data``), the README's main command block run as written
 by bash (its set-up lines skipped: this interpreter is the venv, and CI runs the set-up itself) with tiny
 sizes put in by a shell function, and the README's smoke run: it learns, Ctrl-C mid-epoch then the same

@@ -220,6 +220,10 @@ class LatticeEncoder:
             bert_ids=self._bert_ids(chars) if self.bert_vocab is not None else None,
         )
 
+    def batches(self, pieces: Sequence[Piece], batch_sampler) -> "BatchIterable":
+        """Padded batches of ``pieces`` in the sampler's order, with semantic class ids beside the labels."""
+        return BatchIterable(pieces, batch_sampler, self.labels.label_to_class())
+
     def _bert_ids(self, chars: list[str]) -> list[int]:
         """[CLS] chars [SEP] in BERT's vocabulary; a character it lacks falls back to its lower case, then [UNK]."""
         vocab = self.bert_vocab
@@ -269,6 +273,20 @@ def collate(pieces: Sequence[Piece], label_to_class: Sequence[int] | None = None
     return batch
 
 
+class BatchIterable:
+    """Re-iterable padded batches for a batch sampler (so ``len`` and ``set_epoch`` keep working)."""
+
+    def __init__(self, pieces: Sequence[Piece], sampler, label_to_class: list[int]):
+        self.pieces, self.sampler, self.label_to_class = pieces, sampler, label_to_class
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for indices in self.sampler:
+            yield collate([self.pieces[i] for i in indices], self.label_to_class)
+
+
 class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of similar lattice length, so padding (which costs L^2 in FLAT) stays small.
 
@@ -277,7 +295,7 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     give each process every world_size-th batch (padded by repeating batches so all ranks step together).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  pool_batches: int = 50, rank: int = 0, world_size: int = 1):
         self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
         self.pool_size = pool_batches * batch_size  # indices drawn, sorted and batched together
@@ -313,21 +331,3 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __repr__(self) -> str:
         return f"LengthBucketBatchSampler(n={len(self.lengths)}, batch_size={self.batch_size})"
-
-
-def holdout_split(sentences: Sequence[Sentence], fraction: float, seed: int) -> tuple[list[Sentence], list[Sentence]]:
-    """A seeded held-out slice of the training split, for corpora without a dev set (MSRA)."""
-    order = list(range(len(sentences)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, int(round(len(order) * fraction)))
-    held = set(order[:cut])
-    return ([s for i, s in enumerate(sentences) if i not in held], [sentences[i] for i in sorted(held)])
-
-
-def split_summary(name: str, sentences: Sequence[Sentence]) -> str:
-    """A split's size and entities per type in one line, logged at the start of training: a wrong file, a
-    limit or a tag scheme read wrongly shows here, before any epoch."""
-    types = Counter(e.type for s in sentences for e in entities(s.tags))
-    per_type = ", ".join(f"{t} {n:,}" for t, n in sorted(types.items()))
-    return (f"{name}: {len(sentences):,} sentences, {sum(len(s) for s in sentences):,} characters, "
-            f"{sum(types.values()):,} entities" + (f" ({per_type})" if per_type else ""))

@@ -33,8 +33,8 @@ from .vocab import Vocabulary
 log = logging.getLogger("nerco_dist")
 
 KINDS = ("char", "bigram", "word")
-# a token seen fewer times gets no vector: on the 37M characters of the benchmark's raw text, 1 keeps 1.04M
-# bigrams, 3 keeps 491k, 5 keeps 356k (every row is also a frozen row in each checkpoint)
+# a token seen fewer times gets no vector: of the bigrams of the benchmark's 37M characters of raw text, 1
+# keeps 1.04M, 3 keeps 491k, 5 keeps 356k (every row kept is also a frozen row in each checkpoint)
 MIN_COUNT = 3
 SEGMENTERS = ("fmm", "jieba")  # how raw text becomes word tokens: forward maximum matching, or jieba.cut
 
@@ -118,7 +118,7 @@ def check_inputs(raw_files: Sequence[Path], corpus_files: Sequence[Path]) -> Non
         raise InputError("--raw", "no text: give at least one --raw file or --corpus split")
 
 
-def train_vectors(stream: TokenStream, dim: int, epochs: int, min_count: int, window: int, seed: int,
+def train_vectors(stream: TokenStream, *, dim: int, epochs: int, min_count: int, window: int, seed: int,
                   workers: int, name: str = "vectors"):
     """Skip-gram Word2Vec over ``stream`` (one vocabulary pass, then ``epochs`` passes). One worker repeats
     the vectors exactly for a seed on one machine; several threads interleave their updates. Each pass is
@@ -171,7 +171,8 @@ def build_vectors(raw_files: Sequence[Path], corpus_files: Sequence[Path], lexic
         bar = tqdm(desc=f"{kind} vectors", total=total, unit="B", unit_scale=True, disable=None)
         stream.tokenize, stream.progress = tokenizer(kind, lexicon, segmenter), bar.update
         with bar:
-            wv = train_vectors(stream, dim, epochs, min_count, window, seed, workers, f"{kind} vectors")
+            wv = train_vectors(stream, dim=dim, epochs=epochs, min_count=min_count, window=window, seed=seed,
+                               workers=workers, name=f"{kind} vectors")
         written[kind] = out / f"{kind}.vec"
         write_word2vec(written[kind], list(wv.index_to_key), wv.vectors)
         log.info("vectors: %s, %s tokens -> %s", kind, f"{len(wv.index_to_key):,}", written[kind])

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..atomic import write_json, write_text
-from ..codec import TextCodec
+from ..data.dataset import LatticeEncoder
 from ..data.readers import Sentence, read_corpus
-from ..inference import load_for_inference, model_device, predict
+from ..inference import load_for_inference, model_device, predict, sentence_features
 from .metrics import evaluate, f1_by_length, write_length_csv
 
 log = logging.getLogger("nerco_dist")
@@ -42,14 +42,14 @@ def sample_entity_tokens(sentences: list[Sentence], max_tokens: int, seed: int) 
 
 
 @torch.no_grad()
-def entity_token_features(codec: TextCodec, model, sentences: list[Sentence], positions: list[tuple[int, int]],
+def entity_token_features(codec: LatticeEncoder, model, sentences: list[Sentence], positions: list[tuple[int, int]],
                           device: torch.device) -> tuple[np.ndarray, list[str]]:
     """Encoder features (eval mode) of the tokens at ``positions``, with their B-/I- tags."""
     wanted = {}
     for k, i in positions:
         wanted.setdefault(k, []).append(i)
     chosen = [sentences[k] for k in sorted(wanted)]
-    features = codec.sentence_features(model, chosen, 64, device)
+    features = sentence_features(codec, model, chosen, 64, device)
     rows, tags = [], []
     for sentence, feats, k in zip(chosen, features, sorted(wanted)):
         for i in wanted[k]:
@@ -58,7 +58,7 @@ def entity_token_features(codec: TextCodec, model, sentences: list[Sentence], po
     return np.stack(rows), tags
 
 
-def analyze(baseline: Path, nerco: Path, data: Path, out: Path, stage1: Path | None = None,
+def analyze(baseline: Path, nerco: Path, data: Path, out: Path, *, stage1: Path | None = None,
             tsne_tokens: int = 1500, seed: int = 0, device: str = "auto") -> dict:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,7 @@ class RelativeMultiHeadAttention(nn.Module):
 class FlatLayer(nn.Module):
     """Attention and feed-forward sublayers, each as LayerNorm(x + Dropout(sublayer(x)))."""
 
-    def __init__(self, hidden: int, heads: int, head_dim: int, ff_size: int, attn_dropout: float,
+    def __init__(self, hidden: int, *, heads: int, head_dim: int, ff_size: int, attn_dropout: float,
                  ff_dropout: float, residual_dropout: float, scaled: bool):
         super().__init__()
         self.attention = RelativeMultiHeadAttention(hidden, heads, head_dim, attn_dropout, scaled)
@@ -191,13 +191,14 @@ class FlatLayer(nn.Module):
 class FlatEncoder(nn.Module):
     """Stack of FLAT layers sharing one relative-position fusion."""
 
-    def __init__(self, hidden: int = 160, layers: int = 1, heads: int = 8, head_dim: int = 20, ff_ratio: int = 3,
+    def __init__(self, hidden: int = 160, *, layers: int = 1, heads: int = 8, head_dim: int = 20, ff_ratio: int = 3,
                  attn_dropout: float = 0.0, ff_dropout: float = 0.15, residual_dropout: float = 0.15,
                  position_fusion: str = "four", scaled: bool = True):
         super().__init__()
         self.positions = RelativePositionFusion(hidden, position_fusion)
         self.layers = nn.ModuleList(
-            FlatLayer(hidden, heads, head_dim, ff_ratio * hidden, attn_dropout, ff_dropout, residual_dropout, scaled)
+            FlatLayer(hidden, heads=heads, head_dim=head_dim, ff_size=ff_ratio * hidden, attn_dropout=attn_dropout,
+                      ff_dropout=ff_dropout, residual_dropout=residual_dropout, scaled=scaled)
             for _ in range(layers))
 
     def forward(self, x: torch.Tensor, heads: torch.Tensor, tails: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

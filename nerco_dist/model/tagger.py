@@ -49,8 +49,10 @@ class NerTagger(nn.Module):
         self.char_proj = nn.Linear(cfg.char_dim + cfg.bigram_dim + bert_dim, cfg.hidden)
         self.word_proj = nn.Linear(cfg.word_dim, cfg.hidden)
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
-        self.encoder = FlatEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.head_dim, cfg.ff_ratio, cfg.attn_dropout,
-                                   cfg.ff_dropout, cfg.residual_dropout, cfg.position_fusion, cfg.attn_scaled)
+        self.encoder = FlatEncoder(cfg.hidden, layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim,
+                                   ff_ratio=cfg.ff_ratio, attn_dropout=cfg.attn_dropout, ff_dropout=cfg.ff_dropout,
+                                   residual_dropout=cfg.residual_dropout, position_fusion=cfg.position_fusion,
+                                   scaled=cfg.attn_scaled)
         self.output_dropout = nn.Dropout(cfg.output_dropout)
         self.projection = (nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden))
                            if cfg.projection_head else nn.Identity())

@@ -10,7 +10,7 @@ with one process or many:
   in the package as ``nerco_dist.ds_configs``), bf16 on
   GPU and fp32 on CPU, gradients averaged over ranks. Clipping there is DeepSpeed's ``gradient_clipping``
   (by global norm): clipping by value is element-wise and would need every partition of the flat ZeRO
-  gradient buffers, which DeepSpeed does not expose, so ``train.clip_value`` does not apply.
+  gradient buffers, which DeepSpeed does not expose, so a phase's ``optim.clip_value`` does not apply.
 
 Both take the optimizer and LR schedule of a phase's optimiser section (``optim.py``), with the learning rate
 scaled for the global batch (``distributed.lr_scaling``). The model knows nothing of either.
@@ -21,6 +21,7 @@ An engine trains a fixed set of parameters for one phase (DeepSpeed reads ``requ
 
 from __future__ import annotations
 
+import abc
 import copy
 import importlib.resources
 import json
@@ -99,8 +100,10 @@ def deepspeed_config(d: DistributedConfig, micro_batch: int, device: torch.devic
     return ds
 
 
-class _Engine:
-    """What both engines share: optimizer-step bookkeeping."""
+class Engine(abc.ABC):
+    """What the trainer drives, in one process or many: a micro-batch's forward (``forward(fn)`` runs
+    ``fn()``, the loss of ``model``), ``backward``, ``step`` (the optimizer and LR schedule at an accumulation
+    boundary), the weights for scoring and checkpoints, and its resume state."""
 
     model: nn.Module
     grad_accum: int = 1
@@ -114,11 +117,38 @@ class _Engine:
         """No gradient accumulation pending: the last micro-batch ended with an optimizer step."""
         return self.micro_steps % self.grad_accum == 0
 
+    @abc.abstractmethod
+    def forward(self, fn: Callable): ...
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def step(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def lr(self) -> float: ...
+
+    @abc.abstractmethod
+    def full_state_dict(self) -> dict:
+        """Every weight, whole and fp32, on every rank."""
+
+    @abc.abstractmethod
+    def inference_model(self, weights: dict | None = None) -> nn.Module:
+        """An fp32 model for scoring (with ``weights``, or the engine's own)."""
+
+    @abc.abstractmethod
+    def save_state(self, path: Path, extra: dict) -> None: ...
+
+    @abc.abstractmethod
+    def load_state(self, path: Path) -> dict: ...
+
     def close(self) -> None:
         pass
 
 
-class LocalEngine(_Engine):
+class LocalEngine(Engine):
     """Single-process optimisation: backward, clip gradients by value, optimizer and schedule step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -184,7 +214,7 @@ class _Forward(nn.Module):
         return fn()
 
 
-class DeepSpeedEngine(_Engine):
+class DeepSpeedEngine(Engine):
     distributed = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -313,7 +343,7 @@ def _refuse_unsafe_files(directory: Path) -> None:
 
 def build_engine(model: nn.Module, optim: OptimConfig, groups: ParamGroups, steps_per_epoch: int, *,
                  distributed: DistributedConfig | None = None, device: torch.device | None = None,
-                 start_step: int = 0):
+                 start_step: int = 0) -> Engine:
     """An engine training the parameters of ``groups`` (each at its fraction of the scaled ``optim.lr``);
     every other parameter of ``model`` is frozen. ``steps_per_epoch`` counts micro-batches; ``start_step`` is
     where the LR schedule starts (a resumed phase continues its schedule). DeepSpeed when

@@ -70,3 +70,9 @@ class RunningMean:
     @property
     def value(self) -> float:
         return self.total / self.count if self.count else float("nan")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

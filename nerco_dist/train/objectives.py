@@ -15,6 +15,7 @@ import torch
 
 from .. import distributed as dist
 from ..config import Config
+from ..data.dataset import LengthBucketBatchSampler
 from ..eval.metrics import NerReport
 from ..losses import contrastive_loss
 from ..model.tagger import NerTagger
@@ -22,6 +23,9 @@ from .engine import build_engine
 from .phases import Phase
 
 LossFn = Callable[[NerTagger, dict], "torch.Tensor | None"]
+
+
+WrapLoss = Callable[[Phase, "LossFn"], "LossFn"]  # a test's or benchmark's hook around a phase's loss
 
 
 class InfoNCELoss:
@@ -133,3 +137,18 @@ def mean_dev_infonce(loss: InfoNCELoss, model: NerTagger, dev_batches: Iterable,
     model.train()
     total, n = dist.sum_over_ranks([total, n])
     return total / max(n, 1)
+
+
+def dev_score(run, phase: Phase, model: NerTagger) -> DevScore:
+    """The phase's dev score of ``model`` (a :class:`~.run.TrainingRun`'s dev split): its InfoNCE, the F1 of a
+    head probe on its features, or its own F1."""
+    if phase.select == "dev_loss":
+        pieces = run.dev_pieces
+        batches = run.codec.batches(pieces, LengthBucketBatchSampler(
+            [p.lattice_len for p in pieces], phase.optim.batch_size, shuffle=False))
+        loss = InfoNCELoss(run.cfg, len(run.codec.labels.classes), across_ranks=False)
+        return DevScore.from_loss(mean_dev_infonce(loss, model, batches, run.device))
+    if phase.select == "head_f1":
+        return DevScore.from_report(head_probe_report(run, model, run.cfg.contrastive.head_probe_epochs,
+                                                       run.cfg.contrastive.head_probe_lr))
+    return DevScore.from_report(run.scores(model, run.splits.dev))

@@ -49,6 +49,11 @@ def _phase(stage: str, name: str, trains: frozenset, loss: str, select: str, cfg
     return Phase(stage, name, trains, loss, select, cfg.optim, cfg.patience, cfg.hand_off, cfg.freeze_embeddings)
 
 
+def default_stage(cfg: Config) -> str:
+    """Both stages for a NerCo config, fine-tuning alone for a baseline (or the joint ablation)."""
+    return "both" if cfg.contrastive.enabled and not cfg.ablation.joint else "finetune"
+
+
 def stage_phases(cfg: Config, stage: str) -> list[Phase]:
     """The phases ``stage`` runs under ``cfg``, in order (a phase with 0 epochs is left out)."""
     if stage == "contrastive":

@@ -19,7 +19,10 @@ from pathlib import Path
 
 from .. import distributed as dist
 from ..atomic import write_json
+from ..checkpoint import load_checkpoint
 from ..config import Config
+from ..errors import InputError
+from ..model.tagger import NerTagger
 
 log = logging.getLogger("nerco_dist")
 
@@ -149,3 +152,30 @@ class StageResume:
             raise ValueError(f"{self.directory}: saved by {len(rng)} ranks, resumed with {dist.world_size()}")
         dist.set_rng_state(rng[dist.rank()])
         return True
+
+
+@dataclass
+class BestWeights:
+    """The stage's best weights, a CPU copy on every rank: the ``best`` hand-off and the final test take them
+    from here, not from best.pt, which is rank 0's copy for ``eval`` (a shared file system can show the other
+    nodes an older one, and another process can replace it)."""
+
+    state: dict | None = None
+
+    def keep(self, model: NerTagger) -> None:
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def resumed_best(run, stage: str, progress: Progress) -> BestWeights:
+    """A resumed stage's best weights: the best.pt of the runs it continues (the output folder's lock kept
+    every other run out), refused when it is not the epoch the resume state names as the best, or the epoch
+    being trained again (a run killed between writing best.pt and its resume checkpoint)."""
+    if progress.best_epoch < 1:
+        return BestWeights()
+    path = run.stage_dir(stage) / "best.pt"
+    saved = load_checkpoint(path)
+    if saved.get("stage") != stage or saved.get("epoch") not in (progress.best_epoch, progress.epochs_done + 1):
+        raise InputError(path, f"holds {saved.get('stage')} epoch {saved.get('epoch')}, but the {stage} stage "
+                               f"being resumed had its best at epoch {progress.best_epoch}: the file was replaced; "
+                               "--no-resume trains the stage again")
+    return BestWeights(saved["model"])

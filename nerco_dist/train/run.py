@@ -9,7 +9,7 @@ import logging
 import os
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,15 +18,18 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import save_checkpoint
-from ..codec import Splits, TextCodec, read_splits
 from ..config import Config
-from ..data.dataset import LengthBucketBatchSampler, Piece
+from ..data.dataset import LatticeEncoder, LengthBucketBatchSampler, Piece
+from ..data.splits import Splits
+from ..data.vocab import PretrainedVectors
 from ..errors import InputError
 from ..eval.metrics import NerReport, evaluate
 from ..inference import predict
 from ..machine import auto_threads_here, flush_denormals, keep_freed_memory
+from ..model.build import build_tagger
 from ..model.tagger import NerTagger
 from .engine import uses_deepspeed
+from .inputs import read_training_inputs
 from .phases import load_encoder, stage_phases
 
 log = logging.getLogger("nerco_dist")
@@ -114,13 +117,19 @@ def exclusive_output(out: Path) -> Iterator[None]:
             handle.close()  # and the lock with it
 
 
+def new_model(cfg: Config, codec: LatticeEncoder, pretrained: dict[str, PretrainedVectors | None]) -> NerTagger:
+    """The tagger a run starts from: its rows from the vector files, the rest seeded by ``run.seed``."""
+    return build_tagger(codec, cfg.model, pretrained, normalize=cfg.data.norm_embeddings, seed=cfg.run.seed)
+
+
 @dataclass
 class TrainingRun:
     """One ``nerco train``: its config, data, device and output folder, shared by both stages."""
 
     cfg: Config
     root: Path
-    codec: TextCodec
+    codec: LatticeEncoder
+    pretrained: dict[str, PretrainedVectors | None]  # what a new model's rows start from
     splits: Splits
     train_pieces: list[Piece]
     device: torch.device
@@ -136,9 +145,8 @@ class TrainingRun:
         if not dist.is_main():
             log.setLevel(logging.WARNING)
         apply_threads(cfg.run.threads)  # after the log level: rank 0 alone says what auto chose
-        splits = read_splits(cfg, root)
-        codec, pieces = TextCodec.for_training(cfg, splits.train, root)
-        return cls(cfg, root, codec, splits, pieces, device, Path(cfg.run.out_dir))
+        splits, codec, pieces, pretrained = read_training_inputs(cfg, root)
+        return cls(cfg, root, codec, pretrained, splits, pieces, device, Path(cfg.run.out_dir))
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / "contrastive" if stage == "contrastive" else self.out
@@ -146,7 +154,7 @@ class TrainingRun:
     def initial_model(self, init: Path | None) -> NerTagger:
         """The seeded model a stage starts from (stage 2: with the encoder of the stage-1 checkpoint)."""
         seed_everything(self.cfg.run.seed)
-        model = self.codec.build_model(seed=self.cfg.run.seed).to(self.device)
+        model = new_model(self.cfg, self.codec, self.pretrained).to(self.device)
         if init is not None:
             load_encoder(model, init)
             log.info("stage 2 starts from the encoder of %s", init)
@@ -156,7 +164,7 @@ class TrainingRun:
     @functools.cached_property
     def dev_pieces(self) -> list[Piece]:
         """Dev pieces cut as training cuts them (stage 1 scores its dev InfoNCE on them)."""
-        return self.codec.encoder.encode(self.splits.dev, split_on_entities=True, source="dev ")
+        return self.codec.encode(self.splits.dev, split_on_entities=True, source="dev ")
 
     def train_batches(self, batch_size: int):
         """This rank's share of the shuffled, length-bucketed batches (``.sampler.set_epoch`` reshuffles)."""
@@ -167,7 +175,7 @@ class TrainingRun:
     def model_with(self, weights: dict) -> NerTagger:
         """A fresh model holding ``weights``; building it draws no random numbers from the training stream."""
         with torch.random.fork_rng(devices=[]):
-            model = self.codec.build_model(initial_rows=False).to(self.device)
+            model = build_tagger(self.codec, self.cfg.model).to(self.device)
         model.load_state_dict(weights)
         return model
 
@@ -179,5 +187,5 @@ class TrainingRun:
     def checkpoint(self, path: Path, model: NerTagger, **extra) -> None:
         """A plain fp32 checkpoint for ``eval``/``predict`` (rank 0 writes it, atomically)."""
         if dist.is_main():
-            save_checkpoint(path, model_state=model.state_dict(), **self.codec.checkpoint_sections(),
-                            provenance=dict(config=self.cfg.to_dict()), **extra)
+            save_checkpoint(path, model_state=model.state_dict(), model_args=asdict(self.cfg.model),
+                            codec=self.codec.state_dict(), provenance=dict(config=self.cfg.to_dict()), **extra)

@@ -17,44 +17,30 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from .. import distributed as dist
 from ..atomic import write_json
-from ..checkpoint import load_checkpoint
 from ..config import Config
-from ..data.dataset import LengthBucketBatchSampler
-from ..errors import InputError
+from ..data.dataset import BatchIterable
 from ..machine import machine_info
 from ..model.tagger import NerTagger
-from .engine import build_engine
-from .monitor import RunningMean, Scalars, Throughput
-from .objectives import DevScore, InfoNCELoss, LossFn, head_probe_report, mean_dev_infonce, phase_loss
-from .phases import Phase, stage_phases, trainable_parameters
-from .resume import Progress, StageResume, fingerprint
+from .engine import Engine, build_engine
+from .monitor import RunningMean, Scalars, Throughput, duration
+from .objectives import DevScore, LossFn, WrapLoss, dev_score, phase_loss
+from .phases import Phase, default_stage, stage_phases, trainable_parameters
+from .resume import BestWeights, Progress, StageResume, fingerprint, resumed_best
 from .run import TrainingRun, exclusive_output, join_ranks, refuse_unrunnable
+from .steps import EpochTrained, skip_nonfinite, step_totals
 from .stopping import StopRequested, StopSignals, agreed_signal
 
 log = logging.getLogger("nerco_dist")
-
-WrapLoss = Callable[[Phase, LossFn], LossFn]
-
-
-class NonFiniteLoss(RuntimeError):
-    """Too many non-finite losses in a row: training has diverged."""
-
-
-def default_stage(cfg: Config) -> str:
-    return "both" if cfg.contrastive.enabled and not cfg.ablation.joint else "finetune"
-
 
 def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None = None, resume: bool = True,
           wrap_loss: WrapLoss | None = None) -> dict:
@@ -96,266 +82,207 @@ def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLo
     finished = resume.finished()
     if finished is not None:
         return finished
-    phases = stage_phases(run.cfg, stage)
-    model = run.initial_model(init)
     progress = resume.progress()
-    best = resumed_best(run, stage, progress)
+    loop = StageLoop(run, stage_phases(run.cfg, stage), progress, resumed_best(run, stage, progress), resume,
+                     Scalars(run.stage_dir(stage) / "tensorboard"), signals, wrap_loss)
+    model = run.initial_model(init)
     log.info("%s: %d training pieces, %d ranks, %d parameters, device %s; phases %s", stage, len(run.train_pieces),
              dist.world_size(), sum(p.numel() for p in model.parameters()), run.device,
-             ", ".join(f"{p.name} ({p.optim.epochs} epochs)" for p in phases))
-    engine = phase_engine(run, phases[progress.phase], model, progress.step)
-    resume.restore(engine)
-    scalars = Scalars(run.stage_dir(stage) / "tensorboard")
+             ", ".join(f"{p.name} ({p.optim.epochs} epochs)" for p in loop.phases))
+    loop.start_phase(model, progress.step)
+    resume.restore(loop.engine)
     try:
-        while True:
-            phase = phases[progress.phase]
-            loss = phase_loss(run.cfg, phase, len(run.codec.labels.classes))
-            train_phase(run, phase, engine, wrap_loss(phase, loss) if wrap_loss else loss, progress, best, resume,
-                        scalars, signals)
-            if progress.phase + 1 == len(phases):
-                break
-            engine = hand_off(run, phase, phases[progress.phase + 1], engine, progress, best)
-            resume.save(engine, progress)
+        loop.run_phases()
     finally:
-        scalars.close()
-    results = stage_results(run, stage, engine, progress, best)
-    engine.close()
+        loop.scalars.close()
+    results = stage_results(run, stage, loop.engine, progress, loop.best)
+    loop.engine.close()
     resume.mark_done(results)
     return results
 
 
-def phase_engine(run: TrainingRun, phase: Phase, model: NerTagger, step: int):
-    """An engine training the phase's parameters of ``model``, its LR schedule at ``step``."""
-    steps_per_epoch = len(run.train_batches(phase.optim.batch_size))
-    return build_engine(model, phase.optim, trainable_parameters(model, phase), steps_per_epoch,
-                        distributed=run.cfg.distributed, device=run.device, start_step=step)
-
-
-def hand_off(run: TrainingRun, phase: Phase, next_phase: Phase, engine, progress: Progress, best: BestWeights):
-    """The next phase's engine, on a fresh model with this phase's last weights or the stage's best."""
-    weights = best.state if phase.hand_off == "best" else engine.full_state_dict()
-    engine.close()
-    progress.start_phase(progress.phase + 1)
-    return phase_engine(run, next_phase, run.model_with(weights), 0)
-
-
-def train_phase(run: TrainingRun, phase: Phase, engine, loss: LossFn, progress: Progress, best: BestWeights,
-                resume: StageResume, scalars: Scalars, signals: StopSignals) -> None:
-    """The phase's epochs from where ``progress`` stands, each scored on dev; stops early after ``patience``
-    epochs without a better dev score than the stage's best."""
-    batches = run.train_batches(phase.optim.batch_size)
-    log.info("%s phase %r: its own %s optimizer (lr %g, warmup over %g of its steps), %d batches per epoch and "
-             "rank", phase.stage, phase.name, phase.optim.optimizer, phase.optim.lr, phase.optim.warmup, len(batches))
-    epoch_seconds: list[float] = []
-    while progress.epoch < phase.optim.epochs and not phase.stopped(progress.stale):
-        batches.sampler.set_epoch(progress.epochs_done)
-        engine.model.train()
-        tick = time.time()
-        trained = train_epoch(run, phase, engine, batches, progress, loss, resume, scalars, signals)
-        weights = engine.inference_model()  # fp32, on every rank
-        score = dev_score(run, phase, weights)
-        epoch_seconds.append(time.time() - tick)
-        record_epoch(run, phase, weights, score, progress, best, scalars, trained, epoch_seconds)
-        progress.epoch, progress.epochs_done, progress.batch = progress.epoch + 1, progress.epochs_done + 1, 0
-        resume.save(engine, progress)
-        stop = agreed_signal(dist.sum_over_ranks(signals.flags()))  # a signal during the dev scoring
-        if stop is not None:
-            raise StopRequested(stop, f"{phase.stage} phase {phase.name!r}, the end of epoch {progress.epoch}",
-                                str(resume.directory))
-    if phase.stopped(progress.stale):
-        log.info("%s: no dev improvement for %d epochs: phase %r ends", phase.stage, progress.stale, phase.name)
-
-
-class EpochTrained(NamedTuple):
-    """What an epoch's end-of-epoch line reports of its training part."""
-
-    mean_loss: float  # over the steps this run trained (a resumed epoch: since the resume)
-    tokens_per_s: float  # all ranks' characters per second of training, dev scoring excluded
-
-
-class StepTotals(NamedTuple):
-    """One micro-batch summed over ranks, in one collective."""
-
-    loss: float  # the mean over ranks
-    finite: bool  # on every rank
-    all_tokens: int
-    stop: int | None  # the signal some rank received, which stops every rank at this step
-
-
-def train_epoch(run: TrainingRun, phase: Phase, engine, batches, progress: Progress, loss_fn: LossFn,
-                resume: StageResume | None, scalars: Scalars, signals: StopSignals | None = None) -> EpochTrained:
-    """This rank's batches of one epoch, from ``progress.batch`` on (a resumed run skips what it trained).
-    A loss that is not finite on some rank skips the step on every rank; ``max_nonfinite`` in a row abort.
-    ``resume``: where ``distributed.checkpoint_every`` saves (None: nowhere, as in the benchmarks). A signal
-    in ``signals`` stops every rank after the next optimizer step, once the resume checkpoint is written."""
-    d = run.cfg.distributed
-    quiet = {} if dist.is_main() else {"disable": True}  # rank 0 leaves it to tqdm (TQDM_DISABLE=1 turns it off)
-    bar = tqdm(total=len(batches), initial=progress.batch, leave=False, dynamic_ncols=True,
-               desc=f"{phase.name} {progress.epoch + 1}/{phase.optim.epochs}", **quiet)
-    meter, mean_loss = Throughput(), RunningMean()
-    try:
-        for batch in itertools.islice(batches, progress.batch, None):
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            loss = engine.forward(lambda: loss_fn(engine.model, batch))
-            tokens = int(batch["char_mask"].sum())
-            totals = step_totals(loss, tokens, signals)
-            meter.count(tokens, totals.all_tokens)
-            progress.batch += 1
-            bar.update()
-            saved = False
-            if not totals.finite:
-                skip_nonfinite(progress, d.max_nonfinite, scalars, phase)
-                continue
-            progress.nonfinite_run = 0
-            if loss is not None:  # None in stage 1: no class of the (global) batch has a positive pair
-                mean_loss.add(totals.loss)
-                engine.backward(loss)
-                engine.step()
-                if engine.at_boundary:
-                    progress.step, progress.stage_step = progress.step + 1, progress.stage_step + 1
-                    if progress.stage_step % run.cfg.run.log_every == 0:
-                        log_step(phase, engine, loss_fn, totals.loss, mean_loss, meter, bar, scalars,
-                                 progress.stage_step)
-                    if resume is not None and d.checkpoint_every and progress.stage_step % d.checkpoint_every == 0:
-                        resume.save(engine, progress)
-                        saved = True
-            if totals.stop is not None and engine.at_boundary:
-                if resume is not None and not saved:
-                    resume.save(engine, progress)
-                raise StopRequested(totals.stop, f"{phase.stage} phase {phase.name!r}, epoch {progress.epoch + 1}, "
-                                                 f"batch {progress.batch}",
-                                    str(resume.directory) if resume is not None else None)
-    finally:
-        bar.close()
-    return EpochTrained(mean_loss.value, meter.overall())
-
-
-def log_step(phase: Phase, engine, loss_fn, step_loss: float, mean_loss: RunningMean, meter: Throughput, bar,
-             scalars: Scalars, step: int) -> None:
-    """The progress bar (the epoch's mean loss, a smoothed rate) and the step's TensorBoard scalars."""
-    prefix = "contrastive" if phase.stage == "contrastive" else "train"
-    rate, global_rate = meter.read()
-    shown = dict(loss=f"{mean_loss.value:.3f}", tok_s=f"{rate:,.0f}")
-    if dist.world_size() > 1:
-        shown["tok_s_all"] = f"{global_rate:,.0f}"
-    bar.set_postfix(shown)
-    for name, value in (("loss", step_loss), ("lr", engine.lr), ("tokens_per_s_rank", rate),
-                        ("tokens_per_s", global_rate)):
-        scalars.add(f"{prefix}/{name}", value, step)
-    statistics = loss_fn.scalars() if hasattr(loss_fn, "scalars") else {}
-    fractions = statistics.pop("class_fractions", None)
-    for name, value in statistics.items():
-        scalars.add(f"contrastive/{name}", value, step)
-    if fractions:
-        scalars.add_group("contrastive/class_fraction", {str(k): v for k, v in enumerate(fractions)}, step)
-
-
-def step_totals(loss: torch.Tensor | None, tokens: int, signals: StopSignals | None) -> StepTotals:
-    """The micro-batch's loss averaged over ranks, whether it is finite everywhere, all ranks' tokens, and
-    whether a rank was asked to stop."""
-    value = loss.item() if loss is not None else 0.0
-    finite = math.isfinite(value)
-    flags = signals.flags() if signals is not None else [0.0, 0.0]
-    total, bad, all_tokens, *stops = dist.sum_over_ranks([value if finite else 0.0, 0.0 if finite else 1.0, tokens,
-                                                          *flags])
-    return StepTotals(total / dist.world_size(), bad == 0, int(all_tokens), agreed_signal(stops))
-
-
-def skip_nonfinite(progress: Progress, limit: int, scalars: Scalars, phase: Phase) -> None:
-    progress.nonfinite += 1
-    progress.nonfinite_run += 1
-    scalars.add(f"{phase.name}/nonfinite_skipped", progress.nonfinite, progress.stage_step)
-    log.warning("non-finite loss in phase %r, epoch %d, batch %d: step skipped (%d in a row, %d in all)",
-                phase.name, progress.epoch + 1, progress.batch, progress.nonfinite_run, progress.nonfinite)
-    if progress.nonfinite_run >= limit:
-        raise NonFiniteLoss(f"{progress.nonfinite_run} non-finite losses in a row (phase {phase.name!r}, epoch "
-                            f"{progress.epoch + 1}, batch {progress.batch}, step {progress.step}): training "
-                            f"diverged; lower the learning rate or check the data (distributed.max_nonfinite={limit})")
-
-
-def dev_score(run: TrainingRun, phase: Phase, model: NerTagger) -> DevScore:
-    if phase.select == "dev_loss":
-        pieces = run.dev_pieces
-        batches = run.codec.batches(pieces, LengthBucketBatchSampler(
-            [p.lattice_len for p in pieces], phase.optim.batch_size, shuffle=False))
-        loss = InfoNCELoss(run.cfg, len(run.codec.labels.classes), across_ranks=False)
-        return DevScore.from_loss(mean_dev_infonce(loss, model, batches, run.device))
-    if phase.select == "head_f1":
-        return DevScore.from_report(head_probe_report(run, model, run.cfg.contrastive.head_probe_epochs,
-                                                       run.cfg.contrastive.head_probe_lr))
-    return DevScore.from_report(run.scores(model, run.splits.dev))
-
-
 @dataclass
-class BestWeights:
-    """The stage's best weights, a CPU copy on every rank: the ``best`` hand-off and the final test take them
-    from here, not from best.pt, which is rank 0's copy for ``eval`` (a shared file system can show the other
-    nodes an older one, and another process can replace it)."""
+class StageLoop:
+    """One stage's training state, read and written by every epoch: the stage's phases (computed once), the
+    engine and batches of the phase being trained, where the stage stands (``progress``, saved in resume
+    checkpoints), its best weights, and where it reports (``scalars``). ``resume`` None: nothing is saved
+    (the benchmarks); ``signals`` None: nothing stops it early."""
 
-    state: dict | None = None
+    run: TrainingRun
+    phases: list[Phase]
+    progress: Progress
+    best: BestWeights
+    resume: StageResume | None
+    scalars: Scalars
+    signals: StopSignals | None = None
+    wrap_loss: WrapLoss | None = None
+    engine: Engine | None = None
+    batches: BatchIterable | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
 
-    def keep(self, model: NerTagger) -> None:
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.progress.phase]
+
+    def start_phase(self, model: NerTagger, step: int) -> None:
+        """The current phase's batches and an engine training its parameters of ``model`` (LR schedule at
+        ``step``)."""
+        optim = self.phase.optim
+        self.batches = self.run.train_batches(optim.batch_size)
+        self.engine = build_engine(model, optim, trainable_parameters(model, self.phase), len(self.batches),
+                                   distributed=self.run.cfg.distributed, device=self.run.device, start_step=step)
+        self.epoch_seconds = []
+
+    def run_phases(self) -> None:
+        """Each phase from where ``progress`` stands; between phases, the hand-off to a fresh engine."""
+        while True:
+            self.train_phase()
+            if self.progress.phase + 1 == len(self.phases):
+                return
+            weights = self.best.state if self.phase.hand_off == "best" else self.engine.full_state_dict()
+            self.engine.close()
+            self.progress.start_phase(self.progress.phase + 1)
+            self.start_phase(self.run.model_with(weights), 0)
+            self.resume.save(self.engine, self.progress)
+
+    def phase_loss(self) -> LossFn:
+        loss = phase_loss(self.run.cfg, self.phase, len(self.run.codec.labels.classes))
+        return self.wrap_loss(self.phase, loss) if self.wrap_loss else loss
+
+    def train_phase(self) -> None:
+        """The phase's epochs from where ``progress`` stands, each scored on dev; stops early after
+        ``patience`` epochs without a better dev score than the stage's best."""
+        phase, progress, loss = self.phase, self.progress, self.phase_loss()
+        log.info("%s phase %r: its own %s optimizer (lr %g, warmup over %g of its steps), %d batches per epoch and "
+                 "rank", phase.stage, phase.name, phase.optim.optimizer, phase.optim.lr, phase.optim.warmup,
+                 len(self.batches))
+        while progress.epoch < phase.optim.epochs and not phase.stopped(progress.stale):
+            self.batches.sampler.set_epoch(progress.epochs_done)
+            tick = time.time()
+            trained = self.train_epoch(self.batches, loss)
+            weights = self.engine.inference_model()  # fp32, on every rank
+            score = dev_score(self.run, phase, weights)
+            self.epoch_seconds.append(time.time() - tick)
+            self.record_epoch(weights, score, trained)
+            progress.epoch, progress.epochs_done, progress.batch = progress.epoch + 1, progress.epochs_done + 1, 0
+            self.resume.save(self.engine, progress)
+            self.stop_if_signalled(agreed_signal(dist.sum_over_ranks(self.signals.flags())),
+                                   f"the end of epoch {progress.epoch}")  # a signal during the dev scoring
+        if phase.stopped(progress.stale):
+            log.info("%s: no dev improvement for %d epochs: phase %r ends", phase.stage, progress.stale, phase.name)
+
+    def train_epoch(self, batches, loss_fn: LossFn) -> EpochTrained:
+        """This rank's ``batches`` of one epoch, from ``progress.batch`` on (a resumed run skips what it
+        trained). A loss that is not finite on some rank skips the step on every rank; ``max_nonfinite`` in a
+        row abort. A signal stops every rank after the next optimizer step, once the resume checkpoint is
+        written."""
+        progress, phase = self.progress, self.phase
+        quiet = {} if dist.is_main() else {"disable": True}  # rank 0 leaves it to tqdm (TQDM_DISABLE=1: off)
+        bar = tqdm(total=len(batches), initial=progress.batch, leave=False, dynamic_ncols=True,
+                   desc=f"{phase.name} {progress.epoch + 1}/{phase.optim.epochs}", **quiet)
+        meter, mean_loss = Throughput(), RunningMean()
+        self.engine.model.train()
+        try:
+            for batch in itertools.islice(batches, progress.batch, None):
+                batch = {k: v.to(self.run.device) for k, v in batch.items()}
+                loss = self.engine.forward(lambda: loss_fn(self.engine.model, batch))
+                tokens = int(batch["char_mask"].sum())
+                totals = step_totals(loss, tokens, self.signals)
+                meter.count(tokens, totals.all_tokens)
+                progress.batch += 1
+                bar.update()
+                if not totals.finite:
+                    skip_nonfinite(progress, self.run.cfg.distributed.max_nonfinite, self.scalars, phase)
+                    continue
+                progress.nonfinite_run = 0
+                saved = False
+                if loss is not None and self.step(loss, totals.loss, mean_loss):  # None: no positive pair
+                    if progress.stage_step % self.run.cfg.run.log_every == 0:
+                        self.log_step(loss_fn, totals.loss, mean_loss, meter, bar)
+                    saved = self.save_every_n_steps()
+                if totals.stop is not None and self.engine.at_boundary:
+                    if self.resume is not None and not saved:
+                        self.resume.save(self.engine, progress)
+                    self.stop_if_signalled(totals.stop, f"epoch {progress.epoch + 1}, batch {progress.batch}")
+        finally:
+            bar.close()
+        return EpochTrained(mean_loss.value, meter.overall())
+
+    def step(self, loss: torch.Tensor, value: float, mean_loss: RunningMean) -> bool:
+        """Backward and (at an accumulation boundary) the optimizer step; whether that step was taken."""
+        mean_loss.add(value)
+        self.engine.backward(loss)
+        self.engine.step()
+        if self.engine.at_boundary:
+            self.progress.step, self.progress.stage_step = self.progress.step + 1, self.progress.stage_step + 1
+        return self.engine.at_boundary
+
+    def save_every_n_steps(self) -> bool:
+        """A resume checkpoint every ``distributed.checkpoint_every`` optimizer steps; whether one was written."""
+        every = self.run.cfg.distributed.checkpoint_every
+        if self.resume is None or not every or self.progress.stage_step % every:
+            return False
+        self.resume.save(self.engine, self.progress)
+        return True
+
+    def stop_if_signalled(self, signal: int | None, where: str) -> None:
+        if signal is not None:
+            raise StopRequested(signal, f"{self.phase.stage} phase {self.phase.name!r}, {where}",
+                                str(self.resume.directory) if self.resume is not None else None)
+
+    def log_step(self, loss_fn: LossFn, step_loss: float, mean_loss: RunningMean, meter: Throughput, bar) -> None:
+        """The progress bar (the epoch's mean loss, a smoothed rate) and the step's TensorBoard scalars."""
+        prefix, step = ("contrastive" if self.phase.stage == "contrastive" else "train"), self.progress.stage_step
+        rate, global_rate = meter.read()
+        shown = dict(loss=f"{mean_loss.value:.3f}", tok_s=f"{rate:,.0f}")
+        if dist.world_size() > 1:
+            shown["tok_s_all"] = f"{global_rate:,.0f}"
+        bar.set_postfix(shown)
+        for name, value in (("loss", step_loss), ("lr", self.engine.lr), ("tokens_per_s_rank", rate),
+                            ("tokens_per_s", global_rate)):
+            self.scalars.add(f"{prefix}/{name}", value, step)
+        statistics = loss_fn.scalars() if hasattr(loss_fn, "scalars") else {}
+        fractions = statistics.pop("class_fractions", None)
+        for name, value in statistics.items():
+            self.scalars.add(f"contrastive/{name}", value, step)
+        if fractions:
+            self.scalars.add_group("contrastive/class_fraction", {str(k): v for k, v in enumerate(fractions)}, step)
+
+    def record_epoch(self, weights: NerTagger, score: DevScore, trained: EpochTrained) -> None:
+        """Log the epoch's line (training loss and rate, dev score, the best so far, time), write ``last.pt``
+        and (when it beats the stage's best) ``best.pt``, keeping those weights in ``best``."""
+        phase, progress = self.phase, self.progress
+        epoch, improved = progress.epochs_done + 1, score.beats(progress.best)
+        extra = dict(stage=phase.stage, phase=phase.name, epoch=epoch, **score.record)
+        out = self.run.stage_dir(phase.stage)
+        self.run.checkpoint(out / "last.pt", weights, **extra)
+        if improved:
+            progress.best, progress.best_epoch, progress.stale = score.value, epoch, 0
+            self.best.keep(weights)
+            self.run.checkpoint(out / "best.pt", weights, **extra)
+        else:
+            progress.stale += 1
+        best_text = f"{progress.best:.4f}" if phase.lower_is_better else f"{100 * progress.best:.2f}"
+        log.info("%s %r epoch %d/%d: loss %.4f, %s tok/s, %s%s (best %s, stage epoch %d), %s; %s",
+                 phase.stage, phase.name, progress.epoch + 1, phase.optim.epochs, trained.mean_loss,
+                 f"{trained.tokens_per_s:,.0f}", score.text, " *" if improved else "", best_text,
+                 progress.best_epoch, duration(self.epoch_seconds[-1]), self.outlook())
+        for tag, value in score.scalars.items():
+            self.scalars.add(tag, value, epoch)
+
+    def outlook(self) -> str:
+        """The stage's time so far and an upper bound on what is left: every remaining epoch of this phase and
+        of the phases after it, at this phase's mean epoch time (patience may end phases sooner)."""
+        later = self.phases[self.progress.phase + 1:]
+        left = self.phase.optim.epochs - self.progress.epoch - 1 + sum(p.optim.epochs for p in later)
+        text = f"stage {duration(self.progress.elapsed())} so far"
+        if left:
+            pace = sum(self.epoch_seconds) / len(self.epoch_seconds)
+            text += f", at most {left} more epoch{'s' * (left > 1)} ({duration(left * pace)} at this pace)"
+        return text
 
 
-def resumed_best(run: TrainingRun, stage: str, progress: Progress) -> BestWeights:
-    """A resumed stage's best weights: the best.pt of the runs it continues (the output folder's lock kept
-    every other run out), refused when it is not the epoch the resume state names as the best, or the epoch
-    being trained again (a run killed between writing best.pt and its resume checkpoint)."""
-    if progress.best_epoch < 1:
-        return BestWeights()
-    path = run.stage_dir(stage) / "best.pt"
-    saved = load_checkpoint(path)
-    if saved.get("stage") != stage or saved.get("epoch") not in (progress.best_epoch, progress.epochs_done + 1):
-        raise InputError(path, f"holds {saved.get('stage')} epoch {saved.get('epoch')}, but the {stage} stage "
-                               f"being resumed had its best at epoch {progress.best_epoch}: the file was replaced; "
-                               "--no-resume trains the stage again")
-    return BestWeights(saved["model"])
-
-
-def record_epoch(run: TrainingRun, phase: Phase, weights: NerTagger, score: DevScore, progress: Progress,
-                 best: BestWeights, scalars: Scalars, trained: EpochTrained, epoch_seconds: list[float]) -> None:
-    """Log the epoch's line (training loss and rate, dev score, the best so far, time), write ``last.pt`` and
-    (when it beats the stage's best) ``best.pt``, keeping those weights in ``best``."""
-    epoch = progress.epochs_done + 1
-    improved = score.beats(progress.best)
-    extra = dict(stage=phase.stage, phase=phase.name, epoch=epoch, **score.record)
-    out = run.stage_dir(phase.stage)
-    run.checkpoint(out / "last.pt", weights, **extra)
-    if improved:
-        progress.best, progress.best_epoch, progress.stale = score.value, epoch, 0
-        best.keep(weights)
-        run.checkpoint(out / "best.pt", weights, **extra)
-    else:
-        progress.stale += 1
-    best_text = f"{progress.best:.4f}" if phase.lower_is_better else f"{100 * progress.best:.2f}"
-    log.info("%s %r epoch %d/%d: loss %.4f, %s tok/s, %s%s (best %s, stage epoch %d), %s; %s",
-             phase.stage, phase.name, progress.epoch + 1, phase.optim.epochs, trained.mean_loss,
-             f"{trained.tokens_per_s:,.0f}", score.text, " *" if improved else "", best_text, progress.best_epoch,
-             duration(epoch_seconds[-1]), stage_outlook(run, phase, progress, epoch_seconds))
-    for tag, value in score.scalars.items():
-        scalars.add(tag, value, epoch)
-
-
-def stage_outlook(run: TrainingRun, phase: Phase, progress: Progress, epoch_seconds: list[float]) -> str:
-    """The stage's time so far and an upper bound on what is left: every remaining epoch of this phase and of
-    the phases after it, at this phase's mean epoch time (patience may end phases sooner)."""
-    later = stage_phases(run.cfg, phase.stage)[progress.phase + 1:]
-    left = phase.optim.epochs - progress.epoch - 1 + sum(p.optim.epochs for p in later)
-    text = f"stage {duration(progress.elapsed())} so far"
-    if left:
-        pace = sum(epoch_seconds) / len(epoch_seconds)
-        text += f", at most {left} more epoch{'s' * (left > 1)} ({duration(left * pace)} at this pace)"
-    return text
-
-
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-def stage_results(run: TrainingRun, stage: str, engine, progress: Progress, best: BestWeights) -> dict:
+def stage_results(run: TrainingRun, stage: str, engine: Engine, progress: Progress, best: BestWeights) -> dict:
     """The stage's summary; fine-tuning also scores its best weights on test."""
     results = dict(best_epoch=progress.best_epoch, epochs_run=progress.epochs_done,
                    wall_time_s=round(progress.elapsed(), 1), nonfinite_skipped=progress.nonfinite)

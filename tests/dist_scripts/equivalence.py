@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from nerco_dist import distributed as dist
-from nerco_dist.codec import TextCodec, read_splits
 from nerco_dist.config import DistributedConfig, OptimConfig, load_config
+from nerco_dist.model.build import build_tagger
 from nerco_dist.train.engine import build_engine
+from nerco_dist.train.inputs import read_training_inputs
 from nerco_dist.train.objectives import CrfLoss, InfoNCELoss
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,8 +62,7 @@ def main() -> None:
     W, r = dist.world_size(), dist.rank()
     root = Path(args.data_root)
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.max_len=40", "data.limit=40", "contrastive.enabled=true"])
-    splits = read_splits(cfg, root)
-    codec, pieces = TextCodec.for_training(cfg, splits.train, root)
+    _, codec, pieces, _ = read_training_inputs(cfg, root)
     per_rank = 4
     everything = pieces[: per_rank * W]
     mine = everything[r * per_rank : (r + 1) * per_rank]
@@ -77,7 +77,7 @@ def main() -> None:
         d = DistributedConfig(config=str(REPO / "configs" / "ds" / f"zero{zero}.json"))
         for stage, (loss_fn, reference_loss) in losses.items():
             torch.manual_seed(0)
-            model = codec.build_model(seed=0).eval()  # no dropout: both sides compute the same function
+            model = build_tagger(codec, cfg.model, seed=0).eval()  # no dropout: both sides compute the same function
             params = model.encoder_parameters() + (list(model.head.parameters()) if stage == "finetune" else [])
             for p in model.parameters():
                 p.requires_grad_(any(p is q for q in params))

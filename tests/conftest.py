@@ -26,16 +26,17 @@ LIMIT = 150  # tiny.yaml's data.limit
 DATA_ROOT = Path(os.environ.get("NERCO_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
-def benchmark_module(name: str):
-    """``benchmarks/NAME.py`` as a module (benchmarks/ is not a package; its scripts import their neighbours)."""
+def script_module(name: str, folder: str = "benchmarks"):
+    """``FOLDER/NAME.py`` as a module (``benchmarks/`` and ``experiments/`` are not packages; their scripts
+    import their neighbours)."""
     import importlib
     import sys
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO / folder))
     try:
         return importlib.import_module(name)
     finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+        sys.path.remove(str(REPO / folder))
 
 
 def sigint_at_its_default() -> None:

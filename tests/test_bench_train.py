@@ -12,7 +12,7 @@ import torch
 from nerco_dist.config import load_config
 from nerco_dist.train.run import TrainingRun
 
-from .conftest import TINY, benchmark_module
+from .conftest import TINY, script_module
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def bench_train():
     """benchmarks/bench_train.py as a module (benchmarks/ is not a package; it imports its neighbour common.py)."""
     tqdm_disable = os.environ.get("TQDM_DISABLE")  # set by the module for its own runs
     try:
-        return benchmark_module("bench_train")
+        return script_module("bench_train")
     finally:
         if tqdm_disable is None:
             os.environ.pop("TQDM_DISABLE", None)

@@ -1,4 +1,4 @@
-"""benchmarks/plot_accuracy.py: the sweep files of one corpus merged into one per-seed figure, and files from
+"""experiments/plot_accuracy.py: the sweep files of one corpus merged into one per-seed figure, and files from
 different runs refused."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, benchmark_module
+from .conftest import REPO, script_module
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,13 +21,13 @@ def sweep_file(path: Path, corpus: str, per_seed: dict[str, list[float]]) -> Pat
 
 
 def plot(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_accuracy.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "plot_accuracy.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
 def merged_scores():
-    return benchmark_module("plot_accuracy").merged_scores
+    return script_module("plot_accuracy", "experiments").merged_scores
 
 
 def test_systems_of_several_files_are_merged_once_each(tmp_path, merged_scores):

@@ -6,12 +6,12 @@ import pytest
 
 from nerco_dist.config import Config, load_config
 
-from .conftest import TINY, benchmark_module
+from .conftest import TINY, script_module
 
 
 @pytest.fixture(scope="module")
 def same_recipe():
-    return benchmark_module("nerco_vs_baseline").same_recipe
+    return script_module("nerco_vs_baseline", "experiments").same_recipe
 
 
 def stored(*overrides: str) -> dict:

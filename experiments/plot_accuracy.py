@@ -3,7 +3,7 @@
 ``per_seed_f1``): the baseline, NerCo and each variant side by side, with the seed spread
 that says how much a difference of means is worth.
 
-    cd benchmarks/results/accuracy
+    cd experiments/results
     python3 ../../plot_accuracy.py weibo.json weibo_frozen_embeddings.json weibo_low_encoder_lr_stage1_batch20.json weibo_head_f1_select.json \
         --out weibo_test_f1.png
 

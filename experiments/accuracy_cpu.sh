@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The NerCo-vs-baseline accuracy measurements on a 2-core CPU: the baseline and NerCo seeds as two lanes at
 # once (one torch thread each), then one sweep call that reuses every finished run and writes
-# benchmarks/results/accuracy/CORPUS.json (+ .md, and the analysis plots when seed 1's checkpoints are there).
-# Each finished run's summary goes to benchmarks/results/accuracy/runs/ (commit it): a later sitting re-runs
+# experiments/results/CORPUS.json (+ .md, and the analysis plots when seed 1's checkpoints are there).
+# Each finished run's summary goes to experiments/results/runs/ (commit it): a later sitting re-runs
 # the same command and trains only what is missing (a run killed mid-way resumes from runs/accuracy/ when
 # that folder is still there). Logs go to runs/accuracy/logs/.
 #
@@ -11,10 +11,10 @@
 # gets 2 stage-1 epochs, 1 head and 3 full ones, so that both of its runs end within one 3-hour sitting (run
 # folders do not outlive a sitting here); each of its epochs took 9-17 minutes with both lanes running.
 #
-#   bash benchmarks/accuracy_cpu.sh weibo            # seeds 1 2 3
-#   bash benchmarks/accuracy_cpu.sh msra --seeds 1   # extra arguments go to nerco_vs_baseline.py
-#   SYSTEMS="frozen_embeddings low_encoder_lr" bash benchmarks/accuracy_cpu.sh weibo   # other lanes: variants
-#   TAG=head_patience15 bash benchmarks/accuracy_cpu.sh weibo --set finetune.head.patience=15  # another recipe
+#   bash experiments/accuracy_cpu.sh weibo            # seeds 1 2 3
+#   bash experiments/accuracy_cpu.sh msra --seeds 1   # extra arguments go to nerco_vs_baseline.py
+#   SYSTEMS="frozen_embeddings low_encoder_lr" bash experiments/accuracy_cpu.sh weibo   # other lanes: variants
+#   TAG=head_patience15 bash experiments/accuracy_cpu.sh weibo --set finetune.head.patience=15  # another recipe
 #
 # SYSTEMS (default "baseline NerCo") names one lane per system; the closing sweep reports them beside the
 # baseline and NerCo (CORPUS.json, or CORPUS_SYSTEMS.json for variants). TAG names the runs of a recipe
@@ -34,7 +34,7 @@ if [ "$corpus" = msra ]; then  # 46k sentences: both arms within one sitting
             --set finetune.full.optim.epochs=3)
 fi
 tag=${TAG:+_$TAG}
-sweep=(python3 benchmarks/nerco_vs_baseline.py --corpus "$corpus" --runs runs/accuracy --store benchmarks/results/accuracy/runs
+sweep=(python3 experiments/nerco_vs_baseline.py --corpus "$corpus" --runs runs/accuracy --store experiments/results/runs
        --set run.threads=1 "${budget[@]}" "$@" ${TAG:+--tag "$TAG"})
 read -r -a lanes <<< "${SYSTEMS:-baseline NerCo}"
 for system in "${lanes[@]}"; do
@@ -48,4 +48,4 @@ for system in "${lanes[@]}"; do
     [[ $system = baseline || $system = NerCo ]] || extra+=("$system")
 done
 name=$(IFS=_; echo "${corpus}${extra[*]:+_${extra[*]}}${tag}")
-"${sweep[@]}" --systems baseline NerCo "${extra[@]}" --results benchmarks/results/accuracy --name "$name"
+"${sweep[@]}" --systems baseline NerCo "${extra[@]}" --results experiments/results --name "$name"

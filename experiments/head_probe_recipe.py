@@ -2,12 +2,12 @@
 several peak LRs and lengths on stage-1 checkpoints of several epochs. A recipe is useful when it scores the
 same checkpoint well and tells epochs apart; selection evidence only (dev F1, never test).
 
-    python3 benchmarks/head_probe_recipe.py --config configs/weibo_nerco.yaml \\
+    python3 experiments/head_probe_recipe.py --config configs/weibo_nerco.yaml \\
         --checkpoints runs/probe/epoch{1,3,10,24,28}.pt --recipes 1e-2:3 1e-1:3 3e-2:5
 
 A recipe is LR:EPOCHS. The checkpoints are a stage-1 run's ``last.pt`` as each epoch ended (copied aside while
 it trained). Rows are appended to the results JSON as they finish (default
-benchmarks/results/accuracy/head_probe_recipe_CONFIG.json); rows already there are not run again.
+experiments/results/head_probe_recipe_CONFIG.json); rows already there are not run again.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> int:
     missing = [str(c) for c in args.checkpoints if not c.is_file()]
     if missing:
         parser.error("--checkpoints: not found: " + ", ".join(missing))
-    out = Path(args.out or REPO / "benchmarks" / "results" / "accuracy" / f"head_probe_recipe_{Path(args.config).stem}.json")
+    out = Path(args.out or REPO / "experiments" / "results" / f"head_probe_recipe_{Path(args.config).stem}.json")
     cfg = load_config(args.config, ["run.threads=1", "run.out_dir=runs/head_probe_recipe"] + args.set)
     run = TrainingRun.start(cfg, data_root(args.data_root))
     payload = json.loads(out.read_text()) if out.is_file() else dict(

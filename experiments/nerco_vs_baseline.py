@@ -10,8 +10,8 @@ Finished runs are reused, so an interrupted sweep continues where it stopped: a 
 folder, or its summary in ``--store`` (committed, so that finished runs outlive the run folders), which is
 written as each run ends.
 
-    python3 benchmarks/nerco_vs_baseline.py --corpus weibo --seeds 1 2 3 --set finetune.full.optim.epochs=20
-    python3 benchmarks/nerco_vs_baseline.py --corpus weibo --systems baseline joint --set finetune.full.optim.epochs=20
+    python3 experiments/nerco_vs_baseline.py --corpus weibo --seeds 1 2 3 --set finetune.full.optim.epochs=20
+    python3 experiments/nerco_vs_baseline.py --corpus weibo --systems baseline joint --set finetune.full.optim.epochs=20
 """
 
 from __future__ import annotations
@@ -163,9 +163,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results files (a variant run with other --set)")
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
     parser.add_argument("--data-root")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--results", default=str(REPO / "experiments" / "results"))
     parser.add_argument("--store", help="folder of finished runs' summaries, read before training and written "
-                        "after (e.g. benchmarks/results/accuracy/runs)")
+                        "after (e.g. experiments/results/runs)")
     parser.add_argument("--name", help="results file stem (default nerco_vs_baseline_CORPUS[_systems][_tag])")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

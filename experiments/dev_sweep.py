@@ -1,12 +1,12 @@
 """Choices made on dev: the baseline's training recipe, and the dev effect of each lattice input, over several
 seeds (dev F1 only: the test split is never read).
 
-    python3 benchmarks/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --lane 0/2   # two lanes, one each
-    python3 benchmarks/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --lane 1/2
-    python3 benchmarks/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --report      # the table, once both end
+    python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --lane 0/2   # two lanes, one each
+    python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --lane 1/2
+    python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --report      # the table, once both end
 
 Every (variant, seed) run is the baseline config (configs/CORPUS.yaml: fine-tuning only) with the variant's
-overrides and the shared budget; its summary goes to ``benchmarks/results/accuracy/dev_sweep/CORPUS_GROUP/``
+overrides and the shared budget; its summary goes to ``experiments/results/dev_sweep/CORPUS_GROUP/``
 (commit it) as it ends, and a later call skips every run whose summary is there, so a stopped sweep is
 continued by the same command. ``--lane K/N`` takes every N-th run from the K-th. ``--report`` writes
 ``CORPUS_GROUP.json`` and ``.md``: each variant's dev F1 per seed, mean ± std, best epoch and wall time, and
@@ -31,7 +31,7 @@ from nerco_dist.train.trainer import train
 from nerco_vs_baseline import input_checksums
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "accuracy" / "dev_sweep"
+RESULTS = REPO / "experiments" / "results" / "dev_sweep"
 
 FULL = "finetune.full.optim."
 SGD = [f"{FULL}optimizer=sgd", f"{FULL}lr=1e-3", f"{FULL}momentum=0.9", f"{FULL}weight_decay=0", f"{FULL}warmup=0.1"]

@@ -6,10 +6,10 @@
 # the same command and trains only what is missing (a run killed mid-way resumes from runs/accuracy/ when
 # that folder is still there). Logs go to runs/accuracy/logs/.
 #
-# The CPU budget: stage 1 at most 30 epochs, patience 5 (the reference's 100 and 10 would not end within a
-# sitting); fine-tuning as the configs say, the full phase the same for both arms (50 epochs, patience 15). MSRA
-# gets 2 stage-1 epochs, 1 head and 3 full ones, so that both of its runs end within one 3-hour sitting (run
-# folders do not outlive a sitting here); each of its epochs took 9-17 minutes with both lanes running.
+# The CPU budget is an overlay config: configs/budget/cpu.yaml (stage 1 at most 30 epochs, patience 5;
+# fine-tuning as the corpus configs say, the same for both arms), configs/budget/cpu_msra.yaml for MSRA (2
+# stage-1 epochs, 1 head and 3 full ones, so that both runs end within one 3-hour sitting: run folders do not
+# outlive a sitting here; each of its epochs took 9-17 minutes with both lanes running).
 #
 #   bash experiments/accuracy_cpu.sh weibo            # seeds 1 2 3
 #   bash experiments/accuracy_cpu.sh msra --seeds 1   # extra arguments go to nerco_vs_baseline.py
@@ -28,10 +28,9 @@ corpus=$1
 shift
 export NERCO_DATA_ROOT=${NERCO_DATA_ROOT:-data} OMP_NUM_THREADS=1 TQDM_DISABLE=1
 mkdir -p runs/accuracy/logs
-budget=(--set contrastive.phase.optim.epochs=30 --set contrastive.phase.patience=5)
+budget=(--overlay configs/budget/cpu.yaml)
 if [ "$corpus" = msra ]; then  # 46k sentences: both arms within one sitting
-    budget=(--set contrastive.phase.optim.epochs=2 --set finetune.head.optim.epochs=1
-            --set finetune.full.optim.epochs=3)
+    budget=(--overlay configs/budget/cpu_msra.yaml)
 fi
 tag=${TAG:+_$TAG}
 sweep=(python3 experiments/nerco_vs_baseline.py --corpus "$corpus" --runs runs/accuracy --store experiments/results/runs

@@ -63,10 +63,11 @@ def system_config(corpus: str, name: str) -> tuple[Path, list[str]]:
     return REPO / "configs" / f"{corpus}_nerco.yaml", SWITCHES.get(name, [])
 
 
-def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: Path | None) -> dict:
+def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: Path | None,
+            overlays: list[str] = ()) -> dict:
     """Train one system (both of its stages), or reuse a finished run; records the training time of both
     stages (summed over resumes when the run was killed and started again) and the diagnostics."""
-    cfg = load_config(config, overrides + [f"run.out_dir={out}"])
+    cfg = load_config(config, overrides + [f"run.out_dir={out}"], overlays)
     for done in ([stored] if stored else []) + [out / "results.json"]:
         if done.is_file():
             results = json.loads(done.read_text())
@@ -159,7 +160,9 @@ def main() -> None:
     parser.add_argument("--corpus", required=True, help="config stem: configs/CORPUS.yaml and configs/CORPUS_nerco.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=DEFAULT_SYSTEMS + list(SWITCHES))
-    parser.add_argument("--set", action="append", default=[], help="override for every system (the shared budget)")
+    parser.add_argument("--set", action="append", default=[], help="override for every system")
+    parser.add_argument("--overlay", action="append", default=[],
+                        help="YAML merged over every system's config (the shared budget: configs/budget/cpu.yaml)")
     parser.add_argument("--tag", default="", help="suffix of the results files (a variant run with other --set)")
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
     parser.add_argument("--data-root")
@@ -180,7 +183,8 @@ def main() -> None:
         for name, (config, switches) in systems.items():
             run_name = "_".join([name] + tag) + f"_seed{seed}"
             stored = Path(args.store) / args.corpus / f"{run_name}.json" if args.store else None
-            res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / run_name, root, stored)
+            res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / run_name, root, stored,
+                          args.overlay)
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
             diags[name].append(res.get("diagnostics"))
@@ -204,12 +208,14 @@ def main() -> None:
                        per_seed_wall_time_s=wall[name], mean_wall_time_s=round(statistics.mean(wall[name]), 1),
                        per_seed_diagnostics=diags[name], **by_mention(diags[name]))
             for name, runs_ in scores.items()}
-    comparison = compare(scores, diags, args.seeds, load_config(systems["baseline"][0], args.set), root) \
+    comparison = compare(scores, diags, args.seeds, load_config(systems["baseline"][0], args.set, args.overlay), root) \
         if set(DEFAULT_SYSTEMS) <= set(systems) else None
-    payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set, nerco_vs_baseline=comparison,
-                   systems={k: dict(config=str(c), switches=sw, resolved=load_config(c, sw + args.set).to_dict())
+    payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set, overlays=args.overlay,
+                   nerco_vs_baseline=comparison,
+                   systems={k: dict(config=str(c), switches=sw,
+                                    resolved=load_config(c, sw + args.set, args.overlay).to_dict())
                             for k, (c, sw) in systems.items()},
-                   inputs=input_checksums(load_config(next(iter(systems.values()))[0], args.set), root),
+                   inputs=input_checksums(load_config(next(iter(systems.values()))[0], args.set, args.overlay), root),
                    results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(device_for_rank("auto")))
     write_json(results / f"{stem}.json", payload)
     plots_note = f"; plots in {plots.name}/" if plots.is_dir() else ""

@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
     from .train.steps import NonFiniteLoss
     from .train.trainer import train
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.overlays)
     try:
         results = train(cfg, data_root(args.data_root), args.stage, Path(args.init) if args.init else None,
                         resume=not args.no_resume, wrap_loss=wrap_loss)
@@ -211,6 +211,8 @@ def _add_train(sub) -> None:
                                    "optimizer step with a resume checkpoint (exit status 130 / 143); the same command "
                                    "continues from it.")
     p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overlays", nargs="*", metavar="OVERLAY",
+                   help="YAML files merged over CONFIG in order, saying only what they change (configs/budget/cpu.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set finetune.full.optim.epochs=5")
     p.add_argument("--data-root", help="root of the corpus paths in the config (default $NERCO_DATA_ROOT or data/)")

@@ -179,7 +179,31 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<config>") -> "Config":
-        return _build(cls(), raw, "", source)
+        return _build(cls(), _with_stage_optim(raw, source), "", source)
+
+
+FINETUNE_PHASES = ("head", "frozen_bert", "full")
+
+
+def _with_stage_optim(raw: Any, source: str) -> Any:
+    """``finetune.optim``, the stage's optimiser stated once, merged under each phase's own ``optim`` (a phase
+    says only what differs). Epochs stay per phase: a phase left at 0 is skipped, so a stage-wide count would
+    switch on phases nobody asked for."""
+    section = raw.get("finetune") if isinstance(raw, dict) else None
+    if not isinstance(section, dict) or "optim" not in section:
+        return raw
+    shared = section["optim"]
+    if not isinstance(shared, dict):
+        raise InputError(source, f"finetune.optim must be a mapping, got {shared!r}")
+    if "epochs" in shared:
+        raise InputError(source, "finetune.optim.epochs: epochs are set per phase (finetune.PHASE.optim.epochs)")
+    phases = {k: v for k, v in section.items() if k != "optim"}
+    for name in FINETUNE_PHASES:
+        phase = phases.get(name) or {}
+        if not isinstance(phase, dict):
+            raise InputError(source, f"finetune.{name} must be a mapping, got {phase!r}")
+        phases[name] = {**phase, "optim": _merged(shared, phase.get("optim") or {})}
+    return {**raw, "finetune": phases}
 
 
 # keys of earlier versions: where each went (a config using one is refused with this message)
@@ -310,11 +334,15 @@ def _merged(base: dict, over: dict) -> dict:
     return merged
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Read a YAML config and apply ``section.key=value`` overrides (``finetune.full.optim.lr=3e-4``: any
-    depth; values parsed as YAML)."""
+def load_config(path: str | os.PathLike, overrides: list[str] = (),
+                overlays: list[str | os.PathLike] = ()) -> Config:
+    """Read a YAML config, merge ``overlays`` over it in order (YAML files saying only what they change, such
+    as ``configs/budget/cpu.yaml``), then apply ``section.key=value`` overrides (``finetune.full.optim.lr=3e-4``:
+    any depth; values parsed as YAML)."""
     path = Path(path)
     raw = _read_yaml(path)
+    for overlay in overlays:
+        raw = _merged(raw, _read_yaml(Path(overlay)))
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.split(".")

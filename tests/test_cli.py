@@ -256,6 +256,31 @@ def test_base_config_is_merged_under_the_file(tmp_path):
     assert nerco.finetune.head.optim.epochs > 0  # NerCo's head phase comes first
 
 
+def test_the_stage_optimiser_is_stated_once_and_each_phase_says_what_differs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  optim: {optimizer: sgd, lr: 0.002, momentum: 0.8}\n"
+                    "  head: {optim: {optimizer: adamw, epochs: 3}}\n  full: {optim: {epochs: 7, lr: 0.001}}\n")
+    cfg = load_config(path)
+    head, full, frozen = cfg.finetune.head.optim, cfg.finetune.full.optim, cfg.finetune.frozen_bert.optim
+    assert (head.optimizer, head.lr, head.momentum, head.epochs) == ("adamw", 0.002, 0.8, 3)
+    assert (full.optimizer, full.lr, full.momentum, full.epochs) == ("sgd", 0.001, 0.8, 7)
+    assert (frozen.optimizer, frozen.lr, frozen.epochs) == ("sgd", 0.002, 0)  # still skipped: 0 epochs
+    path.write_text("finetune:\n  optim: {epochs: 5}\n")
+    with pytest.raises(InputError, match="finetune.optim.epochs: epochs are set per phase"):
+        load_config(path)
+
+
+def test_an_overlay_file_changes_only_what_it_says(tmp_path):
+    overlay = tmp_path / "budget.yaml"
+    overlay.write_text("contrastive:\n  phase:\n    patience: 5\n    optim: {epochs: 30}\n")
+    plain = load_config(REPO / "configs" / "weibo_nerco.yaml")
+    budget = load_config(REPO / "configs" / "weibo_nerco.yaml", ["run.seed=4"], [overlay])
+    assert (budget.contrastive.phase.optim.epochs, budget.contrastive.phase.patience, budget.run.seed) == (30, 5, 4)
+    assert budget.contrastive.phase.optim.lr == plain.contrastive.phase.optim.lr and budget.finetune == plain.finetune
+    shipped = load_config(REPO / "configs" / "weibo_nerco.yaml", [], [REPO / "configs" / "budget" / "cpu.yaml"])
+    assert shipped == budget.__class__.from_dict({**budget.to_dict(), "run": plain.to_dict()["run"]})
+
+
 def test_overrides_are_typed():
     cfg = load_config(TINY, ["finetune.full.optim.lr=0.5", "model.bert=null", "data.max_len=7"])
     assert cfg.finetune.full.optim.lr == 0.5 and cfg.model.bert is None and cfg.data.max_len == 7

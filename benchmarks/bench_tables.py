@@ -25,21 +25,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def measure(corpus: str, unseen: bool, root: str | None) -> dict:
     """One arm, in this process: the codec and model a training run builds, and a checkpoint of it."""
-    from nerco_dist.config import data_root, load_config
+    from nerco_dist.config import default_data_root, load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / f"{corpus}.yaml", [f"data.pretrained_unseen_rows={str(unseen).lower()}",
-                                                                  "run.threads=1", f"run.out_dir={tmp}"])
-        return measure_run(cfg, data_root(root), Path(tmp), corpus, unseen)
+                                                                  "run.threads=1", f"run.out_dir={tmp}"],
+                          data_root=default_data_root(root))
+        return measure_run(cfg, Path(tmp), corpus, unseen)
 
 
-def measure_run(cfg, root: Path, out: Path, corpus: str, unseen: bool) -> dict:
+def measure_run(cfg, out: Path, corpus: str, unseen: bool) -> dict:
     import torch
 
     from nerco_dist.train.run import TrainingRun
 
     started = time.perf_counter()
-    run = TrainingRun.start(cfg, root)
+    run = TrainingRun.start(cfg)
     model = run.initial_model(None)
     built_s = time.perf_counter() - started
     tables = {}

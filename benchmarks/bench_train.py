@@ -34,7 +34,7 @@ import torch
 
 from common import ResultsFile, machine_info, parse_args
 
-from nerco_dist.config import data_root, load_config
+from nerco_dist.config import default_data_root, load_config
 from nerco_dist.train.monitor import Scalars
 from nerco_dist.train.phases import Phase, stage_phases
 from nerco_dist.train.resume import BestWeights, Progress
@@ -124,7 +124,7 @@ def add_arguments(parser) -> None:
 
 def main() -> int:
     args = parse_args("train", __doc__, add_arguments=add_arguments, interpret_on_cpu=False)
-    root = data_root(args.data_root)
+    root = default_data_root(args.data_root)
     torch.backends.cuda.matmul.allow_tf32 = True
     base = REPO / "configs" / ("tiny.yaml" if args.quick else "msra.yaml")
     sets = [f"distributed.config={args.ds}", f"run.device={args.device}", f"run.threads={args.threads}",
@@ -139,7 +139,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bert = random_bert(Path(tmp) / "bert", vocab, *(BERT_TINY if args.quick else BERT_BASE))
         for name, extra in encoders(bert, args.quick):
-            run = TrainingRun.start(load_config(base, sets + extra), root)
+            run = TrainingRun.start(load_config(base, sets + extra, data_root=root))
             params = sum(p.numel() for p in run.initial_model(None).parameters())
             contrastive, full = stage_phases(run.cfg, "contrastive")[0], stage_phases(run.cfg, "finetune")[-1]
             for phase in (contrastive, full):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from nerco_dist.atomic import write_json, write_text
-from nerco_dist.config import data_root, load_config
+from nerco_dist.config import default_data_root, load_config
 from nerco_dist.distributed import device_for_rank
 from nerco_dist.machine import machine_info
 from nerco_dist.train.trainer import train
@@ -89,11 +89,11 @@ def run_job(corpus: str, group: str, name: str, seed: int, shared: list[str], ro
         return json.loads(stored.read_text())
     overrides = BUDGET + shared + GROUPS[group][name] + [f"run.seed={seed}"]
     out = runs / f"{corpus}_{group}" / f"{slug(name)}_seed{seed}"
-    cfg = load_config(REPO / "configs" / f"{corpus}.yaml", overrides + [f"run.out_dir={out}"])
-    results = train(cfg, root, stage="finetune")
+    cfg = load_config(REPO / "configs" / f"{corpus}.yaml", overrides + [f"run.out_dir={out}"], data_root=root)
+    results = train(cfg, stage="finetune")
     summary = dict(variant=name, seed=seed, overrides=overrides, best_dev_f1=results["best_dev_f1"],
                    best_epoch=results["best_epoch"], epochs_run=results["epochs_run"],
-                   wall_time_s=results["wall_time_s"], inputs=input_checksums(cfg, root),
+                   wall_time_s=results["wall_time_s"], inputs=input_checksums(cfg),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json(stored, summary, indent=1)
     return summary
@@ -142,7 +142,8 @@ def main() -> int:
         return 0
     lane, lanes = map(int, args.lane.split("/"))
     for name, seed in jobs(args.group, args.seeds)[lane::lanes]:
-        summary = run_job(args.corpus, args.group, name, seed, args.set, data_root(args.data_root), Path(args.runs))
+        summary = run_job(args.corpus, args.group, name, seed, args.set, default_data_root(args.data_root),
+                          Path(args.runs))
         print(f"{name}, seed {seed}: dev F1 {100 * summary['best_dev_f1']:.2f}", flush=True)
     return 0
 

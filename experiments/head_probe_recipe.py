@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from nerco_dist.atomic import write_json
-from nerco_dist.config import data_root, load_config
+from nerco_dist.config import default_data_root, load_config
 from nerco_dist.machine import machine_info
 from nerco_dist.train.objectives import head_probe_report
 from nerco_dist.train.run import TrainingRun
@@ -51,8 +51,9 @@ def main() -> int:
     if missing:
         parser.error("--checkpoints: not found: " + ", ".join(missing))
     out = Path(args.out or REPO / "experiments" / "results" / f"head_probe_recipe_{Path(args.config).stem}.json")
-    cfg = load_config(args.config, ["run.threads=1", "run.out_dir=runs/head_probe_recipe"] + args.set)
-    run = TrainingRun.start(cfg, data_root(args.data_root))
+    cfg = load_config(args.config, ["run.threads=1", "run.out_dir=runs/head_probe_recipe"] + args.set,
+                      data_root=default_data_root(args.data_root))
+    run = TrainingRun.start(cfg)
     payload = json.loads(out.read_text()) if out.is_file() else dict(
         config=args.config, overrides=args.set, machine=machine_info(run.device), rows=[])
     done = {(r["checkpoint"], r["lr"], r["epochs"]) for r in payload["rows"]}

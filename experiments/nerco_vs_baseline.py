@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from nerco_dist.atomic import write_json, write_text
-from nerco_dist.config import Config, data_root, load_config, resolve_data_path
+from nerco_dist.config import Config, default_data_root, load_config
 from nerco_dist.data.dataset import LengthBucketBatchSampler
 from nerco_dist.distributed import device_for_rank
 from nerco_dist.eval.analyze import analyze
@@ -67,17 +67,17 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: P
             overlays: list[str] = ()) -> dict:
     """Train one system (both of its stages), or reuse a finished run; records the training time of both
     stages (summed over resumes when the run was killed and started again) and the diagnostics."""
-    cfg = load_config(config, overrides + [f"run.out_dir={out}"], overlays)
+    cfg = load_config(config, overrides + [f"run.out_dir={out}"], overlays, data_root=root)
     for done in ([stored] if stored else []) + [out / "results.json"]:
         if done.is_file():
             results = json.loads(done.read_text())
             if same_recipe(Config.from_dict(results["config"]).to_dict(), cfg.to_dict()):
                 return results
             logging.warning("%s: a run of another config; training it again", done)
-    results = train(cfg, root)
+    results = train(cfg)
     stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
     results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
-    results["diagnostics"] = diagnostics(cfg, root, out)
+    results["diagnostics"] = diagnostics(cfg, out)
     write_json(out / "results.json", results)
     if stored:
         write_json(stored, results)
@@ -88,22 +88,23 @@ NOT_RECIPE = ("out_dir", "threads", "flush_denormals")  # run keys that change w
 
 
 def same_recipe(a: dict, b: dict) -> bool:
-    """Whether two runs' configs train the same way (where they ran, with how many threads and whether CPU
-    denormals were flushed aside: these change the speed and, like another summation order, nothing but
+    """Whether two runs' configs train the same way (where they ran and read their data, with how many threads
+    and whether CPU denormals were flushed aside: these change the speed and, like another summation order, nothing but
     rounding; keys added since a run have their defaults through ``Config.from_dict``). The head probe's keys
     count only where the probe selects the stage-1 epoch (their defaults changed under finished runs)."""
     def recipe(cfg: dict) -> dict:
-        kept = {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in NOT_RECIPE}}
+        kept = {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in NOT_RECIPE},
+                "data": {k: v for k, v in cfg["data"].items() if k != "root"}}
         if cfg["contrastive"]["select"] != "head_f1":
             kept["contrastive"] = {k: v for k, v in cfg["contrastive"].items() if not k.startswith("head_probe_")}
         return kept
     return recipe(a) == recipe(b)
 
 
-def diagnostics(cfg, root: Path, out: Path) -> dict:
+def diagnostics(cfg, out: Path) -> dict:
     """Test scores over the mentions seen and unseen in training, and the dev InfoNCE of the encoder's
     features: the final model's, and for NerCo the stage-1 encoder's (does fine-tuning erase the structure?)."""
-    splits = read_config_splits(cfg, root)
+    splits = read_config_splits(cfg)
     codec, model = load_for_inference(out / "best.pt", "cpu")
     seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
     pred = predict(codec, model, splits.test, cfg.run.eval_batch_size)
@@ -127,25 +128,24 @@ def by_mention(diags: list[dict | None]) -> dict:
             for group in ("seen", "unseen")}
 
 
-def compare(scores: dict[str, list[dict]], diags: dict[str, list[dict | None]], seeds: list[int], cfg,
-            root: Path) -> dict:
+def compare(scores: dict[str, list[dict]], diags: dict[str, list[dict | None]], seeds: list[int], cfg) -> dict:
     """NerCo against the baseline on the same seeds: the paired t-test over seeds' test F1 (in points), and
     the paired bootstrap over test sentences for the first seed (where both runs stored their predictions)."""
     f1 = {name: [100 * s["f1"] for s in scores[name]] for name in DEFAULT_SYSTEMS}
     first = [d and d.get("test_predicted_entities") for d in (diags["baseline"][0], diags["NerCo"][0])]
     boot = None
     if all(first):
-        gold = [s.tags for s in read_config_splits(cfg, root).test]
+        gold = [s.tags for s in read_config_splits(cfg).test]
         base, nerco = ([from_entities(len(g), map(tuple, found)) for g, found in zip(gold, system)] for system in first)
         boot = paired_bootstrap(gold, base, nerco)
     return dict(seeds=seeds, paired_t_test=paired_t_test(f1["baseline"], f1["NerCo"]), bootstrap_first_seed=boot)
 
 
-def input_checksums(cfg, root: Path) -> dict[str, str]:
+def input_checksums(cfg) -> dict[str, str]:
     """sha256 of the vector and lexicon files a config reads (generated files are not committed)."""
     d = cfg.data
     files = [d.char_vectors, d.bigram_vectors, d.word_vectors] + (d.lexicon or "").split("+")
-    paths = [resolve_data_path(f, root) for f in files if f and f != "jieba"]
+    paths = [d.path(f) for f in files if f and f != "jieba"]
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--name", help="results file stem (default nerco_vs_baseline_CORPUS[_systems][_tag])")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    root = data_root(args.data_root)
+    root = default_data_root(args.data_root)
     systems = {name: system_config(args.corpus, name) for name in args.systems}
     runs = Path(args.runs) / args.corpus
     scores: dict[str, list[dict]] = {name: [] for name in systems}
@@ -198,7 +198,8 @@ def main() -> None:
     with_plots = set(DEFAULT_SYSTEMS) <= set(systems) and all(
         (run / "best.pt").is_file() for run in (baseline_run, nerco_run))
     if with_plots:
-        test_file = resolve_data_path(load_config(systems["baseline"][0]).data.test, root)
+        data = load_config(systems["baseline"][0], data_root=root).data
+        test_file = data.path(data.test)
         analyze(baseline_run / "best.pt", nerco_run / "best.pt", test_file, plots,
                 stage1=nerco_run / "contrastive" / "best.pt")
 
@@ -208,14 +209,15 @@ def main() -> None:
                        per_seed_wall_time_s=wall[name], mean_wall_time_s=round(statistics.mean(wall[name]), 1),
                        per_seed_diagnostics=diags[name], **by_mention(diags[name]))
             for name, runs_ in scores.items()}
-    comparison = compare(scores, diags, args.seeds, load_config(systems["baseline"][0], args.set, args.overlay), root) \
+    shared = dict(overrides=args.set, overlays=args.overlay, data_root=root)
+    comparison = compare(scores, diags, args.seeds, load_config(systems["baseline"][0], **shared)) \
         if set(DEFAULT_SYSTEMS) <= set(systems) else None
     payload = dict(corpus=args.corpus, seeds=args.seeds, overrides=args.set, overlays=args.overlay,
                    nerco_vs_baseline=comparison,
                    systems={k: dict(config=str(c), switches=sw,
-                                    resolved=load_config(c, sw + args.set, args.overlay).to_dict())
+                                    resolved=load_config(c, sw + args.set, args.overlay, data_root=root).to_dict())
                             for k, (c, sw) in systems.items()},
-                   inputs=input_checksums(load_config(next(iter(systems.values()))[0], args.set, args.overlay), root),
+                   inputs=input_checksums(load_config(next(iter(systems.values()))[0], **shared)),
                    results=rows, date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(device_for_rank("auto")))
     write_json(results / f"{stem}.json", payload)
     plots_note = f"; plots in {plots.name}/" if plots.is_dir() else ""

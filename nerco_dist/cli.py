@@ -20,14 +20,14 @@ log = logging.getLogger("nerco_dist")
 def _train(args: argparse.Namespace, wrap_loss=None) -> int:
     """``nerco train``; ``wrap_loss`` is ``train``'s seam for a test's own loss."""
     from . import distributed
-    from .config import data_root, load_config
+    from .config import default_data_root, load_config
     from .train.stopping import StopRequested
     from .train.steps import NonFiniteLoss
     from .train.trainer import train
 
-    cfg = load_config(args.config, args.set, args.overlays)
+    cfg = load_config(args.config, args.set, args.overlays, data_root=default_data_root(args.data_root))
     try:
-        results = train(cfg, data_root(args.data_root), args.stage, Path(args.init) if args.init else None,
+        results = train(cfg, args.stage, Path(args.init) if args.init else None,
                         resume=not args.no_resume, wrap_loss=wrap_loss)
         if distributed.is_main() and "test" in results:
             t = results["test"]
@@ -165,14 +165,15 @@ def _tagged(codec, model, texts: list[str], batch_size: int) -> list[list[dict]]
 
 
 def _vectors(args: argparse.Namespace) -> int:
-    from .config import data_root, lexicon_reference, resolve_data_path
+    from .config import DataConfig, default_data_root, resolve_data_path
     from .data.lexicon import Lexicon
     from .data.vectors import build_vectors, check_options
 
     check_options(args.dim, args.epochs, args.min_count, args.window, args.workers)
-    root = data_root(args.data_root)
+    root = default_data_root(args.data_root)
     words_by_lexicon = "word" in args.kinds and args.segmenter == "fmm"
-    lexicon = Lexicon.load(lexicon_reference(args.lexicon, root)) if words_by_lexicon else None
+    lexicon = Lexicon.load(DataConfig(root=str(root), lexicon=args.lexicon).lexicon_reference()) \
+        if words_by_lexicon else None
     written = build_vectors([resolve_data_path(p, root) for p in args.raw],
                             [resolve_data_path(p, root) for p in args.corpus], lexicon, Path(args.out),
                             dim=args.dim, epochs=args.epochs, min_count=args.min_count, window=args.window,

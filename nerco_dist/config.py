@@ -27,6 +27,9 @@ DATA_ROOT_ENV = "NERCO_DATA_ROOT"
 
 @dataclass
 class DataConfig:
+    # the folder relative paths below are read under: a command sets it once, when it reads the config
+    # (--data-root, else $NERCO_DATA_ROOT, else data/)
+    root: str = field(default="data", metadata={"resume": False})
     train: str = ""
     dev: str | None = None  # None: a seeded held-out slice of train (dev_fraction)
     test: str | None = None
@@ -45,6 +48,14 @@ class DataConfig:
     norm_embeddings: bool = True
     min_freq: int = field(default=1, metadata={"ge": 1})
     limit: int | None = field(default=None, metadata={"ge": 1})  # only the first N sentences of each split (quick runs)
+
+    def path(self, value: str | None) -> Path | None:
+        """A path this section names: absolute as written, otherwise under ``root``."""
+        return resolve_data_path(value, Path(self.root))
+
+    def lexicon_reference(self) -> str:
+        """``lexicon`` with each file of a ``a+b`` union under ``root`` (``jieba`` stays as it is)."""
+        return "+".join(p if p == JIEBA else str(self.path(p)) for p in (self.lexicon or JIEBA).split("+"))
 
 
 # Field metadata. "resume": False: may change between a killed run and its resume. "ge"/"gt"/"le"/"lt": the
@@ -334,11 +345,12 @@ def _merged(base: dict, over: dict) -> dict:
     return merged
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = (),
-                overlays: list[str | os.PathLike] = ()) -> Config:
+def load_config(path: str | os.PathLike, overrides: list[str] = (), overlays: list[str | os.PathLike] = (),
+                data_root: str | os.PathLike | None = None) -> Config:
     """Read a YAML config, merge ``overlays`` over it in order (YAML files saying only what they change, such
     as ``configs/budget/cpu.yaml``), then apply ``section.key=value`` overrides (``finetune.full.optim.lr=3e-4``:
-    any depth; values parsed as YAML)."""
+    any depth; values parsed as YAML). ``data_root`` (the command's, from :func:`default_data_root`) replaces
+    the config's own ``data.root``; every relative data path is read under it."""
     path = Path(path)
     raw = _read_yaml(path)
     for overlay in overlays:
@@ -354,17 +366,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (),
             if not isinstance(node, dict):
                 raise InputError(path, f"{'.'.join(parts[: depth + 1])} must be a mapping")
         node[parts[-1]] = _parse_value(value)
+    data = raw.setdefault("data", {})
+    if isinstance(data, dict) and data_root is not None:
+        data["root"] = str(data_root)
     return Config.from_dict(raw, str(path))
 
 
-def data_root(flag: str | None = None) -> Path:
+def default_data_root(flag: str | os.PathLike | None = None) -> Path:
+    """The data root of a command: its ``--data-root``, else ``$NERCO_DATA_ROOT``, else ``data/``. Called where
+    a command reads its arguments (the CLI, the scripts), and nowhere below."""
     return Path(flag or os.environ.get(DATA_ROOT_ENV) or "data")
-
-
-def lexicon_reference(config_value: str | None, root: Path) -> str:
-    """``data.lexicon`` with each file of a ``a+b`` union under the data root (``jieba`` stays as it is)."""
-    parts = (config_value or JIEBA).split("+")
-    return "+".join(p if p == JIEBA else str(resolve_data_path(p, root)) for p in parts)
 
 
 def resolve_data_path(path: str | None, root: Path) -> Path | None:

@@ -36,8 +36,9 @@ def test_bert_base_shaped_encoder_is_bert_base_and_reads_the_batch_bert_ids(benc
         bert = bench_train.random_bert(Path(tmp) / "bert", vocab, *bench_train.BERT_BASE)
         built = {}
         for name, extra in bench_train.encoders(bert, quick=False):
-            cfg = load_config(TINY, [*bench_train.NO_VECTORS, *extra, f"run.out_dir={tmp_path / name}"])
-            run = TrainingRun.start(cfg, data_root)
+            cfg = load_config(TINY, [*bench_train.NO_VECTORS, *extra, f"run.out_dir={tmp_path / name}"],
+                              data_root=data_root)
+            run = TrainingRun.start(cfg)
             built[name] = run, run.initial_model(None)
     assert set(built) == {"flat", "flat+bert-base-shaped"}
     run, model = built["flat+bert-base-shaped"]

@@ -22,8 +22,8 @@ def test_frozen_bert_is_unchanged_and_unfrozen_bert_trains(tiny_bert, data_root,
     freeze_epochs = int(phase == "frozen_bert")
     cfg = load_config(TINY, [f"model.bert={tiny_bert}", f"finetune.frozen_bert.optim.epochs={freeze_epochs}",
                              f"finetune.full.optim.epochs={1 - freeze_epochs}", f"run.out_dir={tmp_path}",
-                             "data.max_len=40"])
-    train(cfg, data_root)
+                             "data.max_len=40"], data_root=data_root)
+    train(cfg)
     trained = bert_weights(load_checkpoint(tmp_path / "last.pt")["model"])
     initial = {f"bert.{k}": v for k, v in BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).state_dict().items()}
     assert trained.keys() == initial.keys() and trained

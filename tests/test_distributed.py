@@ -384,6 +384,6 @@ def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root):
         return lambda model, batch: loss(model, batch) * float("nan")
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run.out_dir={tmp_path}", "data.limit=40",
-                                                        "distributed.max_nonfinite=3"])
+                                                        "distributed.max_nonfinite=3"], data_root=data_root)
     with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
-        trainer.train(cfg, data_root, stage="finetune", wrap_loss=nan_loss)
+        trainer.train(cfg, stage="finetune", wrap_loss=nan_loss)

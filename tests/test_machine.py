@@ -75,8 +75,8 @@ DENORMALS = """
 import torch
 from nerco_dist.config import load_config
 from nerco_dist.train.run import TrainingRun
-cfg = load_config({tiny!r}, ["run.flush_denormals={flush}", "run.threads=2", "run.out_dir={out}"])
-TrainingRun.start(cfg, {root!r})  # sets the flag before torch's threads start: they inherit it
+cfg = load_config({tiny!r}, ["run.flush_denormals={flush}", "run.threads=2", "run.out_dir={out}"], data_root={root!r})
+TrainingRun.start(cfg)  # sets the flag before torch's threads start: they inherit it
 tiny = torch.finfo(torch.float32).tiny
 products = torch.full((1 << 20,), tiny / 4) * 1.0  # shared by the 2 threads
 param = torch.nn.Parameter(torch.ones(1000, 8))

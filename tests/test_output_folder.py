@@ -157,8 +157,8 @@ def test_the_final_test_scores_the_best_weights_kept_in_memory(tmp_path, data_ro
         return wrapped
 
     cfg = load_config(TINY, [*LIGHT, f"run.out_dir={out}", "finetune.full.optim.epochs=2",
-                             "distributed.max_nonfinite=1000"])
-    results = train(cfg, data_root, wrap_loss=wrap)
+                             "distributed.max_nonfinite=1000"], data_root=data_root)
+    results = train(cfg, wrap_loss=wrap)
     last = load_checkpoint(out / "last.pt")
     assert results["best_epoch"] == 1 and last["epoch"] == 2 and results["nonfinite_skipped"] > 0
     assert results["test"] == last["dev"]
@@ -166,8 +166,8 @@ def test_the_final_test_scores_the_best_weights_kept_in_memory(tmp_path, data_ro
 
 def untrained_checkpoint(path, data_root, *sets, **extra):
     """A checkpoint as a run writes it, of the tiny model before training."""
-    cfg = load_config(TINY, [*LIGHT, *sets])
-    run = TrainingRun.start(cfg, data_root)
+    cfg = load_config(TINY, [*LIGHT, *sets], data_root=data_root)
+    run = TrainingRun.start(cfg)
     run.checkpoint(path, run.initial_model(None), **extra)
     return path
 

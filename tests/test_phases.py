@@ -12,7 +12,7 @@ from nerco_dist.train.objectives import head_probe_report
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
-from .conftest import REPO, TINY
+from .conftest import DATA_ROOT, REPO, TINY
 
 FIRST = "frozen_bert"  # the first of two phases: encoder + head (the tiny model has no BERT), then full
 PHASES = ["data.max_len=40", f"finetune.{FIRST}.optim.epochs=3", f"finetune.{FIRST}.optim.optimizer=adamw",
@@ -20,17 +20,17 @@ PHASES = ["data.max_len=40", f"finetune.{FIRST}.optim.epochs=3", f"finetune.{FIR
 
 
 def config(out, *overrides):
-    return load_config(TINY, PHASES + [f"run.out_dir={out}", *overrides])
+    return load_config(TINY, PHASES + [f"run.out_dir={out}", *overrides], data_root=DATA_ROOT)
 
 
-def batches_per_epoch(cfg, data_root, phase=FIRST) -> int:
-    return len(TrainingRun.start(cfg, data_root).train_batches(getattr(cfg.finetune, phase).optim.batch_size))
+def batches_per_epoch(cfg, phase=FIRST) -> int:
+    return len(TrainingRun.start(cfg).train_batches(getattr(cfg.finetune, phase).optim.batch_size))
 
 
 @pytest.mark.parametrize("hand_off", ["best", "last"])
 def test_next_phase_starts_from_the_stage_best_or_the_last_weights(tmp_path, data_root, hand_off):
     cfg = config(tmp_path, f"finetune.{FIRST}.hand_off={hand_off}")
-    per_epoch = batches_per_epoch(cfg, data_root)
+    per_epoch = batches_per_epoch(cfg)
     out, calls, seen = tmp_path, {FIRST: 0}, {}
 
     def wrap(phase, loss):
@@ -44,7 +44,7 @@ def test_next_phase_starts_from_the_stage_best_or_the_last_weights(tmp_path, dat
             return loss(model, batch)
         return wrapped
 
-    train(cfg, data_root, wrap_loss=wrap)
+    train(cfg, wrap_loss=wrap)
     best, last = seen["best"], seen["last"]
     assert best["phase"] == last["phase"] == FIRST and best["epoch"] < 3 and last["epoch"] == 3
     assert last["dev"]["f1"] < best["dev"]["f1"]
@@ -58,9 +58,9 @@ class Interrupted(Exception):
 
 def test_killed_inside_the_second_phase_resumes_there_and_ends_like_an_uninterrupted_run(tmp_path, data_root):
     sets = ["distributed.checkpoint_every=1"]
-    reference = train(config(tmp_path / "reference", *sets), data_root)
+    reference = train(config(tmp_path / "reference", *sets))
     cfg = config(tmp_path / "run", *sets)
-    stop_at = batches_per_epoch(cfg, data_root, "full") + 3  # the second epoch of the full phase
+    stop_at = batches_per_epoch(cfg, "full") + 3  # the second epoch of the full phase
     calls = 0
 
     def wrap(phase, loss):
@@ -73,10 +73,10 @@ def test_killed_inside_the_second_phase_resumes_there_and_ends_like_an_uninterru
         return wrapped
 
     with pytest.raises(Interrupted):
-        train(cfg, data_root, wrap_loss=wrap)
+        train(cfg, wrap_loss=wrap)
     latest = json.loads((tmp_path / "run" / "resume" / "finetune" / "latest.json").read_text())["progress"]
     assert (latest["phase"], latest["epoch"], latest["batch"]) == (1, 1, 2)
-    resumed = train(cfg, data_root)
+    resumed = train(cfg)
     assert resumed["test"] == reference["test"] and resumed["best_epoch"] == reference["best_epoch"]
     for name in ("best.pt", "last.pt"):
         a, b = (load_checkpoint(d / name)["model"] for d in (tmp_path / "run", tmp_path / "reference"))
@@ -92,9 +92,9 @@ def test_the_reference_schedule_restarts_the_optimiser_and_its_warmup_at_every_p
              f"run.out_dir={tmp_path}", "run.log_every=1"]
     phases = [f"{p}.optim.{k}={v}" for p in ("contrastive.phase", "finetune.head", "finetune.full")
               for k, v in (("epochs", 2), ("warmup", 0.5), ("batch_size", 10))]
-    cfg = load_config(REPO / "configs" / "weibo_nerco.yaml", small + phases)
-    steps = batches_per_epoch(cfg, data_root, "head")  # every phase has batches of 10
-    train(cfg, data_root)
+    cfg = load_config(REPO / "configs" / "weibo_nerco.yaml", small + phases, data_root=data_root)
+    steps = batches_per_epoch(cfg, "head")  # every phase has batches of 10
+    train(cfg)
     ramp = int(0.5 * 2 * steps)
     for stage, tag, lrs in (("contrastive", "contrastive/lr", [cfg.contrastive.phase.optim.lr]),
                             ("finetune", "train/lr", [cfg.finetune.head.optim.lr, cfg.finetune.full.optim.lr])):
@@ -126,9 +126,9 @@ def test_frozen_embeddings_and_the_encoder_lr_ratio(tmp_path, data_root, switch)
     """freeze_embeddings keeps the lattice's tables, and only them, as initialised; encoder_lr_ratio 0 keeps
     the whole encoder while the head trains at the phase's learning rate."""
     cfg = load_config(TINY, ["data.max_len=40", f"run.out_dir={tmp_path}", "finetune.full.optim.epochs=1",
-                             f"finetune.full.{switch}"])
-    initial = TrainingRun.start(cfg, data_root).initial_model(None).state_dict()
-    train(cfg, data_root)
+                             f"finetune.full.{switch}"], data_root=data_root)
+    initial = TrainingRun.start(cfg).initial_model(None).state_dict()
+    train(cfg)
     trained = load_checkpoint(tmp_path / "last.pt")["model"]
     unchanged = {k for k in initial if torch.equal(trained[k], initial[k])}
     if switch.startswith("freeze"):
@@ -144,9 +144,11 @@ def test_stage_one_selected_by_a_head_probe_trains_exactly_as_without_it(tmp_pat
     sets = ["data.max_len=40", "contrastive.enabled=true", "contrastive.phase.optim.epochs=2",
             "finetune.head.optim.optimizer=adamw", "finetune.head.optim.batch_size=8"]
     probed = train(load_config(TINY, sets + [f"run.out_dir={tmp_path / 'probe'}", "contrastive.select=head_f1",
-                                                  "contrastive.head_probe_epochs=6", "contrastive.head_probe_lr=0.05"]),
-                   data_root, stage="contrastive")
-    plain = train(load_config(TINY, sets + [f"run.out_dir={tmp_path / 'plain'}"]), data_root, stage="contrastive")
+                                                  "contrastive.head_probe_epochs=6", "contrastive.head_probe_lr=0.05"],
+                               data_root=data_root),
+                   stage="contrastive")
+    plain = train(load_config(TINY, sets + [f"run.out_dir={tmp_path / 'plain'}"], data_root=data_root),
+                  stage="contrastive")
     a, b = (load_checkpoint(tmp_path / d / "contrastive" / "last.pt") for d in ("probe", "plain"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     best = load_checkpoint(tmp_path / "probe" / "contrastive" / "best.pt")
@@ -164,7 +166,8 @@ def test_the_head_probe_warms_up_within_its_own_epochs_whatever_the_head_phase_l
             "finetune.head.optim.warmup=0.4", f"run.out_dir={tmp_path}"]
     reports = []
     for head_epochs in (2, 100):
-        run = TrainingRun.start(load_config(TINY, sets + [f"finetune.head.optim.epochs={head_epochs}"]), data_root)
+        run = TrainingRun.start(load_config(TINY, sets + [f"finetune.head.optim.epochs={head_epochs}"],
+                                            data_root=data_root))
         model = run.initial_model(None)
         reports.append(head_probe_report(run, model, epochs=8, lr=0.05))
     assert reports[0].to_dict() == reports[1].to_dict()

@@ -17,18 +17,18 @@ from nerco_dist.train.resume import Progress
 from nerco_dist.train.inputs import read_training_inputs
 from nerco_dist.train.run import TrainingRun, new_model, seed_everything
 
-from .conftest import TINY
+from .conftest import DATA_ROOT, TINY
 
 FAST = ["data.max_len=40", "finetune.full.optim.epochs=1", "contrastive.phase.optim.epochs=1", "contrastive.phase.optim.batch_size=32"]
 
 
 def tiny_config(tmp_path, *overrides):
-    return load_config(TINY, FAST + [f"run.out_dir={tmp_path}", *overrides])
+    return load_config(TINY, FAST + [f"run.out_dir={tmp_path}", *overrides], data_root=DATA_ROOT)
 
 
-def initial_model(cfg, data_root):
+def initial_model(cfg):
     """The model exactly as a stage builds it before training (same seed, same data)."""
-    _, codec, _, pretrained = read_training_inputs(cfg, data_root)
+    _, codec, _, pretrained = read_training_inputs(cfg)
     seed_everything(cfg.run.seed)
     return new_model(cfg, codec, pretrained)
 
@@ -46,13 +46,13 @@ def equal(a, b):
 
 def test_stage_handoff_takes_encoder_and_leaves_a_fresh_head(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true")
-    stage1 = initial_model(cfg, data_root)
+    stage1 = initial_model(cfg)
     torch.manual_seed(123)
     for p in stage1.parameters():
         p.data.add_(torch.randn_like(p))  # a "trained" stage-1 model: every weight differs from init
     ckpt = tmp_path / "stage1.pt"
-    TrainingRun.start(cfg, data_root).checkpoint(ckpt, stage1)
-    fresh = initial_model(cfg, data_root)
+    TrainingRun.start(cfg).checkpoint(ckpt, stage1)
+    fresh = initial_model(cfg)
     fresh_head, _, _ = split_state(fresh.state_dict())
     load_encoder(fresh, ckpt)
     head, _, rest = split_state(fresh.state_dict())
@@ -64,21 +64,21 @@ def test_stage_handoff_takes_encoder_and_leaves_a_fresh_head(tmp_path, data_root
 def test_both_stages_end_to_end(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true")
     assert trainer.default_stage(cfg) == "both"
-    results = trainer.train(cfg, data_root)
+    results = trainer.train(cfg)
     assert results["contrastive"]["best_epoch"] == 1 and math.isfinite(results["contrastive"]["best_dev_loss"])
     assert (tmp_path / "contrastive" / "best.pt").is_file() and "test" in results
     stage1 = load_checkpoint(tmp_path / "contrastive" / "best.pt")
     assert stage1["stage"] == "contrastive"
     # stage 1 trains the encoder but never the output head
-    head0, _, rest0 = split_state(initial_model(cfg, data_root).state_dict())
+    head0, _, rest0 = split_state(initial_model(cfg).state_dict())
     head1, _, rest1 = split_state(stage1["model"])
     assert equal(head1, head0) and not equal(rest1, rest0)
 
 
 def test_head_phase_changes_only_the_head(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "finetune.head.optim.epochs=1", "finetune.full.optim.epochs=0")
-    trainer.train(cfg, data_root, stage="finetune")
-    head0, _, rest0 = split_state(initial_model(cfg, data_root).state_dict())
+    trainer.train(cfg, stage="finetune")
+    head0, _, rest0 = split_state(initial_model(cfg).state_dict())
     head1, _, rest1 = split_state(load_checkpoint(tmp_path / "last.pt")["model"])
     assert equal(rest1, rest0)
     assert all(not torch.equal(head1[k], head0[k]) for k in head1)
@@ -86,8 +86,8 @@ def test_head_phase_changes_only_the_head(tmp_path, data_root):
 
 def test_frozen_bert_is_unchanged_after_stage_one(tmp_path, data_root, tiny_bert):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true", f"model.bert={tiny_bert}")
-    trainer.train(cfg, data_root, stage="contrastive")
-    _, bert0, rest0 = split_state(initial_model(cfg, data_root).state_dict())
+    trainer.train(cfg, stage="contrastive")
+    _, bert0, rest0 = split_state(initial_model(cfg).state_dict())
     _, bert1, rest1 = split_state(load_checkpoint(tmp_path / "contrastive" / "best.pt")["model"])
     assert bert1 and equal(bert1, bert0)
     assert not equal(rest1, rest0)
@@ -96,7 +96,7 @@ def test_frozen_bert_is_unchanged_after_stage_one(tmp_path, data_root, tiny_bert
 def test_baseline_switch_skips_stage_one(tmp_path, data_root):
     cfg = tiny_config(tmp_path)  # contrastive.enabled defaults to false: the baseline
     assert trainer.default_stage(cfg) == "finetune"
-    results = trainer.train(cfg, data_root)
+    results = trainer.train(cfg)
     assert "contrastive" not in results and not (tmp_path / "contrastive").exists()
 
 
@@ -112,16 +112,16 @@ def test_joint_switch_trains_crf_and_infonce_in_one_stage(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true", "ablation.joint=true")
     assert trainer.default_stage(cfg) == "finetune"  # one stage
     seen = []
-    trainer.train(cfg, data_root, wrap_loss=record_phases(seen))
+    trainer.train(cfg, wrap_loss=record_phases(seen))
     assert seen == [("full", "crf+infonce")] and not (tmp_path / "contrastive").exists()
     seen.clear()
-    trainer.train(tiny_config(tmp_path / "plain"), data_root, wrap_loss=record_phases(seen))
+    trainer.train(tiny_config(tmp_path / "plain"), wrap_loss=record_phases(seen))
     assert seen == [("full", "crf")]
 
 
 def test_joint_loss_is_crf_nll_plus_weighted_infonce(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true", "ablation.joint=true", "ablation.joint_weight=0.25")
-    model, batch = double_model_and_batch(cfg, data_root)
+    model, batch = double_model_and_batch(cfg)
     (phase,) = stage_phases(cfg, "finetune")
     with torch.no_grad():
         joint = phase_loss(cfg, phase, num_classes=int(batch["class_ids"].max()) + 1)(model, batch)
@@ -134,9 +134,9 @@ def test_joint_loss_is_crf_nll_plus_weighted_infonce(tmp_path, data_root):
     assert classes and joint.item() == pytest.approx(nll.item() + 0.25 * infonce, rel=1e-9)
 
 
-def double_model_and_batch(cfg, data_root):
+def double_model_and_batch(cfg):
     """The tiny model in float64, eval mode (no dropout), and a batch of two training sentences."""
-    splits, codec, _, pretrained = read_training_inputs(cfg, data_root)
+    splits, codec, _, pretrained = read_training_inputs(cfg)
     pieces = codec.encode(splits.train[:2])
     batch = next(iter(codec.batches(pieces, [list(range(len(pieces)))])))
     return new_model(cfg, codec, pretrained).double().eval(), batch
@@ -159,7 +159,7 @@ def literal_class_term(f, labels, c, tau):
 
 def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_root):
     cfg = tiny_config(tmp_path, "contrastive.enabled=true")
-    model, batch = double_model_and_batch(cfg, data_root)
+    model, batch = double_model_and_batch(cfg)
     num_classes = int(batch["class_ids"].max()) + 1
     with torch.no_grad():
         features = model.encode(batch)
@@ -176,7 +176,7 @@ def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_
 def test_seeded_runs_repeat_exactly_on_cpu(tmp_path, data_root):
     states = []
     for name in ("a", "b"):
-        trainer.train(tiny_config(tmp_path / name, "contrastive.enabled=true"), data_root)
+        trainer.train(tiny_config(tmp_path / name, "contrastive.enabled=true"))
         states.append(load_checkpoint(tmp_path / name / "last.pt")["model"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -4,7 +4,6 @@ counted here from the files themselves, not with the project's readers."""
 
 import logging
 import os
-import re
 from collections import Counter
 from pathlib import Path
 

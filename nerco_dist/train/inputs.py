@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from ..config import DATA_ROOT_ENV, Config, lexicon_reference, resolve_data_path
+from ..config import DATA_ROOT_ENV, Config
 from ..data.dataset import LabelSet, LatticeEncoder, Piece, Vocabs, lexicon_matches
 from ..data.lexicon import Lexicon
 from ..data.readers import Sentence, read_bert_vocab
@@ -19,27 +19,26 @@ from ..model.tagger import KINDS
 log = logging.getLogger("nerco_dist")
 
 
-def read_config_splits(cfg: Config, root: Path) -> Splits:
-    """The config's splits under the data root; a relative path that is missing names the root it was looked
-    for under, and how to set it."""
+def read_config_splits(cfg: Config) -> Splits:
+    """The config's splits; a relative path that is missing names the data root it was looked for under, and
+    how to set it."""
     d = cfg.data
     for split in ("train", "dev", "test"):
         written = getattr(d, split)
-        path = resolve_data_path(written, root)
+        path = d.path(written)
         if written and not path.is_file() and not Path(written).expanduser().is_absolute():
-            raise InputError(path, f"file not found (data.{split}={written} is relative to the data root {root}: "
+            raise InputError(path, f"file not found (data.{split}={written} is relative to the data root {d.root}: "
                                    f"point --data-root or ${DATA_ROOT_ENV} at the folder that holds it)")
-    return read_splits(resolve_data_path(d.train, root), resolve_data_path(d.dev, root),
-                       resolve_data_path(d.test, root), corpus_format=d.format, dev_fraction=d.dev_fraction,
-                       limit=d.limit, seed=cfg.run.seed)
+    return read_splits(d.path(d.train), d.path(d.dev), d.path(d.test), corpus_format=d.format,
+                       dev_fraction=d.dev_fraction, limit=d.limit, seed=cfg.run.seed)
 
 
-def read_pretrained(cfg: Config, root: Path) -> dict[str, PretrainedVectors | None]:
+def read_pretrained(cfg: Config) -> dict[str, PretrainedVectors | None]:
     """The configured vector files by kind (None where a kind has none), each read once."""
     m, d = cfg.model, cfg.data
     files = dict(char=(d.char_vectors, m.char_dim), bigram=(d.bigram_vectors, m.bigram_dim),
                  word=(d.word_vectors, m.word_dim))
-    return {kind: PretrainedVectors.read(str(resolve_data_path(path, root)), dim) if path else None
+    return {kind: PretrainedVectors.read(str(d.path(path)), dim) if path else None
             for kind, (path, dim) in files.items()}
 
 
@@ -64,11 +63,11 @@ def with_pretrained_rows(vocabs: Vocabs, pretrained: dict[str, PretrainedVectors
     return Vocabs(tables["char"], tables["bigram"], tables["word"])
 
 
-def codec_for_training(cfg: Config, train: Sequence[Sentence], root: Path,
+def codec_for_training(cfg: Config, train: Sequence[Sentence],
                        pretrained: dict[str, PretrainedVectors | None]) -> tuple[LatticeEncoder, list[Piece]]:
     """The text codec built from the training split, and that split encoded (cut so that no entity is split);
     each sentence is matched against the lexicon once, for the vocabulary and the lattice alike."""
-    lexicon = Lexicon.load(lexicon_reference(cfg.data.lexicon, root))
+    lexicon = Lexicon.load(cfg.data.lexicon_reference())
     matches = lexicon_matches(train, lexicon)
     vocabs = Vocabs.build(train, lexicon, cfg.data.min_freq, matches=matches)
     labels = LabelSet.from_sentences(train)
@@ -89,9 +88,9 @@ class TrainingInputs(NamedTuple):
     pretrained: dict[str, PretrainedVectors | None]  # what a new model's rows start from
 
 
-def read_training_inputs(cfg: Config, root: Path) -> TrainingInputs:
+def read_training_inputs(cfg: Config) -> TrainingInputs:
     """Everything a training run reads before its first model: splits, vectors, codec, encoded training split."""
-    splits = read_config_splits(cfg, root)
-    pretrained = read_pretrained(cfg, root)
-    codec, pieces = codec_for_training(cfg, splits.train, root, pretrained)
+    splits = read_config_splits(cfg)
+    pretrained = read_pretrained(cfg)
+    codec, pieces = codec_for_training(cfg, splits.train, pretrained)
     return TrainingInputs(splits, codec, pieces, pretrained)

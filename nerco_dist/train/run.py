@@ -127,7 +127,6 @@ class TrainingRun:
     """One ``nerco train``: its config, data, device and output folder, shared by both stages."""
 
     cfg: Config
-    root: Path
     codec: LatticeEncoder
     pretrained: dict[str, PretrainedVectors | None]  # what a new model's rows start from
     splits: Splits
@@ -136,7 +135,7 @@ class TrainingRun:
     out: Path
 
     @classmethod
-    def start(cls, cfg: Config, root: Path) -> "TrainingRun":
+    def start(cls, cfg: Config) -> "TrainingRun":
         """Seeds, the allocator, the process group when DeepSpeed is used, threads, the data and its codec."""
         seed_everything(cfg.run.seed)
         keep_freed_memory()
@@ -145,8 +144,8 @@ class TrainingRun:
         if not dist.is_main():
             log.setLevel(logging.WARNING)
         apply_threads(cfg.run.threads)  # after the log level: rank 0 alone says what auto chose
-        splits, codec, pieces, pretrained = read_training_inputs(cfg, root)
-        return cls(cfg, root, codec, pretrained, splits, pieces, device, Path(cfg.run.out_dir))
+        splits, codec, pieces, pretrained = read_training_inputs(cfg)
+        return cls(cfg, codec, pretrained, splits, pieces, device, Path(cfg.run.out_dir))
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / "contrastive" if stage == "contrastive" else self.out

@@ -42,7 +42,7 @@ from .stopping import StopRequested, StopSignals, agreed_signal
 
 log = logging.getLogger("nerco_dist")
 
-def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None = None, resume: bool = True,
+def train(cfg: Config, stage: str | None = None, init: Path | None = None, resume: bool = True,
           wrap_loss: WrapLoss | None = None) -> dict:
     """Run ``stage`` ("contrastive", "finetune" or "both"; default: both for NerCo configs, fine-tuning
     otherwise). ``init``: a stage-1 checkpoint for fine-tuning to start from. ``resume``: continue from what a
@@ -57,7 +57,7 @@ def train(cfg: Config, root: Path, stage: str | None = None, init: Path | None =
     refuse_unrunnable(cfg, ["contrastive", "finetune"] if stage == "both" else [stage])
     join_ranks(cfg)
     with exclusive_output(Path(cfg.run.out_dir)), StopSignals() as signals:
-        run = TrainingRun.start(cfg, root)
+        run = TrainingRun.start(cfg)
         if dist.is_main() and not resume:
             shutil.rmtree(run.out / "resume", ignore_errors=True)
         dist.barrier()

@@ -60,9 +60,9 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init(torch.device("cpu"), timeout_s=120)
     W, r = dist.world_size(), dist.rank()
-    root = Path(args.data_root)
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.max_len=40", "data.limit=40", "contrastive.enabled=true"])
-    _, codec, pieces, _ = read_training_inputs(cfg, root)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.max_len=40", "data.limit=40", "contrastive.enabled=true"],
+                      data_root=args.data_root)
+    _, codec, pieces, _ = read_training_inputs(cfg)
     per_rank = 4
     everything = pieces[: per_rank * W]
     mine = everything[r * per_rank : (r + 1) * per_rank]

@@ -111,7 +111,7 @@ def diagnostics(cfg, out: Path) -> dict:
     by_seen = scores_by_seen([s.chars for s in splits.test], [s.tags for s in splits.test], pred, seen)
     pieces = codec.encode(splits.dev, split_on_entities=True)
     dev = codec.batches(pieces, LengthBucketBatchSampler([p.lattice_len for p in pieces], 32, shuffle=False))
-    loss = InfoNCELoss(cfg, len(codec.labels.classes), across_ranks=False)
+    loss = InfoNCELoss.of(cfg, len(codec.labels.classes), across_ranks=False)
     infonce = {"final model": mean_dev_infonce(loss, model, dev, torch.device("cpu"))}
     if (out / "contrastive" / "best.pt").is_file():
         infonce["after stage 1"] = mean_dev_infonce(loss, load_for_inference(out / "contrastive" / "best.pt", "cpu")[1],

@@ -163,9 +163,9 @@ def test_non_entity_queries_switch_adds_exactly_the_o_class_term(tmp_path, data_
     num_classes = int(batch["class_ids"].max()) + 1
     with torch.no_grad():
         features = model.encode(batch)
-        filtered = InfoNCELoss(cfg, num_classes, across_ranks=False)(model, batch, features)
+        filtered = InfoNCELoss.of(cfg, num_classes, across_ranks=False)(model, batch, features)
         cfg.ablation.non_entity_queries = True
-        unfiltered = InfoNCELoss(cfg, num_classes, across_ranks=False)(model, batch, features)
+        unfiltered = InfoNCELoss.of(cfg, num_classes, across_ranks=False)(model, batch, features)
     tokens = features[batch["char_mask"]]
     labels = batch["class_ids"][batch["char_mask"]].tolist()
     assert 0 in labels and len(set(labels)) > 2

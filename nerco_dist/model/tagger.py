@@ -45,6 +45,7 @@ class NerTagger(nn.Module):
         for kind, (trained, frozen) in (pretrained or {}).items():
             getattr(self, f"{kind}_embed").load_rows(torch.from_numpy(trained), torch.from_numpy(frozen))
         self.bert = load_bert(cfg.bert) if cfg.bert else None
+        self.bert_trains = False  # whether BERT's forward keeps its graph: the phase being trained says
         bert_dim = self.bert.config.hidden_size if self.bert is not None else 0
         self.char_proj = nn.Linear(cfg.char_dim + cfg.bigram_dim + bert_dim, cfg.hidden)
         self.word_proj = nn.Linear(cfg.word_dim, cfg.hidden)
@@ -71,8 +72,7 @@ class NerTagger(nn.Module):
 
     def _bert_features(self, batch: dict[str, torch.Tensor], lattice_len: int) -> torch.Tensor:
         """BERT's last layer at each character (dropping [CLS]/[SEP]), zero-padded to the lattice length."""
-        trainable = any(p.requires_grad for p in self.bert.parameters())
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.bert_trains and torch.is_grad_enabled()):
             out = self.bert(input_ids=batch["bert_ids"], attention_mask=batch["bert_mask"]).last_hidden_state
         out = out[:, 1:-1]
         return nn.functional.pad(out, (0, 0, 0, lattice_len - out.shape[1]))

@@ -32,18 +32,25 @@ class InfoNCELoss:
     """Stage 1: semantic-class InfoNCE over the batch's character tokens (with several ranks, every rank's
     tokens are the keys); None when no class qualifies. Keeps the last batch's query selection for logging."""
 
-    def __init__(self, cfg: Config, num_classes: int, across_ranks: bool = True):
-        self.cfg, self.num_classes, self.across_ranks = cfg, num_classes, across_ranks
+    def __init__(self, num_classes: int, *, temperature: float, backend: str = "auto",
+                 non_entity_queries: bool = False, across_ranks: bool = True):
+        self.num_classes, self.temperature, self.backend = num_classes, temperature, backend
+        self.non_entity_queries, self.across_ranks = non_entity_queries, across_ranks
         self.selection = None
+
+    @classmethod
+    def of(cls, cfg: Config, num_classes: int, across_ranks: bool = True) -> "InfoNCELoss":
+        """The loss a config describes (``contrastive`` and the ``ablation`` switch)."""
+        return cls(num_classes, temperature=cfg.contrastive.temperature, backend=cfg.contrastive.backend,
+                   non_entity_queries=cfg.ablation.non_entity_queries, across_ranks=across_ranks)
 
     def __call__(self, model: NerTagger, batch: dict, features: torch.Tensor | None = None):
         features = model.encode(batch) if features is None else features
         mask = batch["char_mask"]
-        c = self.cfg.contrastive
         loss, self.selection = contrastive_loss(
-            model.contrastive_features(features)[mask], batch["class_ids"][mask], temperature=c.temperature,
-            num_classes=self.num_classes, non_entity_queries=self.cfg.ablation.non_entity_queries,
-            backend=c.backend, across_ranks=self.across_ranks)
+            model.contrastive_features(features)[mask], batch["class_ids"][mask], temperature=self.temperature,
+            num_classes=self.num_classes, non_entity_queries=self.non_entity_queries, backend=self.backend,
+            across_ranks=self.across_ranks)
         return loss
 
     def scalars(self) -> dict:
@@ -74,8 +81,8 @@ class CrfLoss:
 
 def phase_loss(cfg: Config, phase: Phase, num_classes: int) -> InfoNCELoss | CrfLoss:
     if phase.loss == "infonce":
-        return InfoNCELoss(cfg, num_classes)
-    joint = InfoNCELoss(cfg, num_classes) if phase.loss == "crf+infonce" else None
+        return InfoNCELoss.of(cfg, num_classes)
+    joint = InfoNCELoss.of(cfg, num_classes) if phase.loss == "crf+infonce" else None
     return CrfLoss("encoder" in phase.trains, joint, cfg.ablation.joint_weight)
 
 
@@ -146,7 +153,7 @@ def dev_score(run, phase: Phase, model: NerTagger) -> DevScore:
         pieces = run.dev_pieces
         batches = run.codec.batches(pieces, LengthBucketBatchSampler(
             [p.lattice_len for p in pieces], phase.optim.batch_size, shuffle=False))
-        loss = InfoNCELoss(run.cfg, len(run.codec.labels.classes), across_ranks=False)
+        loss = InfoNCELoss.of(run.cfg, len(run.codec.labels.classes), across_ranks=False)
         return DevScore.from_loss(mean_dev_infonce(loss, model, batches, run.device))
     if phase.select == "head_f1":
         return DevScore.from_report(head_probe_report(run, model, run.cfg.contrastive.head_probe_epochs,

@@ -128,6 +128,7 @@ class StageLoop:
         """The current phase's batches and an engine training its parameters of ``model`` (LR schedule at
         ``step``)."""
         optim = self.phase.optim
+        model.bert_trains = "bert" in self.phase.trains
         self.batches = self.run.train_batches(optim.batch_size)
         self.engine = build_engine(model, optim, trainable_parameters(model, self.phase), len(self.batches),
                                    distributed=self.run.cfg.distributed, device=self.run.device, start_step=step)

@@ -69,7 +69,7 @@ def main() -> None:
     collate = lambda ps: next(iter(codec.batches(ps, [list(range(len(ps)))])))  # noqa: E731
     global_batch, local_batch = collate(everything), collate(mine)
     num_classes = len(codec.labels.classes)
-    losses = {"contrastive": (InfoNCELoss(cfg, num_classes), InfoNCELoss(cfg, num_classes, across_ranks=False)),
+    losses = {"contrastive": (InfoNCELoss.of(cfg, num_classes), InfoNCELoss.of(cfg, num_classes, across_ranks=False)),
               "finetune": (CrfLoss(trains_encoder=True),) * 2}  # (this rank's, the one process's)
 
     report = {}

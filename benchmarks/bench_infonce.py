@@ -10,7 +10,9 @@ all keys, computing in the input dtype; the baseline of the speedups), ``rows-co
 ``dense`` (all N x N pairs, non-query rows masked) and ``per-pair`` (the reference code's expansion: one
 (|P_c|(|P_c|-1), 1 + |N_c|) logit matrix per class). Features are random, a fraction of the tokens spread over
 8 entity classes, the rest non-entity; on a GPU fp32 uses TF32 on both sides and the peak memory of a call
-above what was allocated before it is recorded (the input's gradient included). Correctness lives in the tests.
+above what was allocated before it is recorded (the input's gradient included). Each row also gives TFLOP/s
+and, on a card in ``common.PEAK_TFLOPS``, the fraction of its peak (``infonce_flops``). Correctness lives in
+the tests.
 """
 
 from __future__ import annotations
@@ -87,7 +89,16 @@ def setup(c: dict, device: str) -> Case:
         fns[impl, "fwd+bwd"] = lambda loss=losses[impl]: backward(loss, x)
     stats = sel.stats()
     return Case({"queries": int(stats.queries), "positive_pairs": int(stats.positive_pairs),
-                 "negatives_per_query": round(stats.negatives_per_query, 1)}, fns)
+                 "negatives_per_query": round(stats.negatives_per_query, 1)}, fns,
+                flops=infonce_flops(int(stats.queries), n, c["d"]))
+
+
+def infonce_flops(queries: int, keys: int, d: int) -> dict[str, float]:
+    """The work of the loss, counted in its matrix products: the forward's logits, 2·Nq·Nk·d; forward +
+    backward adds the logits recomputed and the two gradient products (dQ and dK), 8·Nq·Nk·d in all. The
+    softmax and masks are O(Nq·Nk) and left out."""
+    logits = 2.0 * queries * keys * d
+    return {"fwd": logits, "fwd+bwd": 4 * logits}
 
 
 def backward(loss_fn, x):

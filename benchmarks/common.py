@@ -156,10 +156,41 @@ class ResultsFile:
 
 
 class Case(NamedTuple):
-    """One case, built: figures that describe its inputs, and the callables to time keyed (impl, op)."""
+    """One case, built: figures that describe its inputs, the callables to time keyed (impl, op), and where
+    an op has a defined amount of work, its floating-point operations (the same for every implementation:
+    the algorithm's, not what a path happens to compute), for TFLOP/s and the fraction of the card's peak."""
 
     stats: dict[str, Any]
     fns: dict[tuple[str, str], Callable[[], Any]]
+    flops: dict[str, float] | None = None
+
+
+# dense tensor-core peaks (TFLOP/s, without sparsity) of the cards the GPU script meets, by the dtype of the
+# inputs; fp32 counts TF32, which the benchmarks turn on for fp32 matmuls
+PEAK_TFLOPS = {"h100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+               "h200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}}
+
+
+def peak_tflops(device: str, dtype: str | None) -> float | None:
+    """The card's peak for ``dtype``, or None (a CPU, an unknown card or dtype)."""
+    if device != "cuda" or dtype is None:
+        return None
+    name = torch.cuda.get_device_name().lower()
+    card = next((peaks for key, peaks in PEAK_TFLOPS.items() if key in name), {})
+    return card.get(dtype)
+
+
+def throughput(flops: dict[str, float], ms: dict[str, dict[str, Any]], peak: float | None) -> dict[str, Any]:
+    """TFLOP/s per implementation and op where the op's work is known and it was timed, with its fraction of
+    ``peak`` (None where the peak is not known)."""
+    rows = {}
+    for impl, ops in ms.items():
+        for op, t in ops.items():
+            if op in flops and isinstance(t, float) and t > 0:
+                tflops = flops[op] / (t * 1e-3) / 1e12
+                rows.setdefault(impl, {})[op] = dict(tflops=_round(tflops),
+                                                     fraction_of_peak=_round(tflops / peak) if peak else None)
+    return rows
 
 
 class Target(NamedTuple):
@@ -223,6 +254,8 @@ def _time_case(setup, case, args, baseline) -> dict[str, Any]:
         torch.cuda.empty_cache()
         row["peak_mib"] = peak
     row["ms"] = ms
+    if built.flops:
+        row["throughput"] = throughput(built.flops, ms, peak_tflops(args.device, case.get("dtype")))
     base = ms.get(baseline, {})
     row["speedup"] = {impl: {op: _round(base[op] / t) for op, t in ops.items()
                              if isinstance(t, float) and isinstance(base.get(op), float)}

@@ -31,7 +31,7 @@ from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import Config, default_data_root, load_config
 from nerco_dist.data.dataset import LengthBucketBatchSampler
 from nerco_dist.distributed import device_for_rank
-from nerco_dist.eval.analyze import analyze
+from nerco_dist.analysis import analyze
 from nerco_dist.data.tags import entities, from_entities
 from nerco_dist.eval.metrics import mentions, scores_by_seen
 from nerco_dist.eval.significance import paired_bootstrap, paired_t_test

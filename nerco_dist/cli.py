@@ -183,7 +183,7 @@ def _vectors(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .eval.analyze import analyze
+    from .analysis import analyze
 
     summary = analyze(Path(args.baseline), Path(args.nerco), Path(args.data), Path(args.out),
                       stage1=Path(args.stage1) if args.stage1 else None, tsne_tokens=args.tsne_tokens, seed=args.seed,

@@ -16,11 +16,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..atomic import write_json, write_text
-from ..data.dataset import LatticeEncoder
-from ..data.readers import Sentence, read_corpus
-from ..inference import load_for_inference, model_device, predict, sentence_features
-from .metrics import evaluate, f1_by_length, write_length_csv
+from .atomic import write_json, write_text
+from .data.dataset import LatticeEncoder
+from .data.readers import Sentence, read_corpus
+from .eval.metrics import evaluate, f1_by_length, write_length_csv
+from .inference import load_for_inference, model_device, predict, sentence_features
 
 log = logging.getLogger("nerco_dist")
 
@@ -83,7 +83,7 @@ def analyze(baseline: Path, nerco: Path, data: Path, out: Path, *, stage1: Path 
     write_text(out / "table4.md", "\n".join(lines) + "\n")
     write_length_csv(by_length, out / "f1_by_length.csv")
 
-    from .plots import plot_f1_by_length, plot_tsne
+    from .eval.plots import plot_f1_by_length, plot_tsne
 
     with logged_step("plotting F1 by length"):
         plot_f1_by_length(by_length, out / "f1_by_length.png")

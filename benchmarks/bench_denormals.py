@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ResultsFile, machine_info, parse_args, train_epochs
+from common import ResultsFile, cpu_time_arguments, machine_info, parse_args, require_cpu, train_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 START = re.compile(r"finetune phase 'full'")
@@ -57,17 +57,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each setting, alternating")
-    parser.add_argument("--data-root", default=os.environ.get("NERCO_DATA_ROOT", "data"))
+    cpu_time_arguments(parser, "setting")
 
 
 def main() -> int:
     args = parse_args("denormals", __doc__, add_arguments=add_arguments, interpret_on_cpu=False)
-    if args.device != "cpu":
-        raise SystemExit("bench_denormals.py measures CPU time: run it with --device cpu")
-    for name in ("epochs", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name}={getattr(args, name)}: expected an integer >= 1")
+    require_cpu(args, "bench_denormals.py")
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs={args.epochs}: expected an integer >= 1")
     results = ResultsFile(args.out, dict(benchmark="denormals", command=" ".join(sys.argv), epochs=args.epochs,
                                          recipes={str(f): recipe(args.epochs, f) for f in (False, True)},
                                          machine=machine_info("cpu")))

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ResultsFile, machine_info, parse_args, train_epochs
+from common import RESULTS, ResultsFile, cpu_time_arguments, machine_info, parse_args, require_cpu, train_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -63,14 +63,12 @@ def training_characters(data_root: str) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--against", default="bf5daaa", help="the earlier commit (default bf5daaa)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each commit, alternating")
-    parser.add_argument("--data-root", default=os.environ.get("NERCO_DATA_ROOT", "data"))
+    cpu_time_arguments(parser, "commit")
 
 
 def main() -> int:
     args = parse_args("step_cost", __doc__, add_arguments=add_arguments, interpret_on_cpu=False)
-    if args.device != "cpu":
-        raise SystemExit("bench_step_cost.py measures CPU time: run it with --device cpu")
+    require_cpu(args, "bench_step_cost.py")
     if args.out.parent == RESULTS and args.out.name == "step_cost_cpu.json" and args.rounds < 2:
         raise SystemExit("--rounds must be at least 2 for the committed results file")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,

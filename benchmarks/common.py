@@ -52,6 +52,21 @@ def parse_args(benchmark: str, description: str, *,
     return args
 
 
+def cpu_time_arguments(parser: argparse.ArgumentParser, compared: str) -> None:
+    """What the CPU-time benchmarks share: ``--rounds`` (runs of each ``compared`` thing, alternating, so that
+    the machine's load falls on both alike) and ``--data-root``."""
+    parser.add_argument("--rounds", type=int, default=2, help=f"runs of each {compared}, alternating")
+    parser.add_argument("--data-root", default=os.environ.get("NERCO_DATA_ROOT", "data"))
+
+
+def require_cpu(args: argparse.Namespace, script: str) -> None:
+    """A CPU-time benchmark refuses another device and a round count below 1."""
+    if args.device != "cpu":
+        raise SystemExit(f"{script} measures CPU time: run it with --device cpu")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds={args.rounds}: expected an integer >= 1")
+
+
 def default_name(benchmark: str, device: str, quick: bool) -> str:
     """<benchmark>_<card or cpu>[_quick].json; CPU runs with interpreted kernels say so in the name."""
     if device == "cuda":

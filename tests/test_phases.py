@@ -96,14 +96,16 @@ def test_the_reference_schedule_restarts_the_optimiser_and_its_warmup_at_every_p
     steps = batches_per_epoch(cfg, "head")  # every phase has batches of 10
     train(cfg)
     ramp = int(0.5 * 2 * steps)
-    for stage, tag, lrs in (("contrastive", "contrastive/lr", [cfg.contrastive.phase.optim.lr]),
-                            ("finetune", "train/lr", [cfg.finetune.head.optim.lr, cfg.finetune.full.optim.lr])):
+    for stage, tag, optims in (("contrastive", "contrastive/lr", [cfg.contrastive.phase.optim]),
+                               ("finetune", "train/lr", [cfg.finetune.head.optim, cfg.finetune.full.optim])):
         logged = scalars(run_dir(tmp_path, stage) / "tensorboard", tag)
-        assert len(logged) == 2 * steps * len(lrs)
-        for k, lr in enumerate(lrs):  # after each optimizer step: lr x min(1, (step + 1) / ramp) of its phase
-            phase = logged[k * 2 * steps : (k + 1) * 2 * steps]
-            expected = [lr * min(1.0, (i + 2) / ramp) for i in range(2 * steps)]
+        assert len(logged) == 2 * steps * len(optims)
+        for k, optim in enumerate(optims):  # after optimizer step i: the LR of step i + 1 of its own phase,
+            phase = logged[k * 2 * steps : (k + 1) * 2 * steps]  # lr x min(1, (i + 2) / ramp) / (1 + decay x epoch)
+            expected = [optim.lr * min(1.0, (i + 2) / ramp) / (1 + optim.lr_decay * ((i + 1) // steps))
+                        for i in range(2 * steps)]
             assert phase == pytest.approx(expected, rel=1e-6), (stage, k)
+    assert cfg.finetune.full.optim.lr_decay > 0 == cfg.finetune.head.optim.lr_decay  # both kinds of phase seen
 
 
 def run_dir(out, stage):

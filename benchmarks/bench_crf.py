@@ -75,7 +75,8 @@ def main() -> int:
     args = parse_args("crf", __doc__)
     baseline = "pytorch-crf" if pytorch_crf() is not None else "torch"
     run_cases(args, "crf", QUICK_CASES if args.quick else GPU_CASES, setup, baseline,
-              {"emissions": "fp32", "lengths": "uniform in [L/2, L], the first sequence full"}, TARGETS)
+              settings={"emissions": "fp32", "lengths": "uniform in [L/2, L], the first sequence full"},
+              targets=TARGETS)
     return 0
 
 

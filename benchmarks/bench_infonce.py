@@ -143,7 +143,8 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 cases: TF32 for torch and the kernel alike
     settings = {"tau": TAU, "entity_classes": ENTITY_CLASSES,
                 "fp32_matmul": "tf32" if args.device == "cuda" else "ieee"}
-    run_cases(args, "infonce", QUICK_CASES if args.quick else GPU_CASES, setup, "rows", settings, TARGETS)
+    run_cases(args, "infonce", QUICK_CASES if args.quick else GPU_CASES, setup, "rows", settings=settings,
+              targets=TARGETS)
     return 0
 
 

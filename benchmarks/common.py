@@ -219,7 +219,7 @@ class Target(NamedTuple):
 
 
 def run_cases(args: argparse.Namespace, benchmark: str, cases: list[dict[str, Any]],
-              setup: Callable[[dict[str, Any], str], Case], baseline: str, settings: dict[str, Any],
+              setup: Callable[[dict[str, Any], str], Case], baseline: str, *, settings: dict[str, Any],
               targets: tuple[Target, ...] = ()) -> ResultsFile:
     """Time every case's callables and append one row per case to ``args.out``.
 

@@ -82,7 +82,7 @@ def jobs(group: str, seeds: list[int]) -> list[tuple[str, int]]:
     return [(name, seed) for seed in seeds for name in GROUPS[group]]
 
 
-def run_job(corpus: str, group: str, name: str, seed: int, shared: list[str], root: Path, runs: Path) -> dict:
+def run_job(corpus: str, group: str, name: str, seed: int, *, shared: list[str], root: Path, runs: Path) -> dict:
     """Train one (variant, seed), or read its stored summary."""
     stored = RESULTS / f"{corpus}_{group}" / f"{slug(name)}_seed{seed}.json"
     if stored.is_file():
@@ -142,8 +142,8 @@ def main() -> int:
         return 0
     lane, lanes = map(int, args.lane.split("/"))
     for name, seed in jobs(args.group, args.seeds)[lane::lanes]:
-        summary = run_job(args.corpus, args.group, name, seed, args.set, default_data_root(args.data_root),
-                          Path(args.runs))
+        summary = run_job(args.corpus, args.group, name, seed, shared=args.set,
+                          root=default_data_root(args.data_root), runs=Path(args.runs))
         print(f"{name}, seed {seed}: dev F1 {100 * summary['best_dev_f1']:.2f}", flush=True)
     return 0
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD_ID, UNK_ID = 0, 1  # the vocabularies' own (data.vocab); the model takes ids, not tokens
+from ..data.vocab import PAD_ID, UNK_ID
 
 
 class LatticeEmbedding(nn.Module):

@@ -4,6 +4,7 @@ seeds (dev F1 only: the test split is never read).
     python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --lane 0/2   # two lanes, one each
     python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --lane 1/2
     python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --report      # the table, once both end
+    python3 experiments/dev_sweep.py inputs --corpus weibo --seeds 2 3 --variants 5 6   # those first
 
 Every (variant, seed) run is the baseline config (configs/CORPUS.yaml: fine-tuning only) with the variant's
 overrides and the shared budget; its summary goes to ``experiments/results/dev_sweep/CORPUS_GROUP/``
@@ -63,6 +64,7 @@ GROUPS = {
         "+ unit-norm rows": STAND_IN + NO_UNSEEN,
         "+ vectors from 37M characters": NO_UNSEEN + RAW_SCALES,
         "all three (the config)": [],
+        "all three, raw scales": RAW_SCALES,
         "all three, character vectors retrained on the raw text": ["data.char_vectors=pretrained/raw37m/char.vec"],
         "all three, lexicon and word vectors from jieba's segmentation": [
             "data.lexicon=pretrained/jiebaseg/word.vec", "data.word_vectors=pretrained/jiebaseg/word.vec"],
@@ -78,8 +80,12 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def jobs(group: str, seeds: list[int]) -> list[tuple[str, int]]:
-    return [(name, seed) for seed in seeds for name in GROUPS[group]]
+def jobs(group: str, seeds: list[int], variants: list[int] | None) -> list[tuple[str, int]]:
+    """(variant, seed) in the order they run: every variant for one seed, then the next seed; ``variants``
+    (1-based positions in the group) picks and orders them, so the runs a decision waits on go first."""
+    names = list(GROUPS[group])
+    chosen = [names[i - 1] for i in variants] if variants else names
+    return [(name, seed) for seed in seeds for name in chosen]
 
 
 def run_job(corpus: str, group: str, name: str, seed: int, *, shared: list[str], root: Path, runs: Path) -> dict:
@@ -131,6 +137,7 @@ def main() -> int:
     parser.add_argument("--corpus", required=True, help="configs/CORPUS.yaml (the baseline)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--set", action="append", default=[], help="override for every variant")
+    parser.add_argument("--variants", type=int, nargs="+", help="1-based positions in the group, in run order")
     parser.add_argument("--lane", default="0/1", help="K/N: this call trains every N-th run from the K-th")
     parser.add_argument("--report", action="store_true", help="write the table of the runs stored so far")
     parser.add_argument("--data-root")
@@ -141,7 +148,7 @@ def main() -> int:
         report(args.corpus, args.group, args.seeds, args.set)
         return 0
     lane, lanes = map(int, args.lane.split("/"))
-    for name, seed in jobs(args.group, args.seeds)[lane::lanes]:
+    for name, seed in jobs(args.group, args.seeds, args.variants)[lane::lanes]:
         summary = run_job(args.corpus, args.group, name, seed, shared=args.set,
                           root=default_data_root(args.data_root), runs=Path(args.runs))
         print(f"{name}, seed {seed}: dev F1 {100 * summary['best_dev_f1']:.2f}", flush=True)

@@ -35,7 +35,8 @@ class DataConfig:
     test: str | None = None
     format: str = "auto"  # auto | conll | weibo | cluener
     dev_fraction: float = field(default=0.05, metadata={"gt": 0, "lt": 1})
-    # characters per model input; longer sentences are cut into pieces
+    # characters per model input, whatever the tags (an entity longer than this is cut too); longer sentences are
+    # cut into pieces
     max_len: int = field(default=200, metadata={"ge": 1})
     lexicon: str | None = None  # None: jieba's dictionary; else a word list or word2vec file; a+b: their union
     char_vectors: str | None = None

@@ -2,8 +2,11 @@
 
 import json
 import logging
+import os
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -321,6 +324,107 @@ def test_piece_spans_prefer_sentence_then_clause_ends_and_keep_entities():
     assert all(not (s < c < e) for c, _ in pieces[1:] for s, e in [(1, 4)])
     assert pieces[0][0] == 0 and pieces[-1][1] == len(chars)
     assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+
+
+def test_an_entity_longer_than_max_len_is_cut_like_plain_text():
+    chars = list("甲乙丙丁戊己庚辛壬癸")
+    # by hand, max_len 3: the cut before the entity (2), then every 3 characters inside it, as plain text is cut
+    assert piece_spans(chars, 3, protected=[Entity(2, 10, "X")]) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    # inside an over-long entity a clause end is still preferred
+    chars[5] = "，"
+    assert piece_spans(chars, 4, protected=[Entity(1, 10, "X")]) == [(0, 1), (1, 5), (5, 6), (6, 10)]
+
+
+LONG_ORG = "北京大学人民医院" * 1000  # 8,000 characters
+LONG_ORG_WORDS = ["北京", "北京大学", "人民", "医院", "人民医院", "大学"]
+
+
+def corpus_with_over_long_entities(tmp_path):
+    """A BIO file as a missing end tag makes one: an 8,000-character ORG, a 100-character one beside an entity
+    that fits, and a sentence that needs no cut."""
+    def lines(text, *spans):
+        return "".join(f"{c} {t}\n" for c, t in zip(text, from_entities(len(text), spans))) + "\n"
+    return write(tmp_path, "long.bio", lines("张三在" + LONG_ORG + "。", Entity(0, 2, "PER"), Entity(3, 8003, "ORG"))
+                 + lines("在" + LONG_ORG[:100] + "，见李四。", Entity(1, 101, "ORG"), Entity(103, 105, "PER"))
+                 + lines("李四在北京。", Entity(0, 2, "PER"), Entity(3, 5, "LOC")))
+
+
+def test_a_training_file_with_an_8000_character_entity_gives_pieces_of_at_most_max_len(tmp_path, caplog):
+    path = corpus_with_over_long_entities(tmp_path)
+    sentences = read_corpus(path).sentences
+    lex = Lexicon(LONG_ORG_WORDS)
+    enc = LatticeEncoder(Vocabs.build(sentences, lex), lex, LabelSet.from_sentences(sentences), max_len=60)
+    with caplog.at_level(logging.WARNING, logger="nerco_dist"):
+        pieces = enc.encode(sentences, split_on_entities=True)
+    assert max(p.num_chars for p in pieces) == 60
+    # by hand: 张三在 | 133 pieces of 60 inside the ORG | its last 20 characters and 。; 在 | 60 | 45; one piece
+    assert [sum(p.sentence == k for p in pieces) for k in range(3)] == [135, 3, 1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{path}: 2 entities longer than data.max_len=60 characters were cut into pieces (the part "
+                        "after each cut begins with B-)"]
+    for k, s in enumerate(sentences):
+        mine = [p for p in pieces if p.sentence == k]
+        spans = [(p.start, p.start + p.num_chars) for p in mine]
+        assert spans[0][0] == 0 and spans[-1][1] == len(s) and all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))
+        tags = [[enc.labels.labels[i] for i in p.label_ids] for p in mine]
+        assert all(is_valid_bio(t) for t in tags)
+        # reference: each gold entity clipped to every piece it overlaps; one that fits lies in a single piece
+        clipped = [Entity(max(e.start, a), min(e.end, b), e.type) for e in entities(s.tags) for a, b in spans
+                   if max(e.start, a) < min(e.end, b)]
+        got = [Entity(p.start + e.start, p.start + e.end, e.type) for p, t in zip(mine, tags) for e in entities(t)]
+        assert got == sorted(clipped)
+        fits = [e for e in entities(s.tags) if e.end - e.start <= 60]
+        assert all(e in got for e in fits)
+
+
+CAPPED_STEP = """
+import json, resource, sys
+import torch
+from nerco_dist.data.dataset import LabelSet, LatticeEncoder, Vocabs, collate
+from nerco_dist.data.lexicon import Lexicon
+from nerco_dist.data.readers import read_corpus
+from nerco_dist.inference import predict_tags
+from nerco_dist.model.build import build_tagger
+from nerco_dist.model.config import ModelConfig
+
+def vm(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+torch.set_num_threads(1)
+path, headroom, words = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+before = vm("VmSize")
+resource.setrlimit(resource.RLIMIT_AS, (before + headroom, resource.getrlimit(resource.RLIMIT_AS)[1]))
+sentences = read_corpus(path).sentences
+lexicon = Lexicon(words)
+codec = LatticeEncoder(Vocabs.build(sentences, lexicon), lexicon, LabelSet.from_sentences(sentences), max_len=60)
+model = build_tagger(codec, ModelConfig(char_dim=16, bigram_dim=16, word_dim=16, hidden=32, heads=2, head_dim=16,
+                                        ff_ratio=2))
+pieces = codec.encode(sentences, split_on_entities=True)
+batch = collate(sorted(pieces, key=lambda p: p.lattice_len)[-8:])
+model.head.nll(model.encode(batch), batch["labels"], batch["char_mask"]).backward()
+predicted = predict_tags(codec, model, sentences, 8, torch.device("cpu"))
+print(json.dumps(dict(predicted=[len(t) for t in predicted], grown=vm("VmPeak") - before)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_training_and_predicting_an_8000_character_entity_fit_a_fixed_memory_cap(tmp_path):
+    """The reader, the training cut, one forward/backward of the longest training pieces and prediction of
+    every sentence, under an address-space cap of 512 MiB above what the imports took. One 8,000-character
+    piece (its lattice has about 14,000 nodes) would need 1.5 GiB for its (L, L) position index alone."""
+    path = corpus_with_over_long_entities(tmp_path)
+    headroom = 512 << 20
+    proc = subprocess.run([sys.executable, "-c", CAPPED_STEP, str(path), str(headroom), *LONG_ORG_WORDS],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["predicted"] == [len(s) for s in read_corpus(path).sentences]  # every character predicted
+    assert result["grown"] < headroom / 2
+
+
+def is_valid_bio(tags):
+    """Every I-X follows B-X or I-X (so the first tag of a piece is never I-)."""
+    return all(not t.startswith("I-") or (i > 0 and tags[i - 1] in (f"B-{t[2:]}", t)) for i, t in enumerate(tags))
 
 
 def test_encoder_and_collate_layout():

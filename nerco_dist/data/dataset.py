@@ -19,7 +19,7 @@ import torch
 
 from .lexicon import Lexicon, Match
 from .readers import Sentence
-from .tags import OUTSIDE, Entity, entities, semantic_class
+from .tags import OUTSIDE, Entity, entities, repair_orphan_inside, semantic_class
 from .vocab import Vocabulary
 
 log = logging.getLogger("nerco_dist")
@@ -30,11 +30,13 @@ END_BIGRAM = "</s>"
 
 
 def piece_spans(chars: Sequence[str], max_len: int, protected: Sequence[Entity] = ()) -> list[tuple[int, int]]:
-    """Cut a sentence into ``[start, end)`` pieces of at most ``max_len`` characters.
+    """Cut a sentence into ``[start, end)`` pieces of at most ``max_len`` characters, whatever the spans: FLAT's
+    attention costs the square of a piece's length, so no input may make one piece longer.
 
     Cuts go after a sentence end (。！？) if the window has one, else after a clause end (，；), else at the
-    last allowed position; never inside a ``protected`` span (training passes the gold entities). If a
-    protected span leaves no allowed cut in the window, the piece runs past ``max_len`` to the next one.
+    last allowed position; never inside a ``protected`` span (training passes the gold entities) unless the
+    span is longer than ``max_len``: only such a span leaves no allowed cut in a window, and it is then cut
+    as unprotected text is.
     """
     n = len(chars)
     inside = [False] * (n + 1)
@@ -43,15 +45,14 @@ def piece_spans(chars: Sequence[str], max_len: int, protected: Sequence[Entity] 
             inside[c] = True
     pieces, start = [], 0
     while n - start > max_len:
-        window = [c for c in range(start + 1, start + max_len + 1) if not inside[c]]
-        cut = None
+        window = range(start + 1, start + max_len + 1)
+        allowed = [c for c in window if not inside[c]] or list(window)
+        cut = allowed[-1]
         for ends in (SENTENCE_ENDS, CLAUSE_ENDS):
-            hits = [c for c in window if chars[c - 1] in ends]
+            hits = [c for c in allowed if chars[c - 1] in ends]
             if hits:
                 cut = hits[-1]
                 break
-        if cut is None:
-            cut = window[-1] if window else next((c for c in range(start + max_len + 1, n) if not inside[c]), n)
         pieces.append((start, cut))
         start = cut
     if start < n:
@@ -190,20 +191,28 @@ class LatticeEncoder:
 
     def encode(self, sentences: Sequence[Sentence], with_labels: bool = True, split_on_entities: bool = False,
                source: str = "", matches: Sequence[list[Match]] | None = None) -> list[Piece]:
-        """Encode sentences into pieces. ``split_on_entities`` (training) keeps gold entities whole.
+        """Encode sentences into pieces of at most ``max_len`` characters. ``split_on_entities`` (training)
+        keeps gold entities whole, except those longer than ``max_len``: they are cut, counted in one warning
+        per file. A piece's tags are BIO on their own: one that begins inside an entity begins it with B-.
         ``matches``: the sentences' :func:`lexicon_matches` if the caller has them (else each sentence is
         matched here, once, and its pieces share the result)."""
         if matches is not None and len(matches) != len(sentences):
             raise ValueError(f"{len(matches)} lexicon match lists for {len(sentences)} sentences")
-        pieces = []
+        pieces, cut_entities = [], Counter()
         for k, s in enumerate(sentences):
             found = matches[k] if matches is not None else self.lexicon.match(s.chars)
             protected = entities(s.tags) if split_on_entities else ()
+            cut_entities[s.origin.rpartition(":")[0] or f"{source}sentences"] += sum(
+                e.end - e.start > self.max_len for e in protected)
             where = f"{s.origin}: " if s.origin else f"{source}sentence {k + 1}: "
             for start, end in piece_spans(s.chars, self.max_len, protected):
-                tags = s.tags[start:end] if with_labels else None
+                tags = repair_orphan_inside(s.tags[start:end])[0] if with_labels else None
                 pieces.append(self._encode_piece(k, start, s.chars[start:end], _matches_within(found, start, end),
                                                  tags, where))
+        for file, count in cut_entities.items():
+            if count:
+                log.warning("%s: %d entities longer than data.max_len=%d characters were cut into pieces (the part "
+                            "after each cut begins with B-)", file, count, self.max_len)
         return pieces
 
     def _encode_piece(self, sentence_index: int, start: int, chars: list[str], matches: list[Match],

@@ -10,7 +10,9 @@ Corpus and vector paths are relative to the data root: ``--data-root``, else ``$
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +62,8 @@ class DataConfig:
 
 
 # Field metadata. "resume": False: may change between a killed run and its resume. "ge"/"gt"/"le"/"lt": the
-# allowed range of a number (checked when a config is read, so a bad value stops a run before any work).
+# allowed range of a number, always finite (checked when a config is read, so a bad value stops a run before any
+# work).
 # "words": the strings a number field also takes in place of a number (run.threads: auto).
 RESUMABLE = {"resume": False}
 
@@ -144,7 +147,7 @@ class AblationConfig:
 class RunConfig:
     """What every stage shares: seed, device, output folder, logging."""
 
-    seed: int = field(default=1, metadata={"ge": 0})
+    seed: int = field(default=1, metadata={"ge": 0, "le": 2**32 - 1})  # numpy's seeds
     device: str = "auto"  # auto | cpu | cuda
     # torch CPU threads; auto: the cores not already busy, shared by this node's ranks (machine.auto_threads);
     # 0: torch's default (a thread per core, however busy the machine)
@@ -240,15 +243,18 @@ _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "
 
 
 def _check_range(key: str, value: Any, metadata: dict, source: str) -> None:
-    """Refuse a number outside the field's range (metadata ge/gt/le/lt), or an empty string where one is
-    needed, naming the key and what is allowed."""
+    """Refuse a number outside the field's range (metadata ge/gt/le/lt), a non-finite float (no field takes
+    inf or nan: each would train to nothing or fail later), or an empty string where one is needed, naming
+    the key and what is allowed."""
     if metadata.get("non_empty") and isinstance(value, str) and not value.strip():
         raise InputError(source, f"{key}: must not be empty")
     bounds = [(op, bound, test) for name, (op, test) in _BOUNDS.items() if (bound := metadata.get(name)) is not None]
     words = metadata.get("words", ())
-    if value is None or value in words or not bounds or all(test(value, bound) for _, bound, test in bounds):
-        return
     allowed = " and ".join(f"{op} {bound}" for op, bound, _ in bounds) + "".join(f", or {w}" for w in words)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(source, f"{key}={value!r}: not a finite number (allowed: {allowed or 'any finite number'})")
+    if value is None or value in words or all(test(value, bound) for _, bound, test in bounds):
+        return
     raise InputError(source, f"{key}={value!r}: out of range (allowed: {allowed})")
 
 
@@ -296,6 +302,8 @@ def _typed(value: Any, hint: Any, key: str, source: str, words: tuple[str, ...] 
         return None
     kind = next(k for k in kinds if k is not type(None))
     if kind is float and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > sys.float_info.max:
+            return math.inf if value > 0 else -math.inf  # past float's range: refused as not finite, by key
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):

@@ -8,7 +8,7 @@
 # MAX_TOTAL, which leaves the device tool's 600 s room to copy). The benchmarks rewrite their JSON after every
 # row, so a stage cut short keeps what it measured. Whatever happens, $OUT ends with two files: summary.log
 # (all this script prints: a few lines per stage) and gpu_results.tar.gz (the JSONs, the tests' junit XML,
-# each stage's full log). Exit status 1 if a stage failed or ran out of time.
+# each stage's full log). Exit status 1 if a stage failed, ran out of time or left out its results file (WRITES).
 #
 #   bash benchmarks/gpu_all.sh [--dry-run] [STAGE...]    # STAGE...: only these (setup always runs)
 #   bash benchmarks/gpu_all.sh --limits                  # the stage limits, then exit
@@ -16,13 +16,19 @@
 # Prepare on the CPU machine with benchmarks/prepare_gpu.sh (see benchmarks/README.md). --dry-run is the same
 # script on a CPU: kernels in the Triton interpreter, DeepSpeed on its CPU accelerator, the benchmarks'
 # --quick sizes, the gpu tests collected and skipped (no CUDA), the active environment used as it is unless
-# its Python is the wheels' 3.12, $OUT a new temporary folder unless set.
+# its Python is the wheels' 3.12, $OUT a new temporary folder unless set. It checks that every stage runs and
+# writes its files, not the GPU's times: a stage may take DRY_RUN_FACTOR times its limit (a guard against a
+# hang), and one over its GPU limit is reported as such without failing the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 STAGES=(setup tests crf infonce train)
 declare -A LIMIT=([setup]=40 [tests]=125 [crf]=50 [infonce]=100 [train]=205)
 MAX_TOTAL=520
+DRY_RUN_FACTOR=10  # a dry run's stage limit, in GPU limits: interpreted kernels on a busy CPU took 2x and more
+# what each stage leaves in the results folder when it succeeds (a glob)
+declare -A WRITES=([setup]=setup.log [tests]=gpu_tests.xml [crf]='crf_*.json' [infonce]='infonce_*.json'
+                   [train]='train_*.json')
 WHEEL_PYTHON=3.12  # the GPU image's Python, the one benchmarks/prepare_gpu.sh fetches wheels for
 
 total=0
@@ -147,19 +153,29 @@ export -f stage_setup stage_tests stage_crf stage_infonce stage_train
 for stage in "${STAGES[@]}"; do export "LIMIT_$stage=${LIMIT[$stage]}"; done
 
 run_stage() {  # run_stage NAME: its limit, its log, a few summary lines; status 1 if it failed
-    local name=$1 start=$SECONDS rc verdict
+    local name=$1 start=$SECONDS rc verdict seconds limit note
+    limit=$((LIMIT[$name] * (DRY_RUN ? DRY_RUN_FACTOR : 1)))
     # in the background, so that a signal to this script is handled at once (its trap stops the stage)
-    timeout --kill-after=5 "${LIMIT[$name]}" bash -c "stage_$name" >"$RES/$name.log" 2>&1 &
+    timeout --kill-after=5 "$limit" bash -c "stage_$name" >"$RES/$name.log" 2>&1 &
     stage_pid=$!
     wait $stage_pid
     rc=$?
     stage_pid=
+    seconds=$((SECONDS - start))
     case $rc in
         0) verdict=ok ;;
-        124 | 137) verdict="TIMED OUT after ${LIMIT[$name]} s" ;;
+        124 | 137) verdict="TIMED OUT after $limit s" ;;
         *) verdict="FAILED (exit status $rc)" ;;
     esac
-    say "== $name: $verdict, $((SECONDS - start)) s (limit ${LIMIT[$name]} s)"
+    if ((rc == 0)) && ! compgen -G "$RES/${WRITES[$name]}" >/dev/null; then
+        verdict="FAILED (wrote no ${WRITES[$name]})" rc=1
+    fi
+    note="limit ${LIMIT[$name]} s"
+    if ((DRY_RUN)); then
+        ((seconds > LIMIT[$name])) && note+=", over it: not a failure in a dry run"
+        note="GPU $note; dry-run limit $limit s"
+    fi
+    say "== $name: $verdict, $seconds s ($note)"
     python3 benchmarks/gpu_summary.py "$name" "$RES" 2>&1 | tee -a "$SUMMARY"
     if ((rc != 0)); then
         say "-- last lines of $name.log:"
@@ -169,7 +185,8 @@ run_stage() {  # run_stage NAME: its limit, its log, a few summary lines; status
     return $((rc != 0))
 }
 
-say "gpu_all.sh$( ((dry_run)) && echo ' --dry-run'): stages ${selected[*]}; limits sum to $total s; results in $OUT"
+mode=$( ((dry_run)) && echo " --dry-run (stage limits x$DRY_RUN_FACTOR)")
+say "gpu_all.sh$mode: stages ${selected[*]}; limits sum to $total s; results in $OUT"
 status=0
 if ! run_stage setup; then
     say "setup failed: the other stages need it, none run"

@@ -1,6 +1,8 @@
 """What can be checked of the one-call GPU run (benchmarks/gpu_all.sh, prepared by benchmarks/prepare_gpu.sh)
-without running it; CI runs the whole script too, as `gpu_all.sh --dry-run` (.ci/run)."""
+without a GPU: its limits and files, and its dry run's verdicts on stages stood in for by small scripts; CI runs
+the whole script too, as `gpu_all.sh --dry-run` (.ci/run)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -74,3 +76,49 @@ def test_wheels_are_prepared_for_the_python_the_script_installs_them_on():
 def test_scripts_parse():
     for script in SCRIPTS:
         subprocess.run([shutil.which("bash"), "-n", str(script)], check=True)
+
+
+def dry_run_of_controlled_stages(tmp_path, stages, limits, files) -> tuple[subprocess.CompletedProcess, str]:
+    """``gpu_all.sh --dry-run STAGES`` in a folder of its own: the script with ``limits`` (stage: seconds) in its
+    LIMIT, gpu_summary.py, and ``files`` (path: text) standing in for what the stages run; setup is the real one.
+    The exit status and the summary.log it leaves."""
+    (tmp_path / "benchmarks").mkdir()
+    text = GPU_ALL.read_text()
+    for stage, seconds in limits.items():
+        text, n = re.subn(rf"\[{stage}\]=\d+", f"[{stage}]={seconds}", text)
+        assert n == 1
+    (tmp_path / "benchmarks" / "gpu_all.sh").write_text(text)
+    shutil.copy(REPO / "benchmarks" / "gpu_summary.py", tmp_path / "benchmarks")
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(content)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_all.sh"), "--dry-run", *stages],
+                            capture_output=True, text=True, env=env, timeout=300)
+    return result, (tmp_path / "out" / "summary.log").read_text()
+
+
+SLOW_GPU_TEST = "import time, pytest\n\n@pytest.mark.gpu\ndef test_slow():\n    time.sleep(3.5)\n"
+
+
+def test_dry_run_passes_a_stage_over_its_gpu_limit_that_completes_and_writes_its_files(tmp_path):
+    """A CPU is slower than the GPU the limits are sized for: a dry run checks that stages run, not their time."""
+    result, summary = dry_run_of_controlled_stages(tmp_path, ["tests"], {"tests": 2},
+                                                   {"tests/test_gpu_kernels.py": SLOW_GPU_TEST})
+    assert result.returncode == 0, summary
+    line = next(line for line in summary.splitlines() if line.startswith("== tests:"))
+    seconds = int(re.match(r"== tests: ok, (\d+) s \(GPU limit 2 s, over it", line).group(1))
+    assert seconds >= 3
+    assert "1 tests: 1 passed" in summary  # the stage's junit XML, read back by gpu_summary.py
+
+
+def test_dry_run_fails_a_stage_that_fails_or_writes_nothing(tmp_path):
+    result, summary = dry_run_of_controlled_stages(
+        tmp_path, ["crf", "infonce"], {},
+        {"benchmarks/bench_crf.py": "import sys\nsys.exit(3)\n",  # fails
+         "benchmarks/bench_infonce.py": "print('measured nothing')\n"})  # exits 0 without its JSON
+    assert result.returncode == 1, summary
+    assert "== crf: FAILED (exit status 3)" in summary
+    assert "== infonce: FAILED (wrote no infonce_*.json)" in summary
+    assert "all stages ok" not in summary

@@ -2,7 +2,9 @@
 Losses are plugged in through ``train(..., wrap_loss=...)``."""
 
 import dataclasses
+import logging
 import math
+import re
 import time
 
 import pytest
@@ -13,7 +15,7 @@ from nerco_dist.config import load_config
 from nerco_dist.train import trainer
 from nerco_dist.train.objectives import InfoNCELoss, phase_loss
 from nerco_dist.train.phases import load_encoder, stage_phases
-from nerco_dist.train.resume import Progress
+from nerco_dist.train.resume import Progress, StageResume
 from nerco_dist.train.inputs import read_training_inputs
 from nerco_dist.train.run import TrainingRun, new_model, seed_everything
 
@@ -190,3 +192,32 @@ def test_stage_time_is_summed_over_a_kill_and_a_resume(monkeypatch):
     saved = dataclasses.asdict(first)  # what the resume checkpoint holds
     resumed = Progress(**saved)
     assert resumed.elapsed() == 40.0  # 30 s before the kill + 10 s after; the 370 s in between not counted
+
+
+WRITE_S = 1.0  # each checkpoint write made this much slower: more than a tiny epoch's training and scoring
+# the time an epoch takes besides its slowed writes varies from one epoch to the next (a busy machine)
+EPOCH_JITTER_S = 0.5
+
+
+def test_time_left_bounds_the_stage_when_checkpoint_writes_are_slow(tmp_path, data_root, monkeypatch, caplog):
+    """The epoch line's "at most N more epochs (X at this pace)" is an upper bound on the stage's remaining
+    epochs, the checkpoints written at each epoch's end (last.pt, best.pt, the resume state) included."""
+    written = []  # when each write ended: the last one ends the stage's epochs
+
+    def slowly(write):
+        def slow(*args, **kwargs):
+            time.sleep(WRITE_S)
+            write(*args, **kwargs)
+            written.append(time.time())
+        return slow
+
+    monkeypatch.setattr(TrainingRun, "checkpoint", slowly(TrainingRun.checkpoint))
+    monkeypatch.setattr(StageResume, "save", slowly(StageResume.save))
+    caplog.set_level(logging.INFO, logger="nerco_dist")
+    trainer.train(tiny_config(tmp_path, "data.limit=40", "finetune.full.optim.epochs=2"), stage="finetune")
+    estimates = [(record.created, re.search(r"at most (\d+) more epochs? \((\d+) s at this pace\)",
+                                            record.getMessage())) for record in caplog.records]
+    estimates = [(created, int(m[1]), int(m[2])) for created, m in estimates if m]
+    assert [left for _, left, _ in estimates] == [1]
+    for logged, _, seconds in estimates:  # printed to the nearest second
+        assert written[-1] <= logged + seconds + 0.5 + EPOCH_JITTER_S, (written[-1] - logged, seconds)

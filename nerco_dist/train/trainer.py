@@ -118,7 +118,8 @@ class StageLoop:
     wrap_loss: WrapLoss | None = None
     engine: Engine | None = None
     batches: BatchIterable | None = None
-    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # this phase's epochs: training and dev scoring
+    write_seconds: list[float] = field(default_factory=list)  # ... their checkpoints written at the epoch's end
 
     @property
     def phase(self) -> Phase:
@@ -132,7 +133,7 @@ class StageLoop:
         self.batches = self.run.train_batches(optim.batch_size)
         self.engine = build_engine(model, optim, trainable_parameters(model, self.phase), len(self.batches),
                                    distributed=self.run.cfg.distributed, device=self.run.device, start_step=step)
-        self.epoch_seconds = []
+        self.epoch_seconds, self.write_seconds = [], []
 
     def run_phases(self) -> None:
         """Each phase from where ``progress`` stands; between phases, the hand-off to a fresh engine."""
@@ -163,10 +164,13 @@ class StageLoop:
             trained = self.train_epoch(self.batches, loss)
             weights = self.engine.inference_model()  # fp32, on every rank
             score = dev_score(self.run, phase, weights)
-            self.epoch_seconds.append(time.time() - tick)
-            self.record_epoch(weights, score, trained)
+            scored = time.time()
+            self.epoch_seconds.append(scored - tick)
+            improved = self.save_epoch(weights, score)
             progress.epoch, progress.epochs_done, progress.batch = progress.epoch + 1, progress.epochs_done + 1, 0
             self.resume.save(self.engine, progress)
+            self.write_seconds.append(time.time() - scored)
+            self.log_epoch(score, trained, improved)
             self.stop_if_signalled(agreed_signal(dist.sum_over_ranks(self.signals.flags())),
                                    f"the end of epoch {progress.epoch}")  # a signal during the dev scoring
         if phase.stopped(progress.stale):
@@ -249,9 +253,9 @@ class StageLoop:
         if fractions:
             self.scalars.add_group("contrastive/class_fraction", {str(k): v for k, v in enumerate(fractions)}, step)
 
-    def record_epoch(self, weights: NerTagger, score: DevScore, trained: EpochTrained) -> None:
-        """Log the epoch's line (training loss and rate, dev score, the best so far, time), write ``last.pt``
-        and (when it beats the stage's best) ``best.pt``, keeping those weights in ``best``."""
+    def save_epoch(self, weights: NerTagger, score: DevScore) -> bool:
+        """Write ``last.pt`` and (when ``score`` beats the stage's best) ``best.pt``, keeping those weights in
+        ``best``; whether it did."""
         phase, progress = self.phase, self.progress
         epoch, improved = progress.epochs_done + 1, score.beats(progress.best)
         extra = dict(stage=phase.stage, phase=phase.name, epoch=epoch, **score.record)
@@ -263,22 +267,31 @@ class StageLoop:
             self.run.checkpoint(out / "best.pt", weights, **extra)
         else:
             progress.stale += 1
+        return improved
+
+    def log_epoch(self, score: DevScore, trained: EpochTrained, improved: bool) -> None:
+        """The line of the epoch just saved (training loss and rate, dev score, the best so far, its time, the
+        part of it spent writing checkpoints, the outlook) and its dev scalars."""
+        phase, progress = self.phase, self.progress
         best_text = f"{progress.best:.4f}" if phase.lower_is_better else f"{100 * progress.best:.2f}"
-        log.info("%s %r epoch %d/%d: loss %.4f, %s tok/s, %s%s (best %s, stage epoch %d), %s; %s",
-                 phase.stage, phase.name, progress.epoch + 1, phase.optim.epochs, trained.mean_loss,
+        seconds = self.epoch_seconds[-1] + self.write_seconds[-1]
+        log.info("%s %r epoch %d/%d: loss %.4f, %s tok/s, %s%s (best %s, stage epoch %d), %s (writing checkpoints "
+                 "%s); %s", phase.stage, phase.name, progress.epoch, phase.optim.epochs, trained.mean_loss,
                  f"{trained.tokens_per_s:,.0f}", score.text, " *" if improved else "", best_text,
-                 progress.best_epoch, duration(self.epoch_seconds[-1]), self.outlook())
+                 progress.best_epoch, duration(seconds), duration(self.write_seconds[-1]), self.outlook())
         for tag, value in score.scalars.items():
-            self.scalars.add(tag, value, epoch)
+            self.scalars.add(tag, value, progress.epochs_done)
 
     def outlook(self) -> str:
         """The stage's time so far and an upper bound on what is left: every remaining epoch of this phase and
-        of the phases after it, at this phase's mean epoch time (patience may end phases sooner)."""
+        of the phases after it, each at this phase's mean time to train and score an epoch plus its slowest
+        epoch-end checkpoint writes (``best.pt`` is written only by an epoch that improves; patience may end
+        phases sooner)."""
         later = self.phases[self.progress.phase + 1:]
-        left = self.phase.optim.epochs - self.progress.epoch - 1 + sum(p.optim.epochs for p in later)
+        left = self.phase.optim.epochs - self.progress.epoch + sum(p.optim.epochs for p in later)
         text = f"stage {duration(self.progress.elapsed())} so far"
         if left:
-            pace = sum(self.epoch_seconds) / len(self.epoch_seconds)
+            pace = sum(self.epoch_seconds) / len(self.epoch_seconds) + max(self.write_seconds)
             text += f", at most {left} more epoch{'s' * (left > 1)} ({duration(left * pace)} at this pace)"
         return text
 

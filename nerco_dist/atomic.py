@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -19,20 +21,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temporary file lives in the same directory so that ``os.replace`` is a rename on one file system;
     missing parent directories are created. The file is flushed to disk before the rename and the directory
     after it, so that after a power loss ``path`` is the old file or the whole new one, not an empty one.
+    A place that cannot be written (read-only, full, missing permissions) is an :class:`InputError` naming
+    ``path``; a kill leaves the temporary file (``.NAME.XXXXXXXX.tmp``) for the next run to remove.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise InputError(target, f"cannot be written: {err.strerror or err}") from err
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, _creation_mode())  # mkstemp makes it 0600: give it the mode a plain open() would
         _fsync(tmp, os.O_RDWR)
         os.replace(tmp, target)
-    except BaseException:
+        _sync_directory(target.parent)
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise InputError(target, f"cannot be written: {err.strerror or err}") from err
         raise
-    _sync_directory(target.parent)
 
 
 def _sync_directory(directory: Path) -> None:

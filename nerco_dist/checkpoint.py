@@ -28,9 +28,14 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict, model_args: d
                     provenance: dict | None = None, **extra: Any) -> None:
     payload = dict(format=FORMAT_VERSION, model=model_state, model_args=model_args, codec=codec,
                    provenance=provenance or {}, **extra)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_tensors(payload, path)
+
+
+def save_tensors(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically. Written through a Python file, so that a full disk
+    is the OS's error (an :class:`InputError` naming ``path``), not torch's "unexpected pos"."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_tensors(path: str | os.PathLike, *, allow: Sequence[type] = (), map_location: Any = "cpu",

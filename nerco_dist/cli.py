@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
             print(f"test P {100 * t['precision']:.2f} R {100 * t['recall']:.2f} F1 {100 * t['f1']:.2f} "
                   f"(best dev epoch {results['best_epoch']}, {results['wall_time_s']:.0f} s)")
         return 0
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, distributed.PeerLost) as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 3
     except StopRequested as stop:  # every rank stops here together; rank 0 says how to go on

@@ -12,6 +12,7 @@ import datetime
 import functools
 import os
 import random
+import re
 import warnings
 from typing import Any, Sequence
 
@@ -43,6 +44,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class PeerLost(RuntimeError):
+    """The other ranks of the run are gone, or never came (exit status 3)."""
+
+
+def _joined(err: BaseException) -> str:
+    """How many ranks reached the rendezvous, when torch's error says (``1/2 clients joined``)."""
+    found = re.search(r"(\d+)/(\d+) clients joined", str(err))
+    return f" ({found.group(1)} of {found.group(2)} ranks joined)" if found else ""
+
+
 def init(device: torch.device, timeout_s: float) -> None:
     """Join the launcher's process group (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment), or make a
     one-process group when there is no launcher. NCCL on CUDA, gloo on CPU. Collectives that wait longer
@@ -65,8 +76,14 @@ def init(device: torch.device, timeout_s: float) -> None:
         if os.environ.get("NERCO_DS_SHM_COMM", "0") != "1":
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     timeout = datetime.timedelta(seconds=timeout_s)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                               timeout=timeout)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=timeout)
+    except Exception as err:  # the rendezvous: DistStoreError, DistNetworkError, a refused or timed-out socket
+        raise PeerLost(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the process group did not form "
+                       f"at {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} within distributed.timeout_s="
+                       f"{timeout_s:g} s{_joined(err)}: a rank failed to start or hung, or MASTER_ADDR cannot be "
+                       f"reached ({type(err).__name__})") from err
     # DeepSpeed makes groups of its own (its data-parallel group reduces the gradients) through its comm
     # backend, which leaves them torch's default timeout (30 minutes on gloo): a rank hung in backward kept
     # the others waiting that long. Its groups get the run's timeout too.

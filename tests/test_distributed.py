@@ -269,6 +269,26 @@ def test_killed_twice_and_restarted_ends_like_an_uninterrupted_run(launched, tmp
         assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), name
 
 
+def test_a_kill_inside_a_save_at_the_step_of_the_save_before_leaves_a_resumable_run(launched, tmp_path, data_root):
+    """``checkpoint_every`` saves the epoch's last step, then the epoch end saves that step again: rank 0 is
+    killed while that second save's first file is half-written (truncated, as DeepSpeed writes in place). The
+    checkpoint ``latest.json`` names must be whole: the same command continues and ends as the uninterrupted
+    run did."""
+    out = tmp_path / "run"
+    args = nerco_train(out, 2)
+    killed = subprocess.run(deepspeed_cmd(str(SCRIPTS / "faults.py"), "die_in_repeated_save", "0", "--", *args[2:]),
+                            cwd=REPO, env=env(data_root), capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0, killed.stdout[-3000:] + killed.stderr[-3000:]
+    latest = json.loads((out / "resume" / "contrastive" / "latest.json").read_text())
+    named = out / "resume" / "contrastive" / latest["tag"]
+    assert all(f.stat().st_size > 100 for f in named.iterdir()), sorted((f.name, f.stat().st_size)
+                                                                        for f in named.iterdir())
+    resumed = launch(args, data_root)
+    assert "contrastive: resuming at phase 1" in resumed.stdout + resumed.stderr
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, launched[2]))
+    assert ours["test"] == theirs["test"] and ours["best_dev_f1"] == theirs["best_dev_f1"]
+
+
 def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_the_same_command_continues(
         launched, tmp_path, data_root):
     """A scheduler ending the job signals the launcher, which passes SIGTERM on to every rank (rank 0 first,
@@ -318,6 +338,30 @@ def kill_pairs(pairs: dict) -> None:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def test_a_rank_alone_when_the_process_group_forms_exits_3_with_one_line(tmp_path, data_root):
+    """Rank 0 waits for a rank 1 that never starts; rank 1 (of another run) finds no rank 0: both give up after
+    distributed.timeout_s with the one-line message, no traceback, exit status 3."""
+    timeout_s = 5
+    sets = ["distributed.config=zero2.json", *RUN, f"distributed.timeout_s={timeout_s}"]
+    alone = {}
+    for rank in (0, 1):
+        e = dict(env(data_root), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()))
+        cmd = [sys.executable, "-m", "nerco_dist.cli", "train", "configs/tiny.yaml", "--stage", "finetune",
+               *[a for s in [*sets, f"run.out_dir={tmp_path / str(rank)}"] for a in ("--set", s)]]
+        alone[rank] = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    message = {}
+    for rank, proc in alone.items():
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 3 and "Traceback" not in err, err[-3000:]
+        message[rank] = [line for line in err.splitlines() if line.startswith("nerco: error:")]
+        assert len(message[rank]) == 1, err[-3000:]
+        assert f"rank {rank} of 2: the process group did not form at 127.0.0.1:" in message[rank][0]
+        assert f"within distributed.timeout_s={timeout_s} s" in message[rank][0]
+    assert "(1 of 2 ranks joined)" in message[0][0]  # the waiting rank 0 counts who came
 
 
 def test_dead_or_hung_rank_fails_the_others_and_nan_is_skipped_everywhere(tmp_path, data_root):

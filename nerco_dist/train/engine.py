@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist
-from ..atomic import atomic_path
-from ..checkpoint import load_tensors
+from ..checkpoint import load_tensors, save_tensors
 from ..config import DistributedConfig, OptimConfig
 from ..errors import InputError
 from .optim import ParamGroups, build_optimizer, build_scheduler
@@ -191,9 +190,8 @@ class LocalEngine(Engine):
     def save_state(self, path: Path, extra: dict) -> None:
         """Weights, optimizer and ``extra`` (plain values and tensors) under ``path``. The LR schedule is not
         saved: it is rebuilt at the resumed step."""
-        path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path / "local.pt") as tmp:
-            torch.save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), extra=extra), tmp)
+        save_tensors(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), extra=extra),
+                     path / "local.pt")
 
     def load_state(self, path: Path) -> dict:
         state = load_tensors(path / "local.pt")
@@ -311,13 +309,17 @@ def _deepspeed_classes() -> list[type]:
 
 class _WeightsOnlyLoads:
     """DeepSpeed's checkpoint engine, its loads made weights-only (DeepSpeed unpickles its files in full, so a
-    file planted in a resume folder would run its code); everything else is the engine's own."""
+    file planted in a resume folder would run its code) and its saves atomic with a full disk named as such;
+    everything else is the engine's own."""
 
     def __init__(self, engine):
         self._engine = engine
 
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        save_tensors(state_dict, path)
 
     def load(self, path: str, map_location=None):
         return load_tensors(path, allow=_deepspeed_classes(), map_location=map_location)

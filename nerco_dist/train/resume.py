@@ -1,8 +1,11 @@
 """Resume state: where a stage stands, which config wrote it, and the engine checkpoints that continue it.
 
-``out_dir/resume/<stage>/`` holds one engine checkpoint per save (a tag ``p<phase>-step<step>``; the newest is
-named in ``latest.json`` with the :class:`Progress` it was saved at; older tags are removed), and
-``out_dir/resume/<stage>.done.json`` the results of a finished stage. A run started again with the same
+``out_dir/resume/<stage>/`` holds the engine checkpoint named in ``latest.json`` with the :class:`Progress`
+it was saved at. Every save goes to a tag of its own (``save<n>-p<phase>-step<step>``: two saves at one step,
+the last step's and the epoch end's, must not share one, since DeepSpeed rewrites a tag's files in place); only
+once it is complete does ``latest.json`` name it (atomically), and only then are older tags removed, so a
+kill at any moment leaves ``latest.json`` naming a whole checkpoint. ``out_dir/resume/<stage>.done.json``
+holds the results of a finished stage. A run started again with the same
 command continues from there; a checkpoint of another config (its :func:`fingerprint`) is not continued.
 """
 
@@ -131,22 +134,32 @@ class StageResume:
             return
         progress.elapsed()
         state = dataclasses.asdict(progress)
-        tag = f"p{progress.phase}-step{progress.step}"
+        serial = dist.gather_objects(self._saves() if dist.is_main() else None)[0] + 1  # rank 0's count
+        tag = f"save{serial}-p{progress.phase}-step{progress.step}"
         engine.save_state(self.directory / tag, dict(progress=state, rng=dist.gather_objects(dist.rng_state())))
         dist.barrier()
         if dist.is_main():
-            write_json(self.directory / LATEST, dict(tag=tag, progress=state), indent=1)
+            write_json(self.directory / LATEST, dict(tag=tag, saves=serial, progress=state), indent=1)
             for old in self.directory.iterdir():
                 if old.is_dir() and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
+
+    def _saves(self) -> int:
+        """How many saves this stage's resume folder has seen (numbers every save's tag apart)."""
+        path = self.directory / LATEST
+        return json.loads(path.read_text()).get("saves", 0) if path.is_file() else 0
 
     def restore(self, engine) -> bool:
         """Weights, optimizer and RNG of the newest checkpoint into ``engine``; False when there is none."""
         latest = self.latest()
         if latest is None:
             return False
-        state = engine.load_state(self.directory / latest["tag"])
+        try:
+            state = engine.load_state(self.directory / latest["tag"])
+        except InputError as err:
+            raise InputError(err.path, f"{err.problem}; --no-resume trains the {self.stage} stage afresh",
+                             err.line) from err
         rng = state["rng"]
         if len(rng) != dist.world_size():
             raise ValueError(f"{self.directory}: saved by {len(rng)} ranks, resumed with {dist.world_size()}")

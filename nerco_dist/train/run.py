@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import random
+import re
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ def join_ranks(cfg: Config) -> torch.device:
 
 
 LOCK_FILE = ".nerco-train.lock"
+LEFTOVER = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_path's temporary files: .NAME.XXXXXXXX.tmp
 
 
 @contextlib.contextmanager
@@ -89,32 +91,57 @@ def exclusive_output(out: Path) -> Iterator[None]:
     the run ends, and a second ``nerco train`` on the folder stops at once (two runs there deleted each
     other's resume checkpoints and each took the other's best.pt for its own). The kernel drops the lock of a
     process that dies, so a killed run's lock is simply taken over; the pid in the file is for the message.
-    Collective, after :func:`join_ranks`: every rank learns whether rank 0 got the lock."""
-    handle, holder = None, None
+    Holding it, rank 0 removes the temporary files a killed write left. A folder that cannot be made or
+    written stops the run here. Collective, after :func:`join_ranks`: every rank learns whether rank 0 got
+    the lock."""
+    handle, problem = None, None
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_FILE, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "pid not written yet"
-            handle.close()
-        except OSError as err:  # a file system without locks (NFS mounted nolock, Lustre without flock)
-            log.warning("%s: cannot be locked (%s): a second run on this folder would not be stopped", out, err)
-        else:
-            handle.truncate(0)
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
-    holder = dist.gather_objects(holder)[0]
-    if holder is not None:
-        raise InputError(out, f"in use by another nerco train ({holder}): wait for it to end, or choose another "
-                              "run.out_dir")
+            handle, problem = _lock(out)
+            if handle is not None:
+                _remove_leftovers(out)
+        except OSError as err:
+            problem = f"cannot be written: {err.strerror or err}"
+    problem = dist.gather_objects(problem)[0]
+    if problem is not None:
+        raise InputError(out, problem)
     try:
         yield
     finally:
         if handle is not None:
             handle.close()  # and the lock with it
+
+
+def _lock(out: Path):
+    """``(handle holding the lock, None)``, or ``(None, why not)`` when another run holds it."""
+    if out.is_symlink() and not out.exists():
+        return None, f"a symbolic link to {os.readlink(out)}, which does not exist"
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "pid not written yet"
+        handle.close()
+        return None, f"in use by another nerco train ({holder}): wait for it to end, or choose another run.out_dir"
+    except OSError as err:  # a file system without locks (NFS mounted nolock, Lustre without flock)
+        log.warning("%s: cannot be locked (%s): a second run on this folder would not be stopped", out, err)
+        return handle, None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle, None
+
+
+def _remove_leftovers(out: Path) -> None:
+    """The temporary files of writes a killed run left half-done (best.pt's, the results', ...)."""
+    left = [p for p in out.rglob(".*.tmp") if LEFTOVER.match(p.name) and p.is_file()]
+    for path in left:
+        path.unlink(missing_ok=True)
+    if left:
+        log.info("%s: removed %d temporary file%s left by an interrupted write", out, len(left),
+                 "" if len(left) == 1 else "s")
 
 
 def new_model(cfg: Config, codec: LatticeEncoder, pretrained: dict[str, PretrainedVectors | None]) -> NerTagger:

@@ -12,7 +12,10 @@ process) at its ``AT``-th training batch:
 - sigint, sigterm: the rank sends itself SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption);
   sigint_twice: two SIGINTs (Ctrl-C pressed again);
 - sigterm_parent: the rank sends SIGTERM to its parent process, the deepspeed launcher, which passes it on
-  to every rank (a scheduler ending the job).
+  to every rank (a scheduler ending the job);
+- die_in_repeated_save: rank 0 is killed (SIGKILL) in the middle of writing the first file of a resume save
+  made at the same step as the save before it (the epoch-end save after ``checkpoint_every``'s save of the
+  epoch's last step), the file truncated as DeepSpeed's in-place write truncates it (AT is not used).
 
 Usage: faults.py MODE AT -- nerco train arguments
 """
@@ -70,10 +73,35 @@ def fault(mode: str, at: int):
     return wrap
 
 
+def die_in_repeated_save() -> None:
+    """Arm ``die_in_repeated_save``: rank 0 dies inside the first ``torch.save`` of a save that repeats the
+    previous save's step, leaving that file a few bytes long."""
+    from nerco_dist.train.resume import StageResume
+
+    save, torch_save, last = StageResume.save, torch.save, {}
+
+    def watched_save(self, engine, progress):
+        at = (self.stage, progress.phase, progress.step)
+        last["repeat"], last["at"] = last.get("at") == at, at
+        return save(self, engine, progress)
+
+    def dying_torch_save(obj, f, *args, **kwargs):
+        path = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)  # not an in-memory buffer
+        if last.get("repeat") and dist.rank() == 0 and path is not None:
+            with open(path, "wb") as out:
+                out.write(b"PK\x03\x04")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch_save(obj, f, *args, **kwargs)
+
+    StageResume.save, torch.save = watched_save, dying_torch_save
+
+
 if __name__ == "__main__":
     # the deepspeed launcher puts --local_rank=N first; nerco's own parser takes it
     launcher_args = [a for a in sys.argv[1:] if a.startswith("--local_rank")]
     mode, at, sep, *argv = [a for a in sys.argv[1:] if a not in launcher_args]
     assert sep == "--"
     argv += launcher_args
+    if mode == "die_in_repeated_save":
+        die_in_repeated_save()
     sys.exit(main(argv, wrap_loss=fault(mode, int(at))))

@@ -38,16 +38,26 @@ TARGET_RATIO = 1.3
 QUICK_SENTENCES = 500
 
 
-def child_cpu_seconds(argv: list[str], env: dict[str, str], stdin=None) -> float:
-    """User + system CPU seconds of one command, run to its end (a failure raises with its stderr's tail)."""
+def child_cpu_seconds(argv: list[str], code: Path, env: dict[str, str], stdin=None) -> float:
+    """User + system CPU seconds of one command run in the folder ``code`` (``python -m`` imports from there
+    first, PYTHONPATH after), to its end; a failure raises with its stderr's tail."""
     with tempfile.TemporaryFile() as err:
-        child = subprocess.Popen(argv, env=env, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err)
+        child = subprocess.Popen(argv, cwd=code, env={**env, "PYTHONPATH": str(code)}, stdin=stdin,
+                                 stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"{' '.join(argv[:5])} ... exit {child.returncode}:\n{err.read().decode()[-2000:]}")
     return usage.ru_utime + usage.ru_stime
+
+
+def require_code_from(code: Path, env: dict[str, str]) -> None:
+    """Refuse to time an arm whose ``nerco_dist`` would not come from ``code`` (an editable install's finder, say)."""
+    found = subprocess.run([sys.executable, "-c", "import nerco_dist; print(nerco_dist.__file__)"], cwd=code,
+                           env={**env, "PYTHONPATH": str(code)}, capture_output=True, text=True, check=True)
+    if not Path(found.stdout.strip()).resolve().is_relative_to(code.resolve()):
+        raise SystemExit(f"nerco_dist imports from {found.stdout.strip()}, not from {code}")
 
 
 def write_inputs(split: Path, limit: int | None, folder: Path) -> tuple[Path, Path, dict]:
@@ -65,7 +75,7 @@ def write_inputs(split: Path, limit: int | None, folder: Path) -> tuple[Path, Pa
 def train_checkpoint(out: Path, data_root: str, env: dict[str, str]) -> Path:
     subprocess.run([sys.executable, "-m", "nerco_dist.cli", "train", str(REPO / "configs" / "tiny.yaml"),
                     "--data-root", data_root, "--set", f"run.out_dir={out}", "--set", "data.max_len=200",
-                    "--set", "run.threads=1"], env=env, check=True, capture_output=True)
+                    "--set", "run.threads=1"], cwd=REPO, env=env, check=True, capture_output=True)
     return out / "best.pt"
 
 
@@ -77,14 +87,13 @@ def run_command(command: str, code: Path, checkpoint: Path, files: dict[str, Pat
     """CPU seconds of one of ``COMMANDS`` with the code at ``code`` (this checkout's takes ``--threads``)."""
     cli = [sys.executable, "-m", "nerco_dist.cli"]
     threads_option = ["--threads", str(threads)] if code == REPO else []
-    env = {**env, "PYTHONPATH": str(code)}
     if command == "eval":
         return child_cpu_seconds(cli + ["eval", str(checkpoint), "--data", str(files["labelled"]), "--output",
-                                        str(files["report"]), *threads_option], env)
+                                        str(files["report"]), *threads_option], code, env)
     if command == "predict file":
-        return child_cpu_seconds(cli + ["predict", str(checkpoint), str(files["lines"]), *threads_option], env)
+        return child_cpu_seconds(cli + ["predict", str(checkpoint), str(files["lines"]), *threads_option], code, env)
     with subprocess.Popen(["cat", str(files["lines"])], stdout=subprocess.PIPE) as cat:
-        return child_cpu_seconds(cli + ["predict", str(checkpoint), *threads_option], env, stdin=cat.stdout)
+        return child_cpu_seconds(cli + ["predict", str(checkpoint), *threads_option], code, env, stdin=cat.stdout)
 
 
 def summary(rows: list[dict], head: str) -> dict:
@@ -129,6 +138,8 @@ def main() -> int:
             subprocess.run(["git", "worktree", "add", "--detach", str(folder / "against"), args.against], cwd=REPO,
                            check=True, capture_output=True)
             runs += [(args.against, folder / "against", command) for command in COMMANDS[:2]]
+        for code in {code for _, code, _ in runs}:
+            require_code_from(code, env)
         results = ResultsFile(args.out, dict(benchmark="predict", command=" ".join(sys.argv), split=args.split,
                                              inputs=inputs, checkpoint="configs/tiny.yaml with data.max_len=200",
                                              threads=args.threads, machine=machine_info("cpu")))

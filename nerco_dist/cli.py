@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from .data.tags import entities
 from .errors import InputError
 
 log = logging.getLogger("nerco_dist")
@@ -59,13 +60,24 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
         distributed.leave()
 
 
+def _inference_setup(args: argparse.Namespace) -> str:
+    """``eval``/``predict``: torch's threads from ``--threads`` and the device ``--device`` names, resolved (a
+    device this machine lacks is refused here, before any file is read)."""
+    from .distributed import device_for_rank
+    from .machine import apply_threads
+
+    device = device_for_rank(args.device, "--device")
+    apply_threads(args.threads, "--threads")
+    return str(device)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .atomic import write_json
     from .eval.metrics import evaluate, f1_by_length, write_length_csv
     from .inference import evaluate_checkpoint
 
-    gold, pred = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.batch_size, args.device,
-                                     args.format)
+    device = _inference_setup(args)
+    gold, pred = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.batch_size, device, args.format)
     report = evaluate(gold, pred)
     print(report.format_table())
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
@@ -88,55 +100,69 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# predict tags the lines that have arrived together, sorted by length into batches, up to this many bytes of
+# them (a file gives that much at once, a pipe what it holds: 64 KiB on Linux)
+WINDOW_BYTES = 1 << 20
+
+
 def _predict(args: argparse.Namespace) -> int:
-    """One JSON line per input line, in order, written as each batch of the lines that have arrived is tagged
-    (so that it can sit in a pipe). A line that is not UTF-8 gets no JSON line: it is an error (exit status 2,
-    once every other line is written) or, with ``--skip-bad-lines``, a warning."""
+    """One JSON line per input line, in order, each written as soon as it and every line before it are tagged
+    (so that predict can sit in a pipe). A line that is not UTF-8 gets no JSON line: it is an error (exit
+    status 2, once every other line is written) or, with ``--skip-bad-lines``, a warning."""
     from .inference import load_for_inference
 
+    if sys.stdout is None:  # started with its standard output closed (``>&-``)
+        raise InputError("standard output", "closed: nowhere to write the JSON lines")
+    device = _inference_setup(args)
     if args.input == "-":
         name, stream = "<stdin>", contextlib.nullcontext(sys.stdin.buffer)
     elif Path(args.input).is_file():
         name, stream = args.input, open(args.input, "rb")
     else:
         raise InputError(args.input, "file not found")
-    codec, model = load_for_inference(Path(args.checkpoint), args.device, tagging=True)
+    codec, model = load_for_inference(Path(args.checkpoint), device, tagging=True)
     bad_lines = 0
     try:
         with stream as lines:
-            for batch in _arrived_lines(lines, args.batch_size):
-                texts = []
-                for lineno, raw in batch:
-                    try:
-                        texts.append(_decoded(raw, name, lineno))
-                    except InputError as err:
-                        bad_lines += 1
-                        if args.skip_bad_lines:
-                            log.warning("%s; line skipped", err)
-                        else:
-                            print(f"nerco: error: {err}", file=sys.stderr, flush=True)
-                for text, found in zip(texts, _tagged(codec, model, texts, args.batch_size)):
-                    print(json.dumps(dict(text=text, entities=found), ensure_ascii=False))
-                sys.stdout.flush()
+            for arrived in _arrived_lines(lines, WINDOW_BYTES):
+                texts, bad = _decoded_lines(arrived, name, args.skip_bad_lines)
+                bad_lines += bad
+                for rows in _answers(codec, model, texts, args.batch_size):
+                    _write(rows)
     except BrokenPipeError:  # the reader left (`nerco predict ... | head`): stop quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        _stdout_to_devnull()
         return 128 + signal.SIGPIPE
     return 2 if bad_lines and not args.skip_bad_lines else 0
 
 
-def _arrived_lines(stream, max_batch: int) -> Iterator[list[tuple[int, bytes]]]:
-    """The numbered lines of a binary stream (line break removed), in batches of at most ``max_batch`` of those
-    already read: ``read1`` returns what has arrived without waiting for more, so a line is never held back
+def _arrived_lines(stream, window: int) -> Iterator[list[tuple[int, bytes]]]:
+    """The numbered lines of a binary stream (line break removed), in groups of those already read: ``read1``
+    returns what has arrived, up to ``window`` bytes, without waiting for more, so a line is never held back
     for the ones after it."""
     lineno, pending = 0, b""
-    while chunk := stream.read1(1 << 16):
+    while chunk := stream.read1(window):
         *complete, pending = (pending + chunk).split(b"\n")
-        numbered = list(enumerate(complete, start=lineno + 1))
-        lineno += len(complete)
-        for start in range(0, len(numbered), max_batch):
-            yield numbered[start : start + max_batch]
+        if complete:
+            yield list(enumerate(complete, start=lineno + 1))
+            lineno += len(complete)
     if pending:
         yield [(lineno + 1, pending)]
+
+
+def _decoded_lines(numbered: list[tuple[int, bytes]], name: str, skip_bad_lines: bool) -> tuple[list[str], int]:
+    """The lines that are UTF-8, as text, and how many were not (each one reported as it is met: an error
+    line, or a warning with ``skip_bad_lines``)."""
+    texts, bad = [], 0
+    for lineno, raw in numbered:
+        try:
+            texts.append(_decoded(raw, name, lineno))
+        except InputError as err:
+            bad += 1
+            if skip_bad_lines:
+                log.warning("%s; line skipped", err)
+            else:
+                print(f"nerco: error: {err}", file=sys.stderr, flush=True)
+    return texts, bad
 
 
 def _decoded(raw: bytes, name: str, lineno: int) -> str:
@@ -149,19 +175,50 @@ def _decoded(raw: bytes, name: str, lineno: int) -> str:
     return text[1:] if lineno == 1 and text.startswith("\ufeff") else text
 
 
-def _tagged(codec, model, texts: list[str], batch_size: int) -> list[list[dict]]:
-    """The entities found in each text; a blank one has none and is not given to the model."""
+def _answers(codec, model, texts: list[str], batch_size: int) -> Iterator[list[str]]:
+    """The JSON lines of ``texts`` in their order, handed over after each batch the model tags (the batches
+    hold lines of similar length) as far as every line before them is tagged too. A blank line has no
+    entities and is not given to the model."""
     from .data.readers import Sentence
-    from .data.tags import entities
-    from .inference import predict
+    from .inference import model_device, tags_by_batch
 
-    tagged = [i for i, t in enumerate(texts) if t.strip()]
-    found: list[list[dict]] = [[] for _ in texts]
+    tagged = [i for i, text in enumerate(texts) if text.strip()]
+    rows = [None if text.strip() else _json_line(text, []) for text in texts]
     sentences = [Sentence(list(texts[i]), ["O"] * len(texts[i])) for i in tagged]
-    for i, tags in zip(tagged, predict(codec, model, sentences, batch_size)):
-        found[i] = [dict(start=e.start, end=e.end, type=e.type, mention=texts[i][e.start : e.end])
-                    for e in entities(tags)]
-    return found
+    ready = 0  # rows[:ready] are handed over
+    for done in tags_by_batch(codec, model, sentences, batch_size, model_device(model)):
+        for k, tags in done:
+            rows[tagged[k]] = _json_line(texts[tagged[k]], tags)
+        start = ready
+        while ready < len(rows) and rows[ready] is not None:
+            ready += 1
+        yield rows[start:ready]
+    yield rows[ready:]  # the blank lines after the last tagged one
+
+
+def _json_line(text: str, tags: list[str]) -> str:
+    found = [dict(start=e.start, end=e.end, type=e.type, mention=text[e.start : e.end]) for e in entities(tags)]
+    return json.dumps(dict(text=text, entities=found), ensure_ascii=False) + "\n"
+
+
+def _write(rows: list[str]) -> None:
+    """JSON lines to standard output, flushed so that a reader in a pipe has them now. A write that fails (a
+    full disk, ``> /dev/full``) is an error naming why; a reader that left (BrokenPipeError) is the caller's."""
+    if not rows:
+        return
+    try:
+        sys.stdout.write("".join(rows))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        _stdout_to_devnull()
+        raise InputError("standard output", f"cannot write: {err.strerror or err}") from None
+
+
+def _stdout_to_devnull() -> None:
+    """Standard output becomes /dev/null, so that what is left in its buffer cannot fail again at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _vectors(args: argparse.Namespace) -> int:
@@ -263,7 +320,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_setting(text: str) -> int | str:
+    """An argparse type: ``auto`` or a whole number of at least 0, as the config's ``run.threads``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {value}")
+    return value
+
+
 DEVICE_HELP = "auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+THREADS_HELP = ("torch CPU threads: auto (the default, as run.threads=auto: the cores the 1-minute load average "
+                "does not show busy; logged), a number, or 0 for torch's default of a thread per core")
 
 
 def _add_inference(sub) -> None:
@@ -274,19 +346,23 @@ def _add_inference(sub) -> None:
     p.add_argument("--output", help="JSON report path (default: CHECKPOINT.eval.json)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=thread_setting, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="tag raw text, one sentence per line; prints JSON lines",
                        description="One JSON line per input line: {\"text\", \"entities\": [{\"start\", \"end\", "
                                    "\"type\", \"mention\"}]}; start and end are character offsets, end exclusive "
-                                   "(mention = text[start:end]). Each line is answered as soon as it is read.")
+                                   "(mention = text[start:end]), in input order. The lines that have arrived (up to "
+                                   "1 MiB) are tagged in batches of similar length, and each answer is written as "
+                                   "soon as it and every line before it are tagged.")
     p.add_argument("checkpoint", help="a fine-tuned checkpoint (best.pt or last.pt of a run; not stage 1's)")
     p.add_argument("input", nargs="?", default="-", help="text file, or - for standard input (default)")
     p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="most lines tagged at once (those already read)")
+                   help="most lines (or pieces of a line longer than the model's max_len) tagged at once")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip a line that is not UTF-8 with a warning (default: an error, exit status 2)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=thread_setting, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("analyze", help="baseline vs NerCo: Span F / Type Acc, F1 by length, t-SNE plots")

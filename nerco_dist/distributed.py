@@ -19,6 +19,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as tdist
 
+from .errors import InputError
+
+
 def launched() -> bool:
     """Started by a launcher (deepspeed, torchrun, srun wrapper) for more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -98,14 +101,31 @@ def leave() -> None:
         tdist.destroy_process_group()
 
 
-def device_for_rank(name: str) -> torch.device:
-    """``auto``/``cuda``: this rank's GPU (LOCAL_RANK) when there is one; ``cpu`` otherwise."""
+def device_for_rank(name: str, key: str = "--device") -> torch.device:
+    """``auto``/``cuda``: this rank's GPU (LOCAL_RANK) when there is one; ``cpu`` otherwise. A name that is no
+    device, or a GPU torch does not see, is refused naming ``key`` (the option or config key that gave it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = _known_device(name, key)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
+    return device
+
+
+def _known_device(name: str, key: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError(f"{key}={name}", "not a device (allowed: auto, cpu, cuda, cuda:N)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and not count:
+        raise InputError(f"{key}={name}", "torch sees no CUDA device here (allowed here: auto, cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise InputError(f"{key}={name}", f"torch sees {count} CUDA device{'s' if count > 1 else ''} here "
+                                          f"(allowed here: auto, cpu, cuda, cuda:0 to cuda:{count - 1})")
     return device
 
 

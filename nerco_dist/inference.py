@@ -59,14 +59,34 @@ def eval_batches(codec: LatticeEncoder, model: NerTagger, sentences: Sequence[Se
 
 
 @torch.no_grad()
-def predict_tags(codec: LatticeEncoder, model: NerTagger, sentences: Sequence[Sentence], batch_size: int,
-                 device: torch.device) -> list[list[str]]:
-    """BIO predictions for whole sentences: long sentences are cut into pieces and joined back."""
+def tags_by_batch(codec: LatticeEncoder, model: NerTagger, sentences: Sequence[Sentence], batch_size: int,
+                  device: torch.device) -> Iterator[list[tuple[int, list[str]]]]:
+    """BIO predictions for whole sentences, handed over as they are made (so that a caller can write each
+    one early): after each batch of pieces, the ``(index, tags)`` of the sentences whose last piece it held.
+    Long sentences are cut into pieces and joined back; sentences without characters come first, untagged."""
     predicted = [["O"] * len(s) for s in sentences]
+    untagged = [len(s) for s in sentences]  # characters not yet predicted
+    empty = [(i, predicted[i]) for i, n in enumerate(untagged) if n == 0]
+    if empty:
+        yield empty
     for chunk, batch in eval_batches(codec, model, sentences, batch_size, device):
+        done = []
         for piece, label_ids in zip(chunk, model.predict(batch)):
             predicted[piece.sentence][piece.start : piece.start + piece.num_chars] = [
                 codec.labels.labels[i] for i in label_ids]
+            untagged[piece.sentence] -= piece.num_chars
+            if untagged[piece.sentence] == 0:
+                done.append((piece.sentence, predicted[piece.sentence]))
+        yield done
+
+
+def predict_tags(codec: LatticeEncoder, model: NerTagger, sentences: Sequence[Sentence], batch_size: int,
+                 device: torch.device) -> list[list[str]]:
+    """BIO predictions for whole sentences: long sentences are cut into pieces and joined back."""
+    predicted: list = [None] * len(sentences)
+    for done in tags_by_batch(codec, model, sentences, batch_size, device):
+        for i, tags in done:
+            predicted[i] = tags
     return predicted
 
 

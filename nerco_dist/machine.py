@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import logging
 import os
 import platform
 import time
@@ -12,6 +13,8 @@ import time
 import torch
 
 from . import distributed as dist
+
+log = logging.getLogger("nerco_dist")
 
 LIBRARIES = ("triton", "transformers", "deepspeed")
 
@@ -80,3 +83,14 @@ def auto_threads_here() -> tuple[int, str]:
     ranks = local_ranks()
     why = f"{cores} cores, {load:.1f} busy, {ranks} rank{'' if ranks == 1 else 's'} on this node"
     return auto_threads(cores, load, ranks), why
+
+
+def apply_threads(setting: int | str, key: str = "run.threads") -> None:
+    """torch's CPU thread count from ``setting`` (``key``: the config key or option that gave it): ``auto``
+    decided from this machine, and logged with why; 0 leaves torch's default."""
+    threads = setting
+    if setting == "auto":
+        threads, why = auto_threads_here()
+        log.info("%s=auto: %d torch thread%s (%s)", key, threads, "" if threads == 1 else "s", why)
+    if threads:
+        torch.set_num_threads(threads)

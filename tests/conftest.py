@@ -26,6 +26,14 @@ LIMIT = 150  # tiny.yaml's data.limit
 DATA_ROOT = Path(os.environ.get("NERCO_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread_after():
+    """Back to one thread after each test: ``nerco train``, ``eval`` and ``predict`` run in-process set torch's
+    threads (``auto`` by default, which takes two cores of an idle 2-core machine)."""
+    yield
+    torch.set_num_threads(1)
+
+
 def script_module(name: str, folder: str = "benchmarks"):
     """``FOLDER/NAME.py`` as a module (``benchmarks/`` and ``experiments/`` are not packages; their scripts
     import their neighbours)."""

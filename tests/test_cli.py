@@ -4,11 +4,14 @@ predict, and clean failures on bad input."""
 import io
 import json
 import logging
+import os
 import re
+import resource
 import select
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,23 +99,56 @@ def test_eval_and_predict_need_no_training_code_nor_tensorboard(trained, dev_sub
 
 
 def test_predict_raw_text_json_lines(trained, tmp_path):
-    """One JSON line per input line, blank lines included: a consumer can pair them up by position."""
+    """One JSON line per input line, blank lines included: a consumer can pair them up by position. Each line's
+    entities are those of the line tagged alone, a line longer than max_len (60) included."""
     text = tmp_path / "raw.txt"
-    lines = ["高勇，男，中国国籍，无境外居留权。", "", "   ", "\t", "\u3000", "1966年出生，汉族，中共党员，本科学历，工程师。"]
+    lines = ["高勇，男，中国国籍，无境外居留权。", "", "   ", "\t", "\u3000", "1966年出生，汉族，中共党员，本科学历，工程师。",
+             "王明，男，1972年出生，中国国籍，研究生学历，高级经济师，现任浙江省杭州市某某科技股份有限公司董事长、总经理，"
+             "兼任北京大学光华管理学院客座教授。", "李华"]
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), str(text)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), str(text),
+                           "--batch-size", "2"], capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["text"] for r in rows] == lines
     assert rows[1:5] == [{"text": t, "entities": []} for t in lines[1:5]]
     codec, model = load_for_inference(trained / "best.pt", "cpu")
     from nerco_dist.data.readers import Sentence
 
-    expected = predict_tags(codec, model, [Sentence(list(lines[0]), ["O"] * len(lines[0]))], 8, torch.device("cpu"))
-    assert [(e["start"], e["end"], e["type"]) for e in rows[0]["entities"]] == [tuple(e) for e in entities(expected[0])]
+    assert len(lines[6]) > 60
+    for i in (0, 5, 6, 7):
+        expected = predict_tags(codec, model, [Sentence(list(lines[i]), ["O"] * len(lines[i]))], 8, torch.device("cpu"))
+        found = [(e["start"], e["end"], e["type"]) for e in rows[i]["entities"]]
+        assert found == [tuple(e) for e in entities(expected[0])], lines[i]
+    assert rows[0]["entities"] and rows[6]["entities"]  # the comparison is not of empty lists alone
     for r in rows:
         for e in r["entities"]:
             assert r["text"][e["start"]:e["end"]] == e["mention"]
+
+
+def test_predict_batches_the_arrived_lines_by_length_and_writes_each_answer_once_those_before_it_are(
+        trained, tmp_path, monkeypatch):
+    """All the lines read at once are sorted by length into batches (not each batch of lines as read), and an
+    answer is written as soon as its line and every line before it are tagged. Lines of x's: the lexicon has no
+    word of them, so a line's lattice is its characters and its length names it."""
+    from nerco_dist.model.tagger import NerTagger
+
+    lengths = [5, 1, 9, 3, 0, 7, 2, 8, 0, 4, 6]  # 0: a blank line, never given to the model
+    text = tmp_path / "lines.txt"
+    text.write_text("".join("x" * n + "\n" for n in lengths), encoding="utf-8")
+    out, calls, tag = io.StringIO(), [], NerTagger.predict
+
+    def recording(model, batch):
+        assert torch.equal(batch["lattice_mask"].sum(1), batch["char_mask"].sum(1))  # no word in any lattice
+        calls.append((batch["char_mask"].sum(1).tolist(), out.getvalue().count("\n")))
+        return tag(model, batch)
+
+    monkeypatch.setattr(NerTagger, "predict", recording)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["predict", str(trained / "best.pt"), str(text), "--batch-size", "3"]) == 0
+    assert [json.loads(line)["text"] for line in out.getvalue().splitlines()] == ["x" * n for n in lengths]
+    assert [batch for batch, _ in calls] == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    # before batch k: the lines before the first one that batches 0..k-1 did not hold (a blank line needs none)
+    assert [written for _, written in calls] == [0, 0, 2]
 
 
 GOOD_AND_BAD = "高勇，男，中国国籍。\n".encode() + "王明在".encode() + b"\xff\xfe" + "北京。\n\n1966年出生。\n".encode()
@@ -184,6 +220,64 @@ def test_predict_stops_quietly_when_its_reader_leaves(trained, tmp_path):
     proc.stdout.close()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
     assert b"Traceback" not in proc.stderr.read()
+
+
+def test_predict_to_a_full_device_is_an_error(trained, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    text = tmp_path / "raw.txt"
+    text.write_text("高勇，男，中国国籍。\n" * 3, encoding="utf-8")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), str(text)],
+                              stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "nerco: error: standard output: cannot write: No space left on device"
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_predict_with_its_standard_output_closed_is_an_error(trained):
+    """``nerco predict ... >&-``: Python starts with no ``sys.stdout``; the answers would vanish silently."""
+    proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt")],
+                          input="高勇\n", stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "nerco: error: standard output: closed: nowhere to write the JSON lines\n"
+
+
+@pytest.mark.parametrize("device, problem", [
+    ("cuda", "torch sees no CUDA device here (allowed here: auto, cpu)"),
+    ("cuda:0", "torch sees no CUDA device here (allowed here: auto, cpu)"),
+    ("gpu", "not a device (allowed: auto, cpu, cuda, cuda:N)")])
+def test_eval_and_predict_refuse_a_device_this_machine_lacks(trained, dev_subset, device, problem):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for argv in (["eval", str(trained / "best.pt"), "--data", str(dev_subset)], ["predict", str(trained / "best.pt")]):
+        proc = run_cli(*argv, "--device", device)
+        assert (proc.returncode, proc.stderr) == (2, f"nerco: error: --device={device}: {problem}\n")
+
+
+def test_eval_and_predict_take_threads_and_default_to_auto(trained, dev_subset, tmp_path, monkeypatch, caplog):
+    """4 cores, a load of 2.2: auto leaves the 2 busy cores (2.2 rounds to 2) and takes the other 2."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 0.0, 0.0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    text = tmp_path / "raw.txt"
+    text.write_text("高勇\n", encoding="utf-8")
+    commands = {"eval": ["eval", str(trained / "best.pt"), "--data", str(dev_subset), "--output",
+                         str(tmp_path / "r.json")],
+                "predict": ["predict", str(trained / "best.pt"), str(text)]}
+    for name, argv in commands.items():
+        caplog.clear()
+        torch.set_num_threads(1)
+        with caplog.at_level(logging.INFO, logger="nerco_dist"):
+            assert main(argv) == 0
+        assert torch.get_num_threads() == 2, name
+        assert "--threads=auto: 2 torch threads (4 cores, 2.2 busy, 1 rank on this node)" in caplog.messages
+        assert main(argv + ["--threads", "3"]) == 0 and torch.get_num_threads() == 3, name
+    for value in ("-1", "many"):
+        proc = run_cli(*commands["predict"], "--threads", value)
+        assert proc.returncode == 2 and "--threads: expected auto or a whole number >= 0" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many"])
@@ -329,3 +423,37 @@ def test_every_shipped_config_loads():
 def test_help_on_every_subcommand(command):
     proc = run_cli(command, "--help")
     assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+HEAVY = ("torch", "deepspeed", "transformers", "triton", "matplotlib", "numpy", "jieba", "seqeval", "gensim", "tqdm")
+LOADED_AFTER = """import sys
+from nerco_dist.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(*sorted(sys.modules), sep="\\n", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["vectors"], ["eval"], ["predict"], ["analyze"]])
+def test_help_imports_no_heavy_library(command):
+    """Each command imports what it uses when it runs; ``--help`` runs none."""
+    proc = subprocess.run([sys.executable, "-c", LOADED_AFTER, *command, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: nerco"), proc.stderr[-2000:]
+    loaded = proc.stderr.split()
+    assert "nerco_dist.cli" in loaded
+    assert [m for m in loaded if m.split(".")[0] in HEAVY] == []
+
+
+def test_help_costs_a_small_fraction_of_a_cpu_second():
+    """CPU time (user + system) of the whole child, the interpreter's start included: under 0.3 s. It took
+    about 1.1 s when every command paid for torch. The least of three runs, so that one disturbed run on a
+    busy machine does not decide."""
+    def cpu_seconds() -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, "-m", "nerco_dist.cli", "--help"], capture_output=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+    assert min(cpu_seconds() for _ in range(3)) < 0.3

@@ -11,8 +11,7 @@ import jieba
 import torch
 
 from nerco_dist.cli import main
-from nerco_dist.machine import auto_threads
-from nerco_dist.train.run import apply_threads
+from nerco_dist.machine import apply_threads, auto_threads
 
 from .conftest import LIMIT, TINY
 

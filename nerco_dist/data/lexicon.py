@@ -11,11 +11,12 @@ import hashlib
 import itertools
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
 from ..errors import InputError
+
+if TYPE_CHECKING:  # read_word2vec imports it when it runs: the CLI imports this module for every command
+    import numpy as np
 
 JIEBA = "jieba"  # the lexicon reference meaning "jieba's bundled dictionary"
 
@@ -117,6 +118,8 @@ def word2vec_tokens(path: str | os.PathLike) -> Iterator[str]:
 
 def read_word2vec(path: str | os.PathLike) -> tuple[dict[str, int], np.ndarray]:
     """A word2vec text file as (token -> row, float32 matrix); a clear error on a ragged or bad line."""
+    import numpy as np
+
     path = Path(path)
     index: dict[str, int] = {}
     rows: list[np.ndarray] = []

@@ -18,17 +18,17 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
-
-import numpy as np
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .dataset import char_bigrams
 from .lexicon import Lexicon, word2vec_tokens
 from .readers import read_corpus
-from .vocab import Vocabulary
+
+if TYPE_CHECKING:  # the CLI reads this module's options for every command, ``--help`` included: nothing heavy
+    import numpy as np
+
+    from .vocab import Vocabulary
 
 log = logging.getLogger("nerco_dist")
 
@@ -72,6 +72,8 @@ def tokenizer(kind: str, lexicon: Lexicon | None = None, segmenter: str = "fmm")
     if kind == "char":
         return list
     if kind == "bigram":
+        from .dataset import char_bigrams  # the lattice's bigrams; that module needs torch
+
         return char_bigrams
     if segmenter == "jieba":
         import jieba
@@ -161,6 +163,8 @@ def build_vectors(raw_files: Sequence[Path], corpus_files: Sequence[Path], lexic
                   dim: int = 50, epochs: int = 5, min_count: int = MIN_COUNT, window: int = 5, seed: int = 1,
                   workers: int | None = None, segmenter: str = "fmm", kinds: Sequence[str] = KINDS) -> dict[str, Path]:
     """Train and write ``out/<kind>.vec`` for each kind; the paths written. ``workers``: default every core."""
+    from tqdm import tqdm
+
     check_inputs(raw_files, corpus_files)
     workers = workers or os.cpu_count() or 1
     logging.getLogger("gensim").setLevel(logging.WARNING)  # it logs its progress every second; the bar does

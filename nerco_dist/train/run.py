@@ -26,7 +26,7 @@ from ..data.vocab import PretrainedVectors
 from ..errors import InputError
 from ..eval.metrics import NerReport, evaluate
 from ..inference import predict
-from ..machine import auto_threads_here, flush_denormals, keep_freed_memory
+from ..machine import apply_threads, flush_denormals, keep_freed_memory
 from ..model.build import build_tagger
 from ..model.tagger import NerTagger
 from .engine import uses_deepspeed
@@ -40,17 +40,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def apply_threads(setting: int | str) -> None:
-    """torch's CPU thread count from ``run.threads``: ``auto`` decided from this machine, and logged with
-    why; 0 leaves torch's default."""
-    threads = setting
-    if setting == "auto":
-        threads, why = auto_threads_here()
-        log.info("run.threads=auto: %d torch thread%s (%s)", threads, "" if threads == 1 else "s", why)
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def refuse_unrunnable(cfg: Config, stages: list[str]) -> None:
@@ -75,7 +64,7 @@ def refuse_unrunnable(cfg: Config, stages: list[str]) -> None:
 
 def join_ranks(cfg: Config) -> torch.device:
     """This rank's device, the process group joined when DeepSpeed is used (a second call does nothing)."""
-    device = dist.device_for_rank(cfg.run.device)
+    device = dist.device_for_rank(cfg.run.device, "run.device")
     if uses_deepspeed(cfg.distributed):
         dist.init(device, cfg.distributed.timeout_s)
     return device

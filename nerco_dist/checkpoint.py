@@ -35,7 +35,12 @@ def save_tensors(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` of ``obj`` to ``path``, atomically. Written through a Python file, so that a full disk
     is the OS's error (an :class:`InputError` naming ``path``), not torch's "unexpected pos"."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # torch's zip writer, failing again as it closes after a failed write
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 def load_tensors(path: str | os.PathLike, *, allow: Sequence[type] = (), map_location: Any = "cpu",

@@ -6,15 +6,20 @@
 - one run per output folder: a second run stops at once naming the holder, a killed run's lock is taken
   over; the final test scores the stage's best weights kept in memory, not a best.pt read back;
 - checkpoints of the wrong kind: a stage-1 one for tagging, one of another model shape for ``eval`` and
-  ``--init``.
+  ``--init``;
+- places that cannot be written: an output folder that is a dangling link or on a read-only file system,
+  a disk that fills during a checkpoint write (one line naming the place, exit status 2, no temporary file
+  left); the temporary files a killed write left are removed by the next run on the folder.
 """
 
 import json
 import os
+from pathlib import Path
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -198,3 +203,63 @@ def test_a_checkpoint_of_another_shape_is_refused_by_init_and_eval(tmp_path, dat
     assert main(["eval", str(tmp_path / "mismatched.pt"), "--data", str(dev_subset)]) == 2
     assert (f"nerco: error: {tmp_path / 'mismatched.pt'}: holds a model of another shape than the one its own "
             "config builds (the file's first: char_embed.weight (") in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """``mount(options)``: a tmpfs mounted in ``tmp_path`` (root only; skipped where it cannot be mounted),
+    unmounted after the test."""
+    mounted = []
+
+    def mount(options: str):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("nerco: error:")]
+
+
+def test_an_output_folder_that_is_a_dangling_link_or_read_only_is_one_line(tmp_path, data_root, capsys,
+                                                                          small_file_system):
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
+    assert main(train_args(dangling, data_root)) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"nerco: error: {dangling}: a symbolic link to {tmp_path / 'gone'}, which does not exist"]
+    read_only = small_file_system("ro,size=1m") / "run"
+    assert main(train_args(read_only, data_root)) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"nerco: error: {read_only}: cannot be written: Read-only file system"]
+
+
+def test_a_disk_that_fills_during_a_checkpoint_write_is_one_line_and_leaves_no_partial_file(
+        tmp_path, data_root, capsys, small_file_system):
+    out = small_file_system("size=256k") / "run"  # last.pt (about 180 kB) fits, best.pt after it does not
+    assert main(train_args(out, data_root)) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].endswith(".pt: cannot be written: No space left on device"), lines
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_killed_writes_temporary_files_are_removed_by_the_next_run(tmp_path, data_root):
+    out = tmp_path / "run"
+    (out / "resume" / "finetune").mkdir(parents=True)
+    # what atomic_path leaves when a kill stops it between creating the temporary file and renaming it
+    left = [Path(tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")[1])
+            for d, name in ((out, "best.pt"), (out / "resume" / "finetune", "local.pt"))]
+    mine = out / "notes.tmp"
+    mine.write_text("a user's file that only looks temporary")
+    assert main(train_args(out, data_root)) == 0
+    assert not any(p.exists() for p in left) and mine.exists()

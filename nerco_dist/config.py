@@ -85,8 +85,11 @@ class OptimConfig:
     warmup: float = field(default=0.1, metadata={"ge": 0, "le": 1})
     # then lr / (1 + lr_decay * epoch), epochs within the phase; 0: constant
     lr_decay: float = field(default=0.05, metadata={"ge": 0})
-    # clipping by value (local engine; DeepSpeed clips by norm)
+    # clipping by value (local engine, and row-wise tables under DeepSpeed too; DeepSpeed clips the rest by norm)
     clip_value: float | None = field(default=5.0, metadata={"gt": 0})
+    # the lattice's embedding tables: dense (every row, every step) | rows (only the rows the batch read, with
+    # their moments: train/rows.py)
+    table_updates: str = "dense"
     epochs: int = field(default=100, metadata={"ge": 0})  # at most; 0 skips the phase
     batch_size: int = field(default=10, metadata={"ge": 1})
 
@@ -237,7 +240,8 @@ MOVED = {
 _CHOICES = {"optimizer": ("sgd", "adamw"), "select": ("dev_loss", "head_f1"), "hand_off": ("last", "best"),
             "backend": ("auto", "torch", "triton"), "format": ("auto", "conll", "weibo", "cluener"),
             "position_fusion": ("four", "two"), "lr_scaling": ("none", "linear", "sqrt"),
-            "precision": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda")}
+            "precision": ("auto", "bf16", "fp32"), "device": ("auto", "cpu", "cuda"),
+            "table_updates": ("dense", "rows")}
 _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b),
            "lt": ("<", lambda v, b: v < b)}
 

@@ -2,7 +2,8 @@
 
 Rank and world size, joining the process group the launcher describes (with a timeout, so a rank that dies
 or hangs makes the others fail instead of waiting forever), gathering token features with their gradients
-sent back to the rank that owns them, gathering predictions, sums of scalars, RNG states for resuming.
+sent back to the rank that owns them, gathering rows of uneven counts (sparse gradients), gathering
+predictions, sums of scalars, RNG states for resuming.
 With one process and no process group every function here is a no-op or the identity.
 """
 
@@ -156,6 +157,22 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_uneven(x: torch.Tensor, counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's rows of ``x`` (their number may differ between ranks), concatenated in rank order on every
+    rank, and each rank's number of rows (``counts``, exchanged first when not given). Sent padded to the
+    largest count, trimmed after."""
+    if counts is None:
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(world_size())]
+        tdist.all_gather(sizes, n)
+        counts = [int(s) for s in sizes]
+    padded = x.new_zeros((max(counts),) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    tdist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]), counts
+
+
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows, concatenated in rank order. Backward: the gradient of every rank's loss with respect
     to the gathered rows is summed over ranks, and each rank keeps the rows it contributed."""
@@ -163,11 +180,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ctx.counts, ctx.rank = counts, rank()
-        padded = x.new_zeros((max(counts),) + tuple(x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in counts]
-        tdist.all_gather(parts, padded)
-        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+        return gather_uneven(x, counts)[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -184,15 +197,7 @@ def gather_rows(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     rank's row i among the keys. The keys' gradients flow back to the ranks that own them."""
     if not initialized() or world_size() == 1:
         return x, labels, torch.arange(labels.numel(), device=labels.device)
-    n = torch.tensor([labels.numel()], device=labels.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    tdist.all_gather(sizes, n)
-    counts = [int(s) for s in sizes]
-    padded = labels.new_zeros(max(counts))
-    padded[: labels.numel()] = labels
-    label_parts = [torch.empty_like(padded) for _ in counts]
-    tdist.all_gather(label_parts, padded)
-    key_labels = torch.cat([p[:c] for p, c in zip(label_parts, counts)])
+    key_labels, counts = gather_uneven(labels)
     keys = _GatherRows.apply(x.contiguous(), counts)
     start = sum(counts[: rank()])
     return keys, key_labels, torch.arange(start, start + labels.numel(), device=labels.device)

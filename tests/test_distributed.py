@@ -1,7 +1,7 @@
 """Distributed training on CPU: 2 ranks (gloo) through the deepspeed launcher, as CI runs it.
 
 - one step on 2 ranks equals one process on the concatenated batch (loss and averaged gradients, 1e-5),
-  ZeRO 0, 2 and 3, both training stages;
+  ZeRO 0, 2 and 3, both training stages, with the embedding tables dense and updated row-wise;
 - both stages end to end for ZeRO 1, 2 and 3; the exported fp32 checkpoint evaluated on one process
   gives the run's test score (every test sentence predicted exactly once across ranks);
 - the stage-1 checkpoint of a ZeRO-3 run starts a ZeRO-1 fine-tuning in a process without the launcher;
@@ -133,14 +133,21 @@ def test_lr_scaling_rules():
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, data_root):
+    """Also with the tables updated row-wise (``/rows``): their averaged row gradients, and one step's tables on
+    every rank (clipped by value: half the entries at the clip)."""
     out = tmp_path / "equivalence.json"
-    launch([str(SCRIPTS / "equivalence.py"), "--data-root", str(data_root), "--out", str(out)], data_root)
+    launch([str(SCRIPTS / "equivalence.py"), "--data-root", str(data_root), "--out", str(out),
+            "--rows-stages", "0,2,3"], data_root)
     report = json.loads(out.read_text())
-    assert set(report) == {f"zero{z}/{s}" for z in (0, 2, 3) for s in ("contrastive", "finetune")}
+    stages = ("contrastive", "finetune")
+    assert set(report) == {f"zero{z}/{s}{rows}" for z in (0, 2, 3) for s in stages for rows in ("", "/rows")}
     for name, r in report.items():
         assert r["loss_diff"] <= 1e-5 * max(1.0, abs(r["ref_loss"])), (name, r)
         assert r["max_grad_diff"] <= 1e-5 * max(1.0, r["max_grad"]), (name, r)
         assert r["nonzero_grads"] == r["params_compared"] > 10, (name, r)
+        if name.endswith("/rows"):
+            assert r["table_step_diff"] <= 1e-5 and r["replicas_equal"], (name, r)
+            assert 0.4 < r["clipped_fraction"] < 0.6, (name, r)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ class LatticeEmbedding(nn.Module):
     rows are a buffer: no optimiser holds them, so neither weight decay nor momentum moves them, and they are
     stored in fp16, halving what every checkpoint carries.
 
+    ``sparse``: ``weight``'s gradient is a sparse tensor of the rows the batch read (padding and frozen ids
+    excluded), for optimisers that update only those rows; dense otherwise.
+
     ``word_dropout``: in training, each non-padding id becomes ``<unk>`` with this probability, so that the
     ``<unk>`` row is learnt (without it, ``<unk>`` never occurs in training and stays random)."""
 
@@ -26,6 +29,7 @@ class LatticeEmbedding(nn.Module):
             self.weight[PAD_ID] = 0
         self.register_buffer("frozen", torch.zeros(num_frozen, dim, dtype=torch.float16))
         self.word_dropout = word_dropout
+        self.sparse = False
 
     @property
     def num_trained(self) -> int:
@@ -49,12 +53,13 @@ class LatticeEmbedding(nn.Module):
             dropped = (torch.rand(ids.shape, device=ids.device) < self.word_dropout) & (ids != PAD_ID)
             ids = ids.masked_fill(dropped, UNK_ID)
         if self.frozen.shape[0] == 0:
-            return F.embedding(ids, self.weight, padding_idx=PAD_ID)
+            return F.embedding(ids, self.weight, padding_idx=PAD_ID, sparse=self.sparse)
         is_frozen = ids >= self.num_trained                                              # (...,)
-        trained = F.embedding(ids.masked_fill(is_frozen, PAD_ID), self.weight, padding_idx=PAD_ID)  # (..., dim)
+        trained = F.embedding(ids.masked_fill(is_frozen, PAD_ID), self.weight, padding_idx=PAD_ID,
+                              sparse=self.sparse)  # (..., dim)
         frozen = F.embedding((ids - self.num_trained).clamp(min=0), self.frozen).to(trained.dtype)  # (..., dim)
         return torch.where(is_frozen.unsqueeze(-1), frozen, trained)
 
     def extra_repr(self) -> str:
         return (f"trained={self.num_trained}, frozen={self.frozen.shape[0]}, dim={self.weight.shape[1]}, "
-                f"word_dropout={self.word_dropout}")
+                f"word_dropout={self.word_dropout}, sparse={self.sparse}")

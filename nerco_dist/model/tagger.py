@@ -61,11 +61,12 @@ class NerTagger(nn.Module):
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Character representations (B, C, hidden) after the output dropout: the contrastive stage's features."""
+        dtype = self.char_proj.weight.dtype  # tables updated row-wise stay fp32 in a bf16 DeepSpeed engine
         chars = torch.cat([self.char_embed(batch["char_ids"]), self.bigram_embed(batch["bigram_ids"])], dim=-1)
         if self.bert is not None:
             chars = torch.cat([chars, self._bert_features(batch, chars.shape[1])], dim=-1)
-        chars = self.char_proj(self.embed_dropout(chars))
-        words = self.word_proj(self.embed_dropout(self.word_embed(batch["word_ids"])))
+        chars = self.char_proj(self.embed_dropout(chars.to(dtype)))
+        words = self.word_proj(self.embed_dropout(self.word_embed(batch["word_ids"]).to(dtype)))
         x = torch.where(batch["is_char"].unsqueeze(-1), chars, words)
         h = self.encoder(x, batch["heads"], batch["tails"], batch["lattice_mask"])
         return self.output_dropout(h[:, : batch["char_mask"].shape[1]])
@@ -87,6 +88,12 @@ class NerTagger(nn.Module):
     def embedding_tables(self) -> list[nn.Parameter]:
         """The trained rows of the lattice's character, bigram and word tables (pretrained or random)."""
         return [self.char_embed.weight, self.bigram_embed.weight, self.word_embed.weight]
+
+    def sparse_table_gradients(self, sparse: bool) -> None:
+        """Whether the tables' trained rows get sparse gradients (the rows a batch read: for row-wise updates)
+        or dense ones."""
+        for kind in KINDS:
+            getattr(self, f"{kind}_embed").sparse = sparse
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Everything but the output head (and BERT, listed by :meth:`bert_parameters`); includes the

@@ -13,7 +13,10 @@ with one process or many:
   gradient buffers, which DeepSpeed does not expose, so a phase's ``optim.clip_value`` does not apply.
 
 Both take the optimizer and LR schedule of a phase's optimiser section (``optim.py``), with the learning rate
-scaled for the global batch (``distributed.lr_scaling``). The model knows nothing of either.
+scaled for the global batch (``distributed.lr_scaling``). The model knows nothing of either. With
+``optim.table_updates: rows`` the embedding tables have an optimizer of their own that moves only the rows a
+batch read (``rows.py``, :class:`TableRows`), beside the engine's; under DeepSpeed the tables are kept out of
+DeepSpeed's sight (replicated, their touched rows exchanged by ``TableRows``) and clipped by value.
 
 An engine trains a fixed set of parameters for one phase (DeepSpeed reads ``requires_grad`` once, in
 ``initialize``): every phase gets a new engine on a fresh model, so its optimiser and warmup start anew.
@@ -39,8 +42,12 @@ from ..checkpoint import load_tensors, save_tensors
 from ..config import DistributedConfig, OptimConfig
 from ..errors import InputError
 from .optim import ParamGroups, build_optimizer, build_scheduler
+from .rows import TableRows, split_groups
 
 log = logging.getLogger("nerco_dist")
+
+TABLES_FILE = "tables.pt"  # a DeepSpeed resume checkpoint's row-wise tables and their optimizer
+
 
 def scaled_lr(lr: float, micro_batch: int, d: DistributedConfig, world: int) -> float:
     """``lr`` for the global batch micro x accumulation x world size: unchanged (``none``), or scaled by
@@ -107,6 +114,7 @@ class Engine(abc.ABC):
     model: nn.Module
     grad_accum: int = 1
     distributed = False
+    tables: TableRows | None = None  # the tables updated row-wise, when the phase asks for it
 
     def __init__(self):
         self.micro_steps = 0
@@ -148,13 +156,15 @@ class Engine(abc.ABC):
 
 
 class LocalEngine(Engine):
-    """Single-process optimisation: backward, clip gradients by value, optimizer and schedule step."""
+    """Single-process optimisation: backward, clip gradients by value, optimizer and schedule step (and the
+    tables' row-wise step)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, clip_value: float | None, grad_accum: int = 1):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, clip_value: float | None, grad_accum: int = 1,
+                 tables: TableRows | None = None):
         super().__init__()
         self.model, self.optimizer, self.scheduler, self.clip_value = model, optimizer, scheduler, clip_value
-        self.grad_accum = grad_accum
+        self.grad_accum, self.tables = grad_accum, tables
         self.steps = 0
 
     def forward(self, fn: Callable):
@@ -173,6 +183,8 @@ class LocalEngine(Engine):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.tables is not None:
+            self.tables.step()
         self.steps += 1
 
     @property
@@ -188,15 +200,18 @@ class LocalEngine(Engine):
         return self.model
 
     def save_state(self, path: Path, extra: dict) -> None:
-        """Weights, optimizer and ``extra`` (plain values and tensors) under ``path``. The LR schedule is not
-        saved: it is rebuilt at the resumed step."""
-        save_tensors(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), extra=extra),
-                     path / "local.pt")
+        """Weights, optimizer (and the tables' row optimizer) and ``extra`` (plain values and tensors) under
+        ``path``. The LR schedule is not saved: it is rebuilt at the resumed step."""
+        tables = {} if self.tables is None else dict(tables=self.tables.state_dict())
+        save_tensors(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), extra=extra,
+                          **tables), path / "local.pt")
 
     def load_state(self, path: Path) -> dict:
         state = load_tensors(path / "local.pt")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.tables is not None:
+            self.tables.load_state_dict(state["tables"])
         return state["extra"]
 
 
@@ -212,15 +227,36 @@ class _Forward(nn.Module):
         return fn()
 
 
+class _KeptOut:
+    """Parameters taken out of their modules' parameter lists (left readable as plain attributes of the same
+    name), so that DeepSpeed, which finds what it reduces, partitions and casts there, never sees them: the
+    tables updated row-wise. ``restore`` puts them back."""
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]):
+        ids = {id(p) for p in params}
+        self.places = [(f"{prefix}.{name}".lstrip("."), module, name) for prefix, module in model.named_modules()
+                       for name, p in module._parameters.items() if p is not None and id(p) in ids]
+        for _, module, name in self.places:
+            module.__dict__[name] = module._parameters.pop(name)
+
+    def named(self) -> dict[str, nn.Parameter]:
+        return {full: module.__dict__[name] for full, module, name in self.places}
+
+    def restore(self) -> None:
+        for _, module, name in self.places:
+            module._parameters[name] = module.__dict__.pop(name)
+
+
 class DeepSpeedEngine(Engine):
     distributed = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, ds_config: dict, trainable: Sequence[nn.Parameter]):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, ds_config: dict, trainable: Sequence[nn.Parameter],
+                 tables: TableRows | None = None):
         import deepspeed
 
         super().__init__()
-        self.model, self.config = model, ds_config
+        self.model, self.config, self.tables = model, ds_config, tables
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self._eval_model = copy.deepcopy(model).eval()  # plain fp32 copy, refreshed from the engine for eval
         for p in self._eval_model.parameters():
@@ -229,6 +265,9 @@ class DeepSpeedEngine(Engine):
         # frozen weights never change: keep their fp32 values (DeepSpeed may cast or partition them)
         self._frozen = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
                         if id(p) not in self._trainable}
+        self._kept_out = _KeptOut(model, tables.params if tables is not None else [])
+        if tables is not None:
+            tables.broadcast()
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
@@ -247,6 +286,8 @@ class DeepSpeedEngine(Engine):
     def step(self) -> None:
         self.micro_steps += 1
         self.ds.step()
+        if self.tables is not None and self.at_boundary:
+            self.tables.step()
 
     @property
     def lr(self) -> float:
@@ -259,6 +300,7 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils import safe_get_full_fp32_param
 
         state = dict(self._frozen)
+        state.update({name: p.detach().float().cpu().clone() for name, p in self._kept_out.named().items()})
         for name, p in self.model.named_parameters():
             if name in self._frozen:
                 continue
@@ -281,6 +323,7 @@ class DeepSpeedEngine(Engine):
 
     def save_state(self, path: Path, extra: dict) -> None:
         self.ds.save_checkpoint(str(path.parent), tag=path.name, client_state=dict(nerco=extra), save_latest=False)
+        self._save_tables(path)
 
     def load_state(self, path: Path) -> dict:
         _refuse_unsafe_files(path)
@@ -288,12 +331,30 @@ class DeepSpeedEngine(Engine):
         loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         if loaded is None:
             raise ValueError(f"{path}: DeepSpeed could not load this checkpoint")
+        self._load_tables(path)
         return client["nerco"]
+
+    def _save_tables(self, path: Path) -> None:
+        """The tables updated row-wise (replicated: rank 0's) and their optimizer, beside DeepSpeed's files."""
+        if self.tables is None or not dist.is_main():
+            return
+        save_tensors(dict(weights={n: p.detach() for n, p in self._kept_out.named().items()},
+                          optimizer=self.tables.state_dict()), path / TABLES_FILE)
+
+    def _load_tables(self, path: Path) -> None:
+        if self.tables is None:
+            return
+        state = load_tensors(path / TABLES_FILE)
+        with torch.no_grad():
+            for name, p in self._kept_out.named().items():
+                p.copy_(state["weights"][name])
+        self.tables.load_state_dict(state["optimizer"])
 
     def close(self) -> None:
         destroy = getattr(self.ds, "destroy", None)
         if destroy is not None:
             destroy()
+        self._kept_out.restore()
 
 
 def _deepspeed_classes() -> list[type]:
@@ -345,10 +406,11 @@ def _refuse_unsafe_files(directory: Path) -> None:
 
 def build_engine(model: nn.Module, optim: OptimConfig, groups: ParamGroups, steps_per_epoch: int, *,
                  distributed: DistributedConfig | None = None, device: torch.device | None = None,
-                 start_step: int = 0) -> Engine:
+                 start_step: int = 0, row_tables: Sequence[nn.Parameter] = ()) -> Engine:
     """An engine training the parameters of ``groups`` (each at its fraction of the scaled ``optim.lr``);
     every other parameter of ``model`` is frozen. ``steps_per_epoch`` counts micro-batches; ``start_step`` is
-    where the LR schedule starts (a resumed phase continues its schedule). DeepSpeed when
+    where the LR schedule starts (a resumed phase continues its schedule). ``row_tables``: those of the
+    parameters whose gradients are sparse rows, updated row-wise (:class:`TableRows`). DeepSpeed when
     ``distributed.config`` is set or several ranks run, the local engine otherwise."""
     d = distributed or DistributedConfig()
     trainable = [p for params, _ in groups for p in params]
@@ -356,14 +418,20 @@ def build_engine(model: nn.Module, optim: OptimConfig, groups: ParamGroups, step
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
     lr = scaled_lr(optim.lr, optim.batch_size, d, dist.world_size())
-    optimizer = build_optimizer(optim, groups, lr)
-    scheduler = build_scheduler(optimizer, optim, max(1, steps_per_epoch // d.grad_accum), start_step)
+    steps = max(1, steps_per_epoch // d.grad_accum)
+    dense, rows = split_groups(groups, row_tables)
+    optimizer = build_optimizer(optim, dense, lr)
+    scheduler = build_scheduler(optimizer, optim, steps, start_step)
+    tables = TableRows.build(optim, rows, lr, steps, start_step) if rows else None
     if not uses_deepspeed(d):
-        return LocalEngine(model, optimizer, scheduler, optim.clip_value, d.grad_accum)
+        return LocalEngine(model, optimizer, scheduler, optim.clip_value, d.grad_accum, tables)
     ds = deepspeed_config(d, optim.batch_size, device or next(model.parameters()).device)
     log.info("DeepSpeed: ZeRO stage %d, %s, micro batch %d x accumulation %d x %d ranks = global batch %d, "
              "lr %.3g, clipping: %s", ds.get("zero_optimization", {}).get("stage", 0),
              "bf16" if ds["bf16"]["enabled"] else "fp32", optim.batch_size, d.grad_accum, dist.world_size(),
              ds["train_batch_size"], lr,
              f"global norm {ds['gradient_clipping']}" if ds.get("gradient_clipping") else "none")
-    return DeepSpeedEngine(model, optimizer, scheduler, ds, trainable)
+    if tables is not None:
+        log.info("DeepSpeed: the embedding tables (%d rows) kept out, updated row-wise, clipped by value: %s",
+                 sum(p.shape[0] for p in tables.params), optim.clip_value)
+    return DeepSpeedEngine(model, optimizer, scheduler, ds, trainable, tables)

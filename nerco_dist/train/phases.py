@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from torch import nn
+
 from ..checkpoint import load_checkpoint, require_same_shape
 from ..config import Config, OptimConfig, PhaseConfig
 from ..errors import InputError
@@ -82,6 +84,16 @@ def trainable_parameters(model: NerTagger, phase: Phase) -> list[tuple[list, flo
     return [(encoder, phase.optim.encoder_lr_ratio),
             (list(model.head.parameters()) if "head" in phase.trains else [], 1.0),
             (model.bert_parameters() if "bert" in phase.trains else [], phase.optim.bert_lr_ratio)]
+
+
+def row_tables(model: NerTagger, phase: Phase) -> list[nn.Parameter]:
+    """The embedding tables ``phase`` updates row by row (``optim.table_updates: rows``, tables trained),
+    their gradients switched to sparse rows; none under ``dense`` (dense gradients)."""
+    trained = {id(p) for params, _ in trainable_parameters(model, phase) for p in params}
+    rows = phase.optim.table_updates == "rows"
+    tables = [p for p in model.embedding_tables() if rows and id(p) in trained]
+    model.sparse_table_gradients(bool(tables))
+    return tables
 
 
 def load_encoder(model: NerTagger, checkpoint: Path) -> None:

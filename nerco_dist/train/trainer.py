@@ -34,7 +34,7 @@ from ..model.tagger import NerTagger
 from .engine import Engine, build_engine
 from .monitor import RunningMean, Scalars, Throughput, duration
 from .objectives import DevScore, LossFn, WrapLoss, dev_score, phase_loss
-from .phases import Phase, default_stage, stage_phases, trainable_parameters
+from .phases import Phase, default_stage, row_tables, stage_phases, trainable_parameters
 from .resume import BestWeights, Progress, StageResume, fingerprint, resumed_best
 from .run import TrainingRun, exclusive_output, join_ranks, refuse_unrunnable
 from .steps import EpochTrained, skip_nonfinite, step_totals
@@ -132,7 +132,8 @@ class StageLoop:
         model.bert_trains = "bert" in self.phase.trains
         self.batches = self.run.train_batches(optim.batch_size)
         self.engine = build_engine(model, optim, trainable_parameters(model, self.phase), len(self.batches),
-                                   distributed=self.run.cfg.distributed, device=self.run.device, start_step=step)
+                                   distributed=self.run.cfg.distributed, device=self.run.device, start_step=step,
+                                   row_tables=row_tables(model, self.phase))
         self.epoch_seconds, self.write_seconds = [], []
 
     def run_phases(self) -> None:

@@ -33,7 +33,6 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # a row per measurement is the progress report
 
-
 from common import ResultsFile, machine_info, parse_args
 
 REPO = Path(__file__).resolve().parents[1]

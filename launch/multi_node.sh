@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 : "${HOSTFILE:=launch/hostfile}" "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 PORT=${MASTER_PORT:-29500}
 if [[ -n "${INCLUDE:-}" ]]; then
-  exec deepspeed --hostfile "$HOSTFILE" --include "$INCLUDE" --master_addr "$MASTER_ADDR" --master_port "$PORT" \
+  exec python -m nerco_dist.launcher --hostfile "$HOSTFILE" --include "$INCLUDE" --master_addr "$MASTER_ADDR" --master_port "$PORT" \
     --module nerco_dist.cli train "$@"
 fi
-exec deepspeed --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:?}" --num_gpus "${NUM_GPUS:?}" \
+exec python -m nerco_dist.launcher --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:?}" --num_gpus "${NUM_GPUS:?}" \
   --master_addr "$MASTER_ADDR" --master_port "$PORT" --module nerco_dist.cli train "$@"

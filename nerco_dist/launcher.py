@@ -39,6 +39,8 @@ SIGNAL = "--signal"  # run on every host by pdsh: ``--signal NAME`` and the argu
 DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
 JOB_ARGUMENTS = ("--node_rank=", "--master_addr=", "--master_port=")  # tell a job's node launcher from others'
 PR_SET_PDEATHSIG = 1
+# Linux's prctl, looked up before any fork (a child between fork and exec should not load libraries)
+PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 class Job:
@@ -59,7 +61,7 @@ class Job:
         if DEEPSPEED_NODE_LAUNCHER in cmd:
             at = cmd.index(DEEPSPEED_NODE_LAUNCHER)
             cmd = [*cmd[:at], MODULE, PER_NODE, *cmd[at + 1:]]
-        preexec = functools.partial(_die_with, os.getpid()) if sys.platform.startswith("linux") else None
+        preexec = functools.partial(_die_with, os.getpid()) if PRCTL else None
         proc = subprocess.Popen(cmd, start_new_session=self.new_session, preexec_fn=preexec, **kwargs)
         self.started.append((proc, cmd, kwargs.get("env")))
         return proc
@@ -72,10 +74,13 @@ class Job:
         for proc, cmd, env in self.started:
             if proc.poll() is not None:
                 continue
-            if os.path.basename(cmd[0]) == "pdsh":
-                subprocess.run(pdsh_signal_command(cmd, signum), env=env, timeout=120)
-            else:
+            if os.path.basename(cmd[0]) != "pdsh":
                 proc.send_signal(signum)
+                continue
+            try:
+                subprocess.run(pdsh_signal_command(cmd, signum), env=env, timeout=120)
+            except (OSError, subprocess.SubprocessError) as err:
+                print(f"nerco launcher: could not pass the signal on over pdsh ({err})", file=sys.stderr, flush=True)
 
     def exit_status(self) -> int:
         """0, or 128 + N when a child was ended by signal N (DeepSpeed's runner reports that as success)."""
@@ -85,7 +90,7 @@ class Job:
 
 def _die_with(parent: int) -> None:
     """A child's ``preexec_fn``: SIGKILL when the process that started it ends (Linux's parent-death signal)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it ended before the line above
         os._exit(128 + signal.SIGKILL)
 

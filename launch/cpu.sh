@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec deepspeed --num_gpus "${RANKS:-2}" --master_port "${MASTER_PORT:-29500}" --module nerco_dist.cli train "$@"
+exec python -m nerco_dist.launcher --num_gpus "${RANKS:-2}" --master_port "${MASTER_PORT:-29500}" --module nerco_dist.cli train "$@"

@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${HOSTFILE:=launch/hostfile}" "${NODE_RANK:?}" "${MASTER_ADDR:?}"
-exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
+exec python -m nerco_dist.launcher --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
   --master_port "${MASTER_PORT:-29500}" --module nerco_dist.cli train "$@"

@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${MASTER_PORT:-29500}
 if [[ -n "${INCLUDE:-}" ]]; then
-  exec deepspeed --include "$INCLUDE" --master_port "$PORT" --module nerco_dist.cli train "$@"
+  exec python -m nerco_dist.launcher --include "$INCLUDE" --master_port "$PORT" --module nerco_dist.cli train "$@"
 fi
-exec deepspeed ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} --master_port "$PORT" --module nerco_dist.cli train "$@"
+exec python -m nerco_dist.launcher ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} --master_port "$PORT" --module nerco_dist.cli train "$@"

@@ -103,3 +103,16 @@ def tiny_bert(tmp_path_factory, data_root):
     BertModel(config, add_pooling_layer=False).save_pretrained(directory)
     shutil.copy(vocab, directory / "vocab.txt")
     return directory
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(tmp_path_factory, data_root) -> Path:
+    """Both stages of tiny.yaml under ZeRO 2 with tests/test_distributed.py's RUN settings, two ranks on one node
+    through the deepspeed launcher, never interrupted: the output folder (and its launch.log) that every resumed
+    or multi-node run of those settings must reproduce."""
+    from .test_distributed import launch, nerco_train
+
+    out = tmp_path_factory.mktemp("zero2")
+    proc = launch(nerco_train(out, 2), data_root)
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
+    return out

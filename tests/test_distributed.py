@@ -151,15 +151,15 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, data_ro
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, data_root, tiny_bert):
+def launched(tmp_path_factory, data_root, tiny_bert, two_rank_reference):
     """Both stages, 2 ranks, for each of ZeRO 1, 2, 3: the output folders. ZeRO 1 also accumulates gradients
-    over 2 micro-batches with the learning rate scaled for the global batch; ZeRO 3 has a (tiny) BERT,
-    frozen in stage 1 and in the first fine-tuning epoch."""
-    extra = {1: ["distributed.grad_accum=2", "distributed.lr_scaling=linear"], 2: [],
+    over 2 micro-batches with the learning rate scaled for the global batch; ZeRO 2 is the session's
+    reference run (conftest.py); ZeRO 3 has a (tiny) BERT, frozen in stage 1 and in the first fine-tuning epoch."""
+    extra = {1: ["distributed.grad_accum=2", "distributed.lr_scaling=linear"],
              3: [f"model.bert={tiny_bert}", "finetune.frozen_bert.optim.epochs=1", "finetune.frozen_bert.optim.batch_size=8",
                  "finetune.full.optim.epochs=1"]}
-    runs = {}
-    for zero in (1, 2, 3):
+    runs = {2: two_rank_reference}
+    for zero in (1, 3):
         out = tmp_path_factory.mktemp(f"zero{zero}")
         proc = launch(nerco_train(out, zero, *extra[zero]), data_root)
         (out / "launch.log").write_text(proc.stdout + proc.stderr)

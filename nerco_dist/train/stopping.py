@@ -1,6 +1,6 @@
 """Ctrl-C and preemption: SIGINT or SIGTERM asks a run to stop after its next optimizer step, with a resume
-checkpoint, instead of dying in the middle of an epoch. A SLURM time limit or preemption sends SIGTERM; the
-deepspeed launcher passes both on to every rank as SIGTERM (and gives them 30 s before SIGKILL). Ranks agree
+checkpoint, instead of dying in the middle of an epoch. A SLURM time limit or preemption sends SIGTERM;
+nerco's launcher (launcher.py, what launch/*.sh run) passes either on to the ranks of every node. Ranks agree
 on the stop through the all-reduce every micro-batch already makes, so all of them save the same step."""
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import functools
 import os
 import random
 import re
+import sys
 import warnings
 from typing import Any, Sequence
 
@@ -97,9 +98,13 @@ def init(device: torch.device, timeout_s: float) -> None:
 def leave() -> None:
     """Destroy the process group while the interpreter is fully alive. Left to the interpreter's exit, gloo's
     worker threads still hold work with tensors whose teardown then needs the GIL: now and then a rank dies
-    with SIGABRT ("terminate called without an active exception") after an otherwise clean exit."""
+    with SIGABRT ("terminate called without an active exception") after an otherwise clean exit. DeepSpeed's
+    clone of the world group goes too: a later run in this process would otherwise use the destroyed one."""
     if initialized():
         tdist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
 
 
 def device_for_rank(name: str, key: str = "--device") -> torch.device:

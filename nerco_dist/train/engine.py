@@ -14,9 +14,11 @@ with one process or many:
 
 Both take the optimizer and LR schedule of a phase's optimiser section (``optim.py``), with the learning rate
 scaled for the global batch (``distributed.lr_scaling``). The model knows nothing of either. With
-``optim.table_updates: rows`` the embedding tables have an optimizer of their own that moves only the rows a
-batch read (``rows.py``, :class:`TableRows`), beside the engine's; under DeepSpeed the tables are kept out of
-DeepSpeed's sight (replicated, their touched rows exchanged by ``TableRows``) and clipped by value.
+``optim.table_updates: rows`` the embedding tables have an optimizer of their own that computes the dense
+update for the rows a batch reads and catches the others up when they are read (``rows.py``,
+:class:`TableRows`), beside the engine's; the engine catches up every row before it gives out weights. Under
+DeepSpeed the tables are kept out of DeepSpeed's sight (replicated, their touched rows exchanged by
+``TableRows``) and clipped by value.
 
 An engine trains a fixed set of parameters for one phase (DeepSpeed reads ``requires_grad`` once, in
 ``initialize``): every phase gets a new engine on a fresh model, so its optimiser and warmup start anew.
@@ -151,8 +153,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load_state(self, path: Path) -> dict: ...
 
+    def flush_tables(self) -> None:
+        """Every row of the row-wise tables up to date (they lag until read): before weights are given out.
+        Resume saves leave them as they are, with what brings them up to date."""
+        if self.tables is not None:
+            self.tables.flush()
+
     def close(self) -> None:
-        pass
+        if self.tables is not None:
+            self.tables.close()
 
 
 class LocalEngine(Engine):
@@ -166,6 +175,8 @@ class LocalEngine(Engine):
         self.model, self.optimizer, self.scheduler, self.clip_value = model, optimizer, scheduler, clip_value
         self.grad_accum, self.tables = grad_accum, tables
         self.steps = 0
+        if tables is not None:
+            tables.watch(model)
 
     def forward(self, fn: Callable):
         return fn()
@@ -192,10 +203,13 @@ class LocalEngine(Engine):
         return self.optimizer.param_groups[0]["lr"]
 
     def full_state_dict(self) -> dict:
+        self.flush_tables()
         return self.model.state_dict()
 
     def inference_model(self, weights: dict | None = None) -> nn.Module:
-        if weights is not None:
+        if weights is None:
+            self.flush_tables()
+        else:
             self.model.load_state_dict(weights)
         return self.model
 
@@ -268,6 +282,7 @@ class DeepSpeedEngine(Engine):
         self._kept_out = _KeptOut(model, tables.params if tables is not None else [])
         if tables is not None:
             tables.broadcast()
+            tables.watch(model)  # after the copy for scoring above, which must not carry the hooks
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_Forward(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
@@ -299,6 +314,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
+        self.flush_tables()
         state = dict(self._frozen)
         state.update({name: p.detach().float().cpu().clone() for name, p in self._kept_out.named().items()})
         for name, p in self.model.named_parameters():
@@ -351,6 +367,7 @@ class DeepSpeedEngine(Engine):
         self.tables.load_state_dict(state["optimizer"])
 
     def close(self) -> None:
+        super().close()
         destroy = getattr(self.ds, "destroy", None)
         if destroy is not None:
             destroy()

@@ -211,8 +211,9 @@ class LatticeEncoder:
                                                  tags, where))
         for file, count in cut_entities.items():
             if count:
-                log.warning("%s: %d entities longer than data.max_len=%d characters were cut into pieces (the part "
-                            "after each cut begins with B-)", file, count, self.max_len)
+                log.warning("%s: %d %s longer than data.max_len=%d characters %s cut into pieces (the part after "
+                            "each cut begins with B-)", file, count, "entity" if count == 1 else "entities",
+                            self.max_len, "was" if count == 1 else "were")
         return pieces
 
     def _encode_piece(self, sentence_index: int, start: int, chars: list[str], matches: list[Match],

@@ -93,7 +93,8 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
         s.tags, repaired = repair_orphan_inside(to_bio(s.tags))
         orphans += repaired
     if orphans:
-        log.warning("%s: %d entities begin with I- and no B-; read as B- (as conlleval reads them)", path, orphans)
+        log.warning("%s: %d %s with I- and no B-; read as B- (as conlleval reads them)", path, orphans,
+                    "entity begins" if orphans == 1 else "entities begin")
     return Corpus(path, sentences, scheme, orphans)
 
 

@@ -309,28 +309,28 @@ def _add_vectors(sub) -> None:
     p.set_defaults(func=_vectors)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a batch of 0 or -1 sentences tags nothing)."""
+def _whole_number(text: str, minimum: int, words: tuple[str, ...] = ()) -> int | str:
+    """``text`` as a whole number of at least ``minimum``, or one of ``words`` as it is; else argparse's error."""
+    if text in words:
+        return text
+    expected = " or ".join([*words, f"a whole number >= {minimum}"])
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a batch of 0 or -1 sentences tags nothing)."""
+    return _whole_number(text, 1)
 
 
 def thread_setting(text: str) -> int | str:
     """An argparse type: ``auto`` or a whole number of at least 0, as the config's ``run.threads``."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {value}")
-    return value
+    return _whole_number(text, 0, ("auto",))
 
 
 DEVICE_HELP = "auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"

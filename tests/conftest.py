@@ -54,6 +54,25 @@ def sigint_at_its_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(n):
+    """A ``wrap_loss`` that stops the run at its ``n``-th training batch, as a kill would."""
+    calls = 0
+
+    def wrap(phase, loss):
+        def wrapped(model, batch):
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                raise Interrupted
+            return loss(model, batch)
+        return wrapped
+    return wrap
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "resume").is_dir():

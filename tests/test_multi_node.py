@@ -274,19 +274,25 @@ def assert_same_run(out: Path, reference: Path) -> None:
 # --- the tests ----------------------------------------------------------------------------------------------------
 
 
+def sigterm_in_stage_one(launcher, port: int, out: Path, log: Path) -> None:
+    """SIGTERM to ``launcher`` once stage 1 has a resume checkpoint: it exits 143, no process of the job is
+    left, and every rank stopped at one step of stage 1 with its checkpoint."""
+    wait_for(out / "resume" / "contrastive" / "latest.json", [launcher])
+    job = job_processes([launcher], port)
+    ranks_of(job)
+    launcher.send_signal(signal.SIGTERM)
+    code, output = finish(launcher, log)
+    assert code == 143, output[-3000:]
+    assert not left_running(job), left_running(job)
+    assert assert_stopped_with_checkpoint(output, "SIGTERM", out) == "contrastive"
+
+
 def test_sigterm_to_launch_cpu_sh_stops_both_ranks_with_a_checkpoint_and_leaves_none(tmp_path, data_root, jobs):
     """The script (which is the runner: it execs nerco_dist.launcher) gets SIGTERM in stage 1; DeepSpeed's own
     runner ended at once there, its ranks training on as orphans."""
     out, port = tmp_path / "run", free_port()
     launcher = jobs.start(["bash", "launch/cpu.sh", *script_args(out)], launch_env(data_root, port), tmp_path / "1.log")
-    wait_for(out / "resume" / "contrastive" / "latest.json", [launcher])
-    job = job_processes([launcher], port)
-    ranks_of(job)
-    launcher.send_signal(signal.SIGTERM)
-    code, output = finish(launcher, tmp_path / "1.log")
-    assert code == 143, output[-3000:]
-    assert not left_running(job), left_running(job)
-    assert assert_stopped_with_checkpoint(output, "SIGTERM", out) == "contrastive"
+    sigterm_in_stage_one(launcher, port, out, tmp_path / "1.log")
 
 
 def write_hostfile(folder: Path) -> Path:
@@ -308,14 +314,7 @@ def test_two_nodes_over_ssh_stop_on_sigterm_to_the_script_and_end_like_one_node(
     run_env["PATH"] = f"{ssh_nodes}:{run_env['PATH']}"
     cmd = ["bash", "launch/multi_node.sh", *script_args(out)]
     launcher = jobs.start(cmd, run_env, tmp_path / "1.log")
-    wait_for(out / "resume" / "contrastive" / "latest.json", [launcher])
-    job = job_processes([launcher], port)
-    ranks_of(job)
-    launcher.send_signal(signal.SIGTERM)
-    code, output = finish(launcher, tmp_path / "1.log")
-    assert code == 143, output[-3000:]
-    assert not left_running(job), left_running(job)
-    assert assert_stopped_with_checkpoint(output, "SIGTERM", out) == "contrastive"
+    sigterm_in_stage_one(launcher, port, out, tmp_path / "1.log")
 
     code, output = finish(jobs.start(cmd, run_env, tmp_path / "2.log"), tmp_path / "2.log")
     assert code == 0, output[-3000:]

@@ -31,7 +31,7 @@ from nerco_dist.config import load_config
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, Interrupted, interrupt_at
 
 LIGHT = ["data.limit=40", "data.max_len=40", "finetune.full.optim.epochs=1"]
 
@@ -53,25 +53,6 @@ def plant(path, marker):
 def train_args(out, data_root, *sets):
     return ["train", str(TINY), "--data-root", str(data_root),
             *[a for s in [*LIGHT, f"run.out_dir={out}", *sets] for a in ("--set", s)]]
-
-
-class Interrupted(Exception):
-    pass
-
-
-def interrupt_at(n):
-    """A ``wrap_loss`` that stops the run at its ``n``-th training batch, as a kill would."""
-    calls = 0
-
-    def wrap(phase, loss):
-        def wrapped(model, batch):
-            nonlocal calls
-            calls += 1
-            if calls == n:
-                raise Interrupted
-            return loss(model, batch)
-        return wrapped
-    return wrap
 
 
 def test_a_planted_local_resume_state_is_refused_unrun(tmp_path, data_root, capsys):

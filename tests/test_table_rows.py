@@ -34,7 +34,7 @@ from nerco_dist.train.rows import RowAdamW, RowSGD
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
-from .conftest import DATA_ROOT, TINY
+from .conftest import DATA_ROOT, TINY, Interrupted, interrupt_at
 
 TRAINED, FROZEN, DIM = 7, 3, 4
 LR, DECAY, CLIP = 0.05, 0.1, 0.3
@@ -328,10 +328,6 @@ def test_table_updates_takes_dense_or_rows():
         load_config(TINY, ["finetune.full.optim.table_updates=sparse"], data_root=DATA_ROOT)
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("engine", ["local", "zero2"])
 def test_killed_mid_epoch_with_row_wise_tables_resumes_to_the_uninterrupted_weights(tmp_path, data_root, engine):
     """The second epoch's third step is where the kill comes; the row optimizer's moments and step counts
@@ -342,21 +338,10 @@ def test_killed_mid_epoch_with_row_wise_tables_resumes_to_the_uninterrupted_weig
         sets.append(f"distributed.config={engine}.json")
     config = lambda out: load_config(TINY, [*sets, f"run.out_dir={out}"], data_root=data_root)  # noqa: E731
     stop_at = len(TrainingRun.start(config(tmp_path / "probe")).train_batches(8)) + 3
-    calls = 0
-
-    def wrap(phase, loss):
-        def wrapped(model, batch):
-            nonlocal calls
-            calls += 1
-            if calls == stop_at:
-                raise Interrupted
-            return loss(model, batch)
-        return wrapped
-
     try:
         reference = train(config(tmp_path / "reference"), stage="finetune")
         with pytest.raises(Interrupted):
-            train(config(tmp_path / "run"), stage="finetune", wrap_loss=wrap)
+            train(config(tmp_path / "run"), stage="finetune", wrap_loss=interrupt_at(stop_at))
         resumed = train(config(tmp_path / "run"), stage="finetune")
     finally:
         dist.leave()

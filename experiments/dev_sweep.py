@@ -5,13 +5,15 @@ seeds (dev F1 only: the test split is never read).
     python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --lane 1/2
     python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --report      # the table, once both end
     python3 experiments/dev_sweep.py inputs --corpus weibo --seeds 2 3 --variants 5 6   # those first
+    python3 experiments/dev_sweep.py batch --corpus msra --seeds 1 --set finetune.full.optim.epochs=2
 
 Every (variant, seed) run is the baseline config (configs/CORPUS.yaml: fine-tuning only) with the variant's
 overrides and the shared budget; its summary goes to ``experiments/results/dev_sweep/CORPUS_GROUP/``
 (commit it) as it ends, and a later call skips every run whose summary is there, so a stopped sweep is
 continued by the same command. ``--lane K/N`` takes every N-th run from the K-th. ``--report`` writes
-``CORPUS_GROUP.json`` and ``.md``: each variant's dev F1 per seed, mean ± std, best epoch and wall time, and
-the sha256 of the vector files it read. Needs the data root with the generated vectors (docs/data.md).
+``CORPUS_GROUP.json`` and ``.md``: each variant's dev F1 per seed, mean ± std, best epoch and wall time, the
+dev F1 of every epoch of the first seed (the large-batch question: dev F1 after the same characters seen),
+and the sha256 of the vector files it read. Needs the data root with the generated vectors (docs/data.md).
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ HIDDEN_200 = ["model.hidden=200", "model.heads=10", "model.head_dim=20"]
 STAND_IN = ["data.bigram_vectors=pretrained/standin/bigram.vec", "data.word_vectors=pretrained/standin/word.vec"]
 NO_UNSEEN = ["data.pretrained_unseen_rows=false", "model.word_dropout=0"]
 RAW_SCALES = ["data.norm_embeddings=false"]
+ROWS = [f"{FULL}table_updates=rows"]
+
+
+def large_batch(batch: int, scaling: str) -> list[str]:
+    """Row-wise tables at ``batch`` sentences a step, the configured lr (tuned at 10) scaled by ``scaling``."""
+    return ROWS + [f"{FULL}batch_size={batch}", f"distributed.lr_scaling={scaling}", "distributed.base_batch=10"]
+
 
 GROUPS = {
     # one phase, every parameter from the first step (FLAT's way); the inputs as configured
@@ -70,6 +79,19 @@ GROUPS = {
             "data.lexicon=pretrained/jiebaseg/word.vec", "data.word_vectors=pretrained/jiebaseg/word.vec"],
         "all three, lexicon jieba + the words of jieba's segmentation": [
             "data.lexicon=jieba+pretrained/jiebaseg/word.vec", "data.word_vectors=pretrained/jiebaseg/word.vec"],
+    },
+    # the embedding tables' update: every row every step (dense AdamW) or the rows a batch read (train/rows.py)
+    "tables": {
+        "dense tables": [],
+        "row-wise tables": ROWS,
+    },
+    # global batch 10 -> 64 -> 256 at the same characters seen (pass the epochs with --set), row-wise tables
+    "batch": {
+        "batch 10, dense tables": [],
+        "batch 10": ROWS,
+        "batch 64, lr x sqrt(6.4)": large_batch(64, "sqrt"),
+        "batch 256, lr x sqrt(25.6)": large_batch(256, "sqrt"),
+        "batch 64, lr x 6.4": large_batch(64, "linear"),
     },
 }
 BUDGET = ["data.test=null", "finetune.head.optim.epochs=0", "finetune.full.optim.epochs=50", "finetune.full.patience=10",
@@ -99,10 +121,20 @@ def run_job(corpus: str, group: str, name: str, seed: int, *, shared: list[str],
     results = train(cfg, stage="finetune")
     summary = dict(variant=name, seed=seed, overrides=overrides, best_dev_f1=results["best_dev_f1"],
                    best_epoch=results["best_epoch"], epochs_run=results["epochs_run"],
+                   dev_f1_by_epoch=dev_f1_by_epoch(out / "tensorboard"),
                    wall_time_s=results["wall_time_s"], inputs=input_checksums(cfg),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json(stored, summary, indent=1)
     return summary
+
+
+def dev_f1_by_epoch(tensorboard: Path) -> list[float]:
+    """Every epoch's dev F1, in epoch order, from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in sorted(events.Scalars("dev/f1"), key=lambda e: e.step)]
 
 
 def report(corpus: str, group: str, seeds: list[int], shared: list[str]) -> None:
@@ -117,16 +149,18 @@ def report(corpus: str, group: str, seeds: list[int], shared: list[str]) -> None
                           dev_f1=[round(x, 2) for x in f1], mean=round(statistics.mean(f1), 2),
                           std=round(statistics.stdev(f1), 2) if len(f1) > 1 else None,
                           best_epoch=[r["best_epoch"] for r in found], wall_time_s=[r["wall_time_s"] for r in found],
+                          first_seed_dev_f1_by_epoch=[round(100 * x, 2) for x in found[0].get("dev_f1_by_epoch", [])],
                           inputs=found[0]["inputs"])
     payload = dict(corpus=corpus, group=group, budget=BUDGET + shared, variants=rows,
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine_info(device_for_rank("cpu")))
     write_json(RESULTS / f"{corpus}_{group}.json", payload, indent=1)
     lines = [f"# {corpus} dev F1, {group} (best epoch's dev F1; budget {' '.join(BUDGET + shared)})", "",
-             "| variant | dev F1 mean ± std | per seed | best epoch | wall time per run (s) |", "|---|---|---|---|---|"]
+             "| variant | dev F1 mean ± std | per seed | best epoch | wall time per run (s) | first seed, by epoch |",
+             "|---|---|---|---|---|---|"]
     for name, r in sorted(rows.items(), key=lambda kv: -kv[1]["mean"]):
         std = f" ± {r['std']:.2f}" if r["std"] is not None else ""
         lines.append(f"| {name} | {r['mean']:.2f}{std} | {r['dev_f1']} (seeds {r['seeds']}) | {r['best_epoch']} | "
-                     f"{round(statistics.mean(r['wall_time_s']))} |")
+                     f"{round(statistics.mean(r['wall_time_s']))} | {r['first_seed_dev_f1_by_epoch'] or 'not kept'} |")
     write_text(RESULTS / f"{corpus}_{group}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

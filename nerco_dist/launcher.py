@@ -8,7 +8,7 @@ other jobs' included. Each node's ``deepspeed.launcher.launch`` ends its ranks o
 
 Here a stop signal to any launcher process goes to the ranks, which stop together after their next optimizer
 step with a resume checkpoint (train/stopping.py); each launcher waits for them and exits with their status
-(130 for SIGINT, 143 for SIGTERM):
+(130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP):
 
 - the runner (this module without ``--per-node``) passes it to each node's launcher: its own child, or over
   pdsh a ``--signal`` command run on every host, which finds that host's launcher of this job;
@@ -122,7 +122,7 @@ def _module_with(module: types.ModuleType, **replaced) -> types.SimpleNamespace:
 
 
 def _keeping_stop_handlers(signum: int, handler):
-    """``signal.signal`` for DeepSpeed's launcher: its SIGINT/SIGTERM handlers are not installed (``Job``'s stay)."""
+    """``signal.signal`` for DeepSpeed's launcher: its handlers of the stop signals are not installed (``Job``'s stay)."""
     return signal.getsignal(signum) if signum in STOP_SIGNALS else signal.signal(signum, handler)
 
 

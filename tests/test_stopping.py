@@ -1,5 +1,5 @@
-"""Ctrl-C and SIGTERM stop ``nerco train`` after the next optimizer step with a resume checkpoint, one line saying
-how to continue and exit status 130 / 143; the same command then ends exactly where an uninterrupted run ends.
+"""Ctrl-C, SIGTERM and SIGHUP stop ``nerco train`` after the next optimizer step with a resume checkpoint, one
+line saying how to continue and exit status 130 / 143 / 129; the same command then ends exactly where an uninterrupted run ends.
 (Under the deepspeed launcher: tests/test_distributed.py.)"""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def uninterrupted(tmp_path_factory, data_root) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mode, at, status", [("sigint", 5, 130), ("sigterm", 11, 143)])
+@pytest.mark.parametrize("mode, at, status", [("sigint", 5, 130), ("sigterm", 11, 143), ("sighup", 8, 129)])
 def test_a_signal_mid_epoch_writes_a_resume_checkpoint_and_the_same_command_ends_identically(
         mode, at, status, uninterrupted, tmp_path, data_root):
     out = tmp_path / "run"
@@ -76,16 +76,21 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, data_root):
     assert "Traceback" not in stopped.stderr and not (tmp_path / "run" / "resume" / "finetune").exists()
 
 
-def test_signals_are_recorded_only_while_entered_and_sigterm_decides_the_status():
-    before = signal.getsignal(signal.SIGINT)
+def test_signals_are_recorded_only_while_entered_and_sigterm_then_sighup_decide_the_status():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
     with StopSignals() as signals:
-        assert signals.flags() == [0.0, 0.0]
+        assert signals.flags() == [0.0, 0.0, 0.0]  # SIGINT, SIGTERM, SIGHUP
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGHUP)  # a hang-up outranks a Ctrl-C
+        assert signals.received == signal.SIGHUP and signals.flags() == [0.0, 0.0, 1.0]
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)  # after a SIGTERM: not a "second Ctrl-C"
-        assert signals.received == signal.SIGTERM and signals.flags() == [0.0, 1.0]
-    assert signal.getsignal(signal.SIGINT) is before
-    assert agreed_signal([1.0, 0.0]) == signal.SIGINT and agreed_signal([1.0, 1.0]) == signal.SIGTERM
-    assert agreed_signal([0.0, 0.0]) is None
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert signals.received == signal.SIGTERM and signals.flags() == [0.0, 1.0, 0.0]
+    assert {s: signal.getsignal(s) for s in before} == before
+    # summed over ranks: one rank got Ctrl-C, another a hang-up, a third SIGTERM
+    assert agreed_signal([1.0, 0.0, 0.0]) == signal.SIGINT and agreed_signal([2.0, 0.0, 1.0]) == signal.SIGHUP
+    assert agreed_signal([1.0, 1.0, 1.0]) == signal.SIGTERM and agreed_signal([0.0, 0.0, 0.0]) is None
 
 
 def test_a_signal_ignored_when_the_run_starts_stays_ignored():

@@ -13,7 +13,7 @@ from .. import distributed as dist
 from .monitor import Scalars
 from .phases import Phase
 from .resume import Progress
-from .stopping import StopSignals, agreed_signal
+from .stopping import STOP_SIGNALS, StopSignals, agreed_signal
 
 log = logging.getLogger("nerco_dist")
 
@@ -43,7 +43,7 @@ def step_totals(loss: torch.Tensor | None, tokens: int, signals: StopSignals | N
     whether a rank was asked to stop."""
     value = loss.item() if loss is not None else 0.0
     finite = math.isfinite(value)
-    flags = signals.flags() if signals is not None else [0.0, 0.0]
+    flags = signals.flags() if signals is not None else [0.0] * len(STOP_SIGNALS)
     total, bad, all_tokens, *stops = dist.sum_over_ranks([value if finite else 0.0, 0.0 if finite else 1.0, tokens,
                                                           *flags])
     return StepTotals(total / dist.world_size(), bad == 0, int(all_tokens), agreed_signal(stops))

@@ -1,7 +1,9 @@
-"""Ctrl-C and preemption: SIGINT or SIGTERM asks a run to stop after its next optimizer step, with a resume
-checkpoint, instead of dying in the middle of an epoch. A SLURM time limit or preemption sends SIGTERM;
-nerco's launcher (launcher.py, what launch/*.sh run) passes either on to the ranks of every node. Ranks agree
-on the stop through the all-reduce every micro-batch already makes, so all of them save the same step."""
+"""Ctrl-C, preemption and hang-ups: SIGINT, SIGTERM or SIGHUP asks a run to stop after its next optimizer step,
+with a resume checkpoint, instead of dying in the middle of an epoch. A SLURM time limit or preemption sends
+SIGTERM; a closed terminal or a dropped ssh connection sends SIGHUP (``nohup`` leaves it ignored, and then it
+stays ignored). nerco's launcher (launcher.py, what launch/*.sh run) passes each on to the ranks of every
+node. Ranks agree on the stop through the all-reduce every micro-batch already makes, so all of them save the
+same step."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import threading
 
 log = logging.getLogger("nerco_dist")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# the one that decides the exit status when several arrive: a scheduler's SIGTERM, then a hang-up, then Ctrl-C
+PRECEDENCE = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 class StopRequested(Exception):
@@ -24,12 +28,12 @@ class StopRequested(Exception):
 
     @property
     def exit_status(self) -> int:
-        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a process they end
+        return 128 + self.signum  # 130 SIGINT, 143 SIGTERM, 129 SIGHUP, as a shell reports a process they end
 
 
 class StopSignals:
-    """While entered (in the main thread; elsewhere signals cannot be caught), records SIGINT and SIGTERM
-    instead of dying. A second SIGINT stops at once (KeyboardInterrupt), without a checkpoint. A signal
+    """While entered (in the main thread; elsewhere signals cannot be caught), records SIGINT, SIGTERM and
+    SIGHUP instead of dying. A second SIGINT stops at once (KeyboardInterrupt), without a checkpoint. A signal
     ignored when the run starts stays ignored (a shell script's background job ignores SIGINT: the terminal's
     Ctrl-C is not for it)."""
 
@@ -54,15 +58,15 @@ class StopSignals:
         if self.received is None:
             log.warning("%s: stopping after the next optimizer step, with a resume checkpoint (Ctrl-C again "
                         "stops at once, without one)", signal.Signals(signum).name)
-        if self.received != signal.SIGTERM:  # a scheduler's SIGTERM outranks a Ctrl-C in the exit status
+        if self.received is None or PRECEDENCE.index(signum) < PRECEDENCE.index(self.received):
             self.received = signum
 
     def flags(self) -> list[float]:
-        """This rank's requests for the all-reduce: [SIGINT received, SIGTERM received]."""
-        return [float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM)]
+        """This rank's requests for the all-reduce: 1.0 for the signal received, in ``STOP_SIGNALS`` order."""
+        return [float(self.received == s) for s in STOP_SIGNALS]
 
 
 def agreed_signal(summed_flags: list[float]) -> int | None:
-    """The signal that stops every rank, from :meth:`StopSignals.flags` summed over ranks (SIGTERM first)."""
-    sigint, sigterm = summed_flags
-    return signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
+    """The signal that stops every rank, from :meth:`StopSignals.flags` summed over ranks (by ``PRECEDENCE``)."""
+    received = {s for s, flag in zip(STOP_SIGNALS, summed_flags) if flag}
+    return next((s for s in PRECEDENCE if s in received), None)

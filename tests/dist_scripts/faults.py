@@ -9,7 +9,8 @@ process) at its ``AT``-th training batch:
 - hang_backward: the rank stops responding inside its backward pass, while rank 0 waits in DeepSpeed's
   gradient reduction (DeepSpeed's own process group); the same;
 - nan: the rank's loss is NaN once; every rank skips that step and counts it;
-- sigint, sigterm: the rank sends itself SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption);
+- sigint, sigterm, sighup: the rank sends itself SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption) or
+  SIGHUP (a closed terminal);
   sigint_twice: two SIGINTs (Ctrl-C pressed again);
 - sigterm_parent: the rank sends SIGTERM to its parent process, the deepspeed launcher, which passes it on
   to every rank (a scheduler ending the job);
@@ -54,8 +55,8 @@ def fault(mode: str, at: int):
             calls += 1
             value = loss(model, batch)
             if dist.rank() == dist.world_size() - 1 and calls == at:
-                if mode in ("sigint", "sigterm", "sigint_twice"):
-                    os.kill(os.getpid(), signal.SIGTERM if mode == "sigterm" else signal.SIGINT)
+                if mode in ("sigint", "sigterm", "sighup", "sigint_twice"):
+                    os.kill(os.getpid(), getattr(signal, mode.removesuffix("_twice").upper()))
                 if mode == "sigint_twice":
                     os.kill(os.getpid(), signal.SIGINT)
                 if mode == "sigterm_parent":

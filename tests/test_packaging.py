@@ -28,7 +28,7 @@ def test_wheel_maps_kernels_into_the_package(tmp_path):
                          text=True, check=True)
     assert str(target) in out.stdout
     # a DeepSpeed config named as in the repository is found in the installed package, from any folder
-    out = subprocess.run([sys.executable, "-c", "from nerco_dist.train.engine import resolve_ds_config as r; "
+    out = subprocess.run([sys.executable, "-c", "from nerco_dist.train.deepspeed_engine import resolve_ds_config as r; "
                           "print(r('configs/ds/zero2.json')); print(r('zero3'))"], cwd=tmp_path,
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"},
                          capture_output=True, text=True, check=True)

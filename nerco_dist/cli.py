@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a tagger from a YAML config",
                        description="Train a tagger from a YAML config. Ctrl-C (SIGINT), SIGTERM or SIGHUP (a closed "
-                                   "terminal) stops after the next optimizer step with a resume checkpoint (exit status "
-                                   "130 / 143 / 129); the same command continues from it.")
+                                   "terminal) stops after the next optimizer step with a resume checkpoint (exit "
+                                   "status 130 / 143 / 129); the same command continues from it.")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overlays", nargs="*", metavar="OVERLAY",
                    help="YAML files merged over CONFIG in order, saying only what they change (configs/budget/cpu.yaml)")

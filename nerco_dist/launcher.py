@@ -122,7 +122,8 @@ def _module_with(module: types.ModuleType, **replaced) -> types.SimpleNamespace:
 
 
 def _keeping_stop_handlers(signum: int, handler):
-    """``signal.signal`` for DeepSpeed's launcher: its handlers of the stop signals are not installed (``Job``'s stay)."""
+    """``signal.signal`` for DeepSpeed's launcher: its handlers of the stop signals are not installed (``Job``'s
+    stay)."""
     return signal.getsignal(signum) if signum in STOP_SIGNALS else signal.signal(signum, handler)
 
 

@@ -37,7 +37,7 @@ from nerco_dist.train import trainer
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.train.steps import NonFiniteLoss
 from nerco_dist.inference import load_for_inference, predict
-from nerco_dist.train.engine import scaled_lr
+from nerco_dist.train.engines import scaled_lr
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -411,7 +411,7 @@ def test_a_rank_hung_in_backward_fails_the_other_within_the_timeout_for_every_ze
 
 def test_local_engine_accumulation_equals_one_step_on_the_whole_batch():
     from nerco_dist.config import OptimConfig
-    from nerco_dist.train.engine import build_engine
+    from nerco_dist.train.engines import build_engine
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 3), torch.randn(8, 1)

@@ -1,6 +1,6 @@
 """Ctrl-C, SIGTERM and SIGHUP stop ``nerco train`` after the next optimizer step with a resume checkpoint, one
-line saying how to continue and exit status 130 / 143 / 129; the same command then ends exactly where an uninterrupted run ends.
-(Under the deepspeed launcher: tests/test_distributed.py.)"""
+line saying how to continue and exit status 130 / 143 / 129; the same command then ends exactly where an
+uninterrupted run ends. (Under the deepspeed launcher: tests/test_distributed.py.)"""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from nerco_dist.checkpoint import load_checkpoint, load_tensors, save_tensors
 from nerco_dist.config import OptimConfig, load_config
 from nerco_dist.errors import InputError
 from nerco_dist.model.embedding import LatticeEmbedding
-from nerco_dist.train.engine import build_engine
+from nerco_dist.train.engines import build_engine
 from nerco_dist.train.rows import RowAdamW, RowSGD
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train

@@ -19,7 +19,7 @@ from ..data.dataset import LengthBucketBatchSampler
 from ..eval.metrics import NerReport
 from ..losses import contrastive_loss
 from ..model.tagger import NerTagger
-from .engine import build_engine
+from .engines import build_engine
 from .phases import Phase
 
 LossFn = Callable[[NerTagger, dict], "torch.Tensor | None"]

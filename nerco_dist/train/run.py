@@ -29,7 +29,7 @@ from ..inference import predict
 from ..machine import apply_threads, flush_denormals, keep_freed_memory
 from ..model.build import build_tagger
 from ..model.tagger import NerTagger
-from .engine import uses_deepspeed
+from .engines import uses_deepspeed
 from .inputs import read_training_inputs
 from .phases import load_encoder, stage_phases
 

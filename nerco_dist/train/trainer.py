@@ -5,11 +5,11 @@ BERT frozen, no output head; the lowest dev loss is kept. Stage 2 (fine-tuning):
 Linear + CRF head on the CRF NLL, in up to three phases (head alone, encoder + head, everything); the best dev
 F1 is kept and scored on test. Without stage 1 this is the paper's baseline.
 
-One loop runs every phase, for one process or several (``engine.py``): each phase gets a new engine on a fresh
+One loop runs every phase, for one process or several (``engines.py``): each phase gets a new engine on a fresh
 model holding the weights it starts from, so its optimiser and warmup restart. Each rank trains on its share
 of the length-bucketed batches; in stage 1 every rank's tokens are the negatives of every query. Rank 0 writes
 checkpoints (plain fp32), results and TensorBoard. A run killed mid-stage and started again with the same
-command continues inside the phase it was in (``resume.py``); so does one stopped by SIGINT or SIGTERM, which
+command continues inside the phase it was in (``resume.py``); so does one stopped by SIGINT, SIGTERM or SIGHUP, which
 writes a resume checkpoint after its next optimizer step (``stopping.py``).
 """
 
@@ -31,7 +31,8 @@ from ..config import Config
 from ..data.dataset import BatchIterable
 from ..machine import machine_info
 from ..model.tagger import NerTagger
-from .engine import Engine, build_engine
+from .engine import Engine
+from .engines import build_engine
 from .monitor import RunningMean, Scalars, Throughput, duration
 from .objectives import DevScore, LossFn, WrapLoss, dev_score, phase_loss
 from .phases import Phase, default_stage, row_tables, stage_phases, trainable_parameters

@@ -27,7 +27,7 @@ from nerco_dist import distributed as dist
 from nerco_dist.config import DistributedConfig, OptimConfig, load_config
 from nerco_dist.model.build import build_tagger
 from nerco_dist.model.tagger import KINDS
-from nerco_dist.train.engine import build_engine
+from nerco_dist.train.engines import build_engine
 from nerco_dist.train.inputs import read_training_inputs
 from nerco_dist.train.objectives import CrfLoss, InfoNCELoss
 

@@ -61,7 +61,7 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
 
 
 def _inference_setup(args: argparse.Namespace) -> str:
-    """``eval``/``predict``: torch's threads from ``--threads`` and the device ``--device`` names, resolved (a
+    """``eval``/``predict``/``analyze``: torch's threads from ``--threads`` and the device ``--device`` names, resolved (a
     device this machine lacks is refused here, before any file is read)."""
     from .distributed import device_for_rank
     from .machine import apply_threads
@@ -242,9 +242,10 @@ def _vectors(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
 
+    device = _inference_setup(args)
     summary = analyze(Path(args.baseline), Path(args.nerco), Path(args.data), Path(args.out),
                       stage1=Path(args.stage1) if args.stage1 else None, tsne_tokens=args.tsne_tokens, seed=args.seed,
-                      device=args.device)
+                      device=device)
     for name, s in summary.items():
         print(f"{name:10s} F1 {100 * s['f1']:.2f}  Span F {100 * s['span_f']:.2f}  Type Acc {100 * s['type_acc']:.2f}")
     print(f"wrote {args.out}")
@@ -374,6 +375,7 @@ def _add_inference(sub) -> None:
     p.add_argument("--tsne-tokens", type=positive_int, default=1500, help="entity tokens sampled for t-SNE")
     p.add_argument("--seed", type=int, default=0, help="seed of the t-SNE token sample and layout")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=thread_setting, default="auto", help=THREADS_HELP)
     p.set_defaults(func=_analyze)
 
 

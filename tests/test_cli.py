@@ -255,7 +255,8 @@ def test_eval_and_predict_refuse_a_device_this_machine_lacks(trained, dev_subset
         assert (proc.returncode, proc.stderr) == (2, f"nerco: error: --device={device}: {problem}\n")
 
 
-def test_eval_and_predict_take_threads_and_default_to_auto(trained, dev_subset, tmp_path, monkeypatch, caplog):
+def test_eval_predict_and_analyze_take_threads_and_default_to_auto(trained, dev_subset, tmp_path, monkeypatch,
+                                                                     caplog):
     """4 cores, a load of 2.2: auto leaves the 2 busy cores (2.2 rounds to 2) and takes the other 2."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
@@ -266,7 +267,9 @@ def test_eval_and_predict_take_threads_and_default_to_auto(trained, dev_subset, 
     text.write_text("高勇\n", encoding="utf-8")
     commands = {"eval": ["eval", str(trained / "best.pt"), "--data", str(dev_subset), "--output",
                          str(tmp_path / "r.json")],
-                "predict": ["predict", str(trained / "best.pt"), str(text)]}
+                "predict": ["predict", str(trained / "best.pt"), str(text)],
+                "analyze": ["analyze", "--baseline", str(trained / "best.pt"), "--nerco", str(trained / "best.pt"),
+                            "--data", str(dev_subset), "--out", str(tmp_path / "analysis"), "--tsne-tokens", "30"]}
     for name, argv in commands.items():
         caplog.clear()
         torch.set_num_threads(1)

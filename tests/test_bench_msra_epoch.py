@@ -48,9 +48,11 @@ def test_quick_run_measures_each_arm_on_its_own_batches(tmp_path, data_root):
         assert r["epoch_cpu_s"] == pytest.approx(r["epoch_chars"] / r["chars_per_cpu_s"], rel=0.01, abs=0.1)
     ratios = result["ratios"]
     speed = {k: r["chars_per_cpu_s"] for k, r in rows.items()}
-    assert ratios["rows_over_dense"]["2r/b8"] == pytest.approx(speed[2, 8, "rows"] / speed[2, 8, "dense"], rel=1e-3)
-    assert ratios["ranks_over_one"]["2r/b4/dense"] == pytest.approx(speed[2, 4, "dense"] / speed[1, 4, "dense"],
-                                                                    rel=1e-3)
-    assert ratios["batch_over_smallest"]["1r/b8/rows"] == pytest.approx(speed[1, 8, "rows"] / speed[1, 4, "rows"],
-                                                                        rel=1e-3)
+
+    def ratio(a, b):  # the JSON rounds each ratio to 3 decimals
+        return pytest.approx(speed[a] / speed[b], abs=6e-4)
+
+    assert ratios["rows_over_dense"]["2r/b8"] == ratio((2, 8, "rows"), (2, 8, "dense"))
+    assert ratios["ranks_over_one"]["2r/b4/dense"] == ratio((2, 4, "dense"), (1, 4, "dense"))
+    assert ratios["batch_over_smallest"]["1r/b8/rows"] == ratio((1, 8, "rows"), (1, 4, "rows"))
     assert len(result["machine"]["load_average"]) == 3 and result["machine"]["deepspeed"]

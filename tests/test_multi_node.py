@@ -213,9 +213,11 @@ def job_processes(launchers: list[subprocess.Popen], port: int) -> list[psutil.P
     for launcher in launchers:
         with contextlib.suppress(psutil.NoSuchProcess):
             roots.append(psutil.Process(launcher.pid))
+    python = os.path.realpath(sys.executable)  # the launch scripts run `python`, pytest may run as python3
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if cmd[:1] == [sys.executable] and PER_NODE in cmd and f"--master_port={port}" in cmd:
+        if cmd and os.path.realpath(shutil.which(cmd[0]) or cmd[0]) == python and PER_NODE in cmd \
+                and f"--master_port={port}" in cmd:
             roots.append(proc)
     found = {}
     for root in roots:

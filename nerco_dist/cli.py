@@ -61,8 +61,8 @@ def _train(args: argparse.Namespace, wrap_loss=None) -> int:
 
 
 def _inference_setup(args: argparse.Namespace) -> str:
-    """``eval``/``predict``/``analyze``: torch's threads from ``--threads`` and the device ``--device`` names, resolved (a
-    device this machine lacks is refused here, before any file is read)."""
+    """``eval``/``predict``/``analyze``: torch's threads from ``--threads`` and the device ``--device`` names,
+    resolved (a device this machine lacks is refused here, before any file is read)."""
     from .distributed import device_for_rank
     from .machine import apply_threads
 

@@ -53,7 +53,7 @@ ROWS = [f"{FULL}table_updates=rows"]
 
 def large_batch(batch: int, scaling: str) -> list[str]:
     """Row-wise tables at ``batch`` sentences a step, the configured lr (tuned at 10) scaled by ``scaling``."""
-    return ROWS + [f"{FULL}batch_size={batch}", f"distributed.lr_scaling={scaling}", "distributed.base_batch=10"]
+    return ROWS + [f"{FULL}batch_size={batch}", f"{FULL}base_batch=10", f"distributed.lr_scaling={scaling}"]
 
 
 GROUPS = {

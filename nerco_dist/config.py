@@ -92,6 +92,9 @@ class OptimConfig:
     table_updates: str = "dense"
     epochs: int = field(default=100, metadata={"ge": 0})  # at most; 0 skips the phase
     batch_size: int = field(default=10, metadata={"ge": 1})
+    # the global batch lr was tuned for, which distributed.lr_scaling scales it from; 0: batch_size (so only
+    # ranks and accumulation scale it)
+    base_batch: int = field(default=0, metadata={"ge": 0})
 
 
 @dataclass
@@ -170,9 +173,8 @@ class DistributedConfig:
     config: str | None = None  # DeepSpeed JSON (configs/ds/zero2.json); unset: DeepSpeed only under a launcher
     # micro-batches per optimizer step; global batch = batch_size x grad_accum x ranks
     grad_accum: int = field(default=1, metadata={"ge": 1})
-    lr_scaling: str = "none"  # none | linear | sqrt: lr x (global batch / base_batch), or its square root
-    # the global batch the configured lr is for; 0: the stage's batch_size
-    base_batch: int = field(default=0, metadata={"ge": 0})
+    # none | linear | sqrt: each phase's lr x (its global batch / its optim.base_batch), or the square root
+    lr_scaling: str = "none"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (DeepSpeed engine only)
     # a collective waiting longer fails the run
     timeout_s: float = field(default=600.0, metadata={**RESUMABLE, "gt": 0})
@@ -197,7 +199,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<config>") -> "Config":
-        return _build(cls(), _with_stage_optim(raw, source), "", source)
+        return _build(cls(), _with_stage_optim(_without_retired(raw, source), source), "", source)
 
 
 FINETUNE_PHASES = ("head", "frozen_bert", "full")
@@ -236,6 +238,27 @@ MOVED = {
     "contrastive.patience": "contrastive.phase.patience",
     **{f"contrastive.{k}": f"ablation.{k}" for k in ("joint", "joint_weight", "non_entity_queries")},
 }
+# keys of earlier versions whose old default means what today's config means without them: read at that value
+# (a stored config), they are dropped; at any other, refused as moved
+RETIRED = {
+    "distributed.base_batch": (0, "PHASE.optim.base_batch (finetune.optim.base_batch for every fine-tuning "
+                                  "phase): it was the base of every phase's scaling, stage 1's too"),
+}
+
+
+def _without_retired(raw: Any, source: str) -> Any:
+    """``raw`` without the :data:`RETIRED` keys it holds at their old default; one at another value is refused,
+    naming where it went."""
+    for key, (default, moved_to) in RETIRED.items():
+        section, name = key.split(".")
+        values = raw.get(section) if isinstance(raw, dict) else None
+        if not isinstance(values, dict) or name not in values:
+            continue
+        if values[name] != default:
+            raise InputError(source, f"{key} has moved to {moved_to}")
+        raw = {**raw, section: {k: v for k, v in values.items() if k != name}}
+    return raw
+
 
 _CHOICES = {"optimizer": ("sgd", "adamw"), "select": ("dev_loss", "head_f1"), "hand_off": ("last", "best"),
             "backend": ("auto", "torch", "triton"), "format": ("auto", "conll", "weibo", "cluener"),

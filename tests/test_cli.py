@@ -417,6 +417,14 @@ def test_a_key_that_moved_is_refused_naming_its_new_place(key, moved_to):
         load_config(TINY, [key])
 
 
+def test_a_retired_key_at_its_old_default_is_dropped_and_at_any_other_refused():
+    """A stored config of an earlier version (``distributed.base_batch: 0``, each phase's own batch) reads as
+    today's default; a base set there applied to every phase, so that is refused, naming the key per phase."""
+    assert load_config(TINY, ["distributed.base_batch=0"]) == load_config(TINY)
+    with pytest.raises(InputError, match=re.escape("distributed.base_batch has moved to PHASE.optim.base_batch")):
+        load_config(TINY, ["distributed.base_batch=10"])
+
+
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)

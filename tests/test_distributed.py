@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from nerco_dist.cli import build_parser
-from nerco_dist.config import DistributedConfig, load_config
+from nerco_dist.config import DistributedConfig, OptimConfig, load_config
 from nerco_dist.data.readers import read_corpus
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.train import trainer
@@ -38,6 +38,7 @@ from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.train.steps import NonFiniteLoss
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.engines import scaled_lr
+from nerco_dist.train.phases import stage_phases
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,14 +123,26 @@ def test_nerco_train_leaves_its_process_group_whether_it_ends_or_is_refused(tmp_
 
 
 def test_lr_scaling_rules():
-    d = DistributedConfig(grad_accum=4, lr_scaling="linear")
-    assert scaled_lr(1e-3, 8, d, 2) == pytest.approx(8e-3)  # global batch 64 = 8 x the micro batch
+    d, optim = DistributedConfig(grad_accum=4, lr_scaling="linear"), OptimConfig(lr=1e-3, batch_size=8)
+    assert scaled_lr(optim, d, 2) == pytest.approx(8e-3)  # global batch 64 = 8 x the micro batch
     d.lr_scaling = "sqrt"
-    assert scaled_lr(1e-3, 8, d, 2) == pytest.approx(1e-3 * 8 ** 0.5)
-    d.base_batch = 64
-    assert scaled_lr(1e-3, 8, d, 2) == pytest.approx(1e-3)
+    assert scaled_lr(optim, d, 2) == pytest.approx(1e-3 * 8 ** 0.5)
+    optim.base_batch = 64
+    assert scaled_lr(optim, d, 2) == pytest.approx(1e-3)
     d.lr_scaling = "none"
-    assert scaled_lr(1e-3, 8, d, 2) == 1e-3
+    assert scaled_lr(optim, d, 2) == 1e-3
+
+
+def test_a_phase_trained_at_a_larger_batch_leaves_the_other_phases_rates_alone():
+    """The recipe docs/distributed.md gives for a global batch of 64 (lr tuned at 10) on a NerCo config, one
+    process: the full phase at 1e-3 x sqrt(6.4), stage 1 and the other phases at their own lr."""
+    cfg = load_config(REPO / "configs" / "msra_nerco.yaml",
+                      ["finetune.full.optim.batch_size=64", "finetune.full.optim.base_batch=10",
+                       "distributed.lr_scaling=sqrt"])
+    phases = stage_phases(cfg, "contrastive") + stage_phases(cfg, "finetune")
+    rates = {p.name: scaled_lr(p.optim, cfg.distributed, 1) for p in phases}
+    assert rates.pop("full") == pytest.approx(cfg.finetune.full.optim.lr * 6.4 ** 0.5)
+    assert rates == {p.name: p.optim.lr for p in phases if p.name != "full"} and "contrastive" in rates
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, data_root):

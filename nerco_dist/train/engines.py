@@ -2,8 +2,8 @@
 DeepSpeed config is given or the launcher started several ranks (``engine.py``, ``deepspeed_engine.py``).
 
 Both take the optimizer and LR schedule of a phase's optimiser section (``optim.py``), with the learning rate
-scaled for the global batch (``distributed.lr_scaling``), and the row-wise optimizer of the embedding tables
-when the phase asks for it (``rows.py``). The model knows nothing of either.
+scaled for the global batch (``distributed.lr_scaling``, from the phase's ``optim.base_batch``), and the row-wise
+optimizer of the embedding tables when the phase asks for it (``rows.py``). The model knows nothing of either.
 
 An engine trains a fixed set of parameters for one phase (DeepSpeed reads ``requires_grad`` once, in
 ``initialize``): every phase gets a new engine on a fresh model, so its optimiser and warmup start anew.
@@ -28,17 +28,19 @@ from .rows import TableRows, split_groups
 log = logging.getLogger("nerco_dist")
 
 
-def scaled_lr(lr: float, micro_batch: int, d: DistributedConfig, world: int) -> float:
-    """``lr`` for the global batch micro x accumulation x world size: unchanged (``none``), or scaled by
-    global / base (``linear``) or its square root (``sqrt``); ``base_batch`` 0 means the micro batch."""
-    base = d.base_batch or micro_batch
-    ratio = micro_batch * d.grad_accum * world / base
+def scaled_lr(optim: OptimConfig, d: DistributedConfig, world: int) -> float:
+    """A phase's ``optim.lr`` for its global batch, micro batch x accumulation x world size: unchanged
+    (``none``), or scaled by global / ``optim.base_batch`` (``linear``) or its square root (``sqrt``); a base
+    of 0 is the phase's micro batch. The base is the phase's own, so a phase trained at a larger batch leaves
+    the others' rates alone."""
+    base = optim.base_batch or optim.batch_size
+    ratio = optim.batch_size * d.grad_accum * world / base
     if d.lr_scaling == "none":
-        return lr
+        return optim.lr
     if d.lr_scaling == "linear":
-        return lr * ratio
+        return optim.lr * ratio
     if d.lr_scaling == "sqrt":
-        return lr * math.sqrt(ratio)
+        return optim.lr * math.sqrt(ratio)
     raise ValueError(f"distributed.lr_scaling={d.lr_scaling!r}: expected none, linear or sqrt")
 
 
@@ -60,7 +62,7 @@ def build_engine(model: nn.Module, optim: OptimConfig, groups: ParamGroups, step
     ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
-    lr = scaled_lr(optim.lr, optim.batch_size, d, dist.world_size())
+    lr = scaled_lr(optim, d, dist.world_size())
     steps = max(1, steps_per_epoch // d.grad_accum)
     dense, rows = split_groups(groups, row_tables)
     optimizer = build_optimizer(optim, dense, lr)

@@ -30,6 +30,7 @@ from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import default_data_root, load_config
 from nerco_dist.distributed import device_for_rank
 from nerco_dist.machine import machine_info
+from nerco_dist.train.monitor import read_scalars
 from nerco_dist.train.trainer import train
 from nerco_vs_baseline import input_checksums
 
@@ -121,20 +122,11 @@ def run_job(corpus: str, group: str, name: str, seed: int, *, shared: list[str],
     results = train(cfg, stage="finetune")
     summary = dict(variant=name, seed=seed, overrides=overrides, best_dev_f1=results["best_dev_f1"],
                    best_epoch=results["best_epoch"], epochs_run=results["epochs_run"],
-                   dev_f1_by_epoch=dev_f1_by_epoch(out / "tensorboard"),
+                   dev_f1_by_epoch=list(read_scalars(out / "tensorboard", "dev/f1").values()),
                    wall_time_s=results["wall_time_s"], inputs=input_checksums(cfg),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json(stored, summary, indent=1)
     return summary
-
-
-def dev_f1_by_epoch(tensorboard: Path) -> list[float]:
-    """Every epoch's dev F1, in epoch order, from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
-    events.Reload()
-    return [e.value for e in sorted(events.Scalars("dev/f1"), key=lambda e: e.step)]
 
 
 def report(corpus: str, group: str, seeds: list[int], shared: list[str]) -> None:

@@ -2,12 +2,14 @@
 exactly. Losses are observed and altered through ``train(..., wrap_loss=...)``."""
 
 import json
+import time
 
 import pytest
 import torch
 
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.config import load_config
+from nerco_dist.train.monitor import Scalars, read_scalars
 from nerco_dist.train.objectives import head_probe_report
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
@@ -175,3 +177,19 @@ def test_the_head_probe_warms_up_within_its_own_epochs_whatever_the_head_phase_l
     assert reports[0].to_dict() == reports[1].to_dict()
     untrained = run.scores(model, run.splits.dev)
     assert reports[0].f1 > untrained.f1 + 0.02, (reports[0].f1, untrained.f1)
+
+
+def test_read_scalars_joins_the_events_files_of_a_resumed_run(tmp_path):
+    """Two starts of one run write two events files into its folder; the second rewrote step 2 (a resumed
+    epoch) and went on. Read back: every step once, the later value, in step order; another tag ignored."""
+    for start, steps in enumerate([{1: 0.5, 2: 0.6}, {2: 0.65, 3: 0.7}]):
+        scalars = Scalars(tmp_path)
+        for step, value in steps.items():
+            scalars.add("dev/f1", value, step)
+            scalars.add("dev/precision", 1.0, step)
+        scalars.close()
+        time.sleep(1.1)  # events files are named by the second they were opened
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert read_scalars(tmp_path, "dev/f1") == pytest.approx({1: 0.5, 2: 0.65, 3: 0.7})
+    assert list(read_scalars(tmp_path, "dev/f1")) == [1, 2, 3]
+    assert read_scalars(tmp_path, "dev/loss") == {}

@@ -1,4 +1,5 @@
-"""What a training run shows while it works: TensorBoard scalars (rank 0) and per-step throughput."""
+"""What a training run shows while it works: TensorBoard scalars (rank 0, and read back afterwards) and per-step
+throughput."""
 
 from __future__ import annotations
 
@@ -30,6 +31,20 @@ class Scalars:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_scalars(directory: Path, tag: str) -> dict[int, float]:
+    """``tag``'s values by step in a run's TensorBoard folder, over every events file in it (a resumed run
+    writes one per start; a step written twice keeps its later value), in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(Path(directory).glob("events.out.tfevents.*")):
+        reader = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        reader.Reload()
+        if tag in reader.Tags()["scalars"]:
+            values.update((e.step, e.value) for e in sorted(reader.Scalars(tag), key=lambda e: e.wall_time))
+    return dict(sorted(values.items()))
 
 
 class Throughput:

@@ -2,9 +2,9 @@
 
 For each corpus and seed, trains the baseline (CONFIG) and NerCo (CONFIG_nerco: the same plus stage 1),
 then reports mean ± std of test F1, Span F and Type Acc, and runs ``nerco analyze`` on the first seed
-(F1 by length, t-SNE plots). ``--systems`` adds the paper's ablations (Table 5), each the NerCo config with
-one switch: ``joint`` (InfoNCE + CRF NLL in one stage), ``all_queries`` (O tokens are queries too), and the
-variants of NerCo's training in ``VARIANTS``. A ``--tag`` names the runs of other shared ``--set`` overrides:
+(F1 by length, t-SNE plots) beside its learning curves (``plot_curves.py``). ``--systems`` adds the paper's
+ablations (Table 5), each the NerCo config with one switch: ``joint`` (InfoNCE + CRF NLL in one stage),
+``all_queries`` (O tokens are queries too), and the variants of NerCo's training in ``VARIANTS``. A ``--tag`` names the runs of other shared ``--set`` overrides:
 their folders and stored summaries carry the tag, so they never replace the untagged runs.
 Finished runs are reused, so an interrupted sweep continues where it stopped: a run's results.json in its
 folder, or its summary in ``--store`` (committed, so that finished runs outlive the run folders), which is
@@ -41,6 +41,7 @@ from nerco_dist.train.objectives import InfoNCELoss, mean_dev_infonce
 from nerco_dist.train.stopping import StopRequested
 from nerco_dist.train.inputs import read_config_splits
 from nerco_dist.train.trainer import train
+from plot_curves import write_curves
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SYSTEMS = ["baseline", "NerCo"]
@@ -202,6 +203,7 @@ def main() -> None:
         test_file = data.path(data.test)
         analyze(baseline_run / "best.pt", nerco_run / "best.pt", test_file, plots,
                 stage1=nerco_run / "contrastive" / "best.pt")
+        write_curves({"baseline": baseline_run, "NerCo": nerco_run}, plots / "curves", f"{args.corpus}, seed {first}")
 
     rows = {name: dict(f1=mean_std([s["f1"] for s in runs_]), span_f=mean_std([s["span_f1"] for s in runs_]),
                        type_acc=mean_std([s["type_acc"] for s in runs_]),

@@ -33,28 +33,13 @@ def curves(run: Path) -> dict[str, list[float]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True, metavar="NAME=FOLDER",
-                        help="a run's name in the plots and its folder (run.out_dir); once per run")
-    parser.add_argument("--out", required=True, help="path stem of the JSON and PNG files")
-    parser.add_argument("--title", default="", help="what the plots' titles start with (e.g. the corpus)")
-    args = parser.parse_args(argv)
-    try:
-        runs = {}
-        for item in args.run:
-            name, sep, folder = item.partition("=")
-            if not sep or not name or not folder:
-                raise InputError("--run", f"expected NAME=FOLDER, got {item!r}")
-            runs[name] = curves(Path(folder))
-    except InputError as err:
-        print(f"nerco: error: {err}", file=sys.stderr)
-        return 2
-    stem = Path(args.out)
-    prefix = f"{args.title}: " if args.title else ""
-    write_json(stem.with_suffix(".json"), dict(runs={n: dict(folder=f, **runs[n]) for n, f in
-                                                     (i.split("=", 1) for i in args.run)},
-                                               date=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1)
+def write_curves(folders: dict[str, Path], stem: Path, title: str = "") -> dict[str, dict[str, list[float]]]:
+    """Each named run folder's curves, written to ``STEM.json`` and plotted (``STEM_dev_f1.png``, and
+    ``STEM_stage1_dev_infonce.png`` where some run has stage 1); the curves."""
+    runs = {name: curves(Path(folder)) for name, folder in folders.items()}
+    prefix = f"{title}: " if title else ""
+    numbers = {name: dict(folder=str(folders[name]), **c) for name, c in runs.items()}
+    write_json(stem.with_suffix(".json"), dict(runs=numbers, date=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1)
     dev_f1 = {name: c["dev_f1"] for name, c in runs.items() if c["dev_f1"]}
     if dev_f1:
         plot_lines(dev_f1, f"{stem}_dev_f1.png", f"{prefix}dev F1 after each fine-tuning epoch", "epoch",
@@ -63,6 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     if infonce:
         plot_lines(infonce, f"{stem}_stage1_dev_infonce.png", f"{prefix}stage 1, dev InfoNCE after each epoch",
                    "stage-1 epoch", "dev InfoNCE")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=FOLDER",
+                        help="a run's name in the plots and its folder (run.out_dir); once per run")
+    parser.add_argument("--out", required=True, help="path stem of the JSON and PNG files")
+    parser.add_argument("--title", default="", help="what the plots' titles start with (e.g. the corpus)")
+    args = parser.parse_args(argv)
+    try:
+        folders = {}
+        for item in args.run:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                raise InputError("--run", f"expected NAME=FOLDER, got {item!r}")
+            folders[name] = Path(folder)
+        runs = write_curves(folders, Path(args.out), args.title)
+    except InputError as err:
+        print(f"nerco: error: {err}", file=sys.stderr)
+        return 2
     for name, c in runs.items():
         print(f"{name}: {len(c['dev_f1'])} fine-tuning epochs"
               + (f", best dev F1 {max(c['dev_f1']):.2f}" if c["dev_f1"] else "")

@@ -1,12 +1,20 @@
-"""The accuracy sweep reuses a finished run only when its stored config trains the same way as today's."""
+"""The accuracy sweep (experiments/nerco_vs_baseline.py) end to end on the smoke configs, and its reuse of a
+finished run only when the stored config trains the same way as today's."""
 
 from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
 
 import pytest
 
 from nerco_dist.config import Config, load_config
 
-from .conftest import TINY, script_module
+from .conftest import REPO, TINY, script_module
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +42,39 @@ def test_head_probe_keys_count_only_where_the_probe_selects(same_recipe):
     assert not same_recipe(stored(*probed, "contrastive.head_probe_epochs=1"), stored(*probed))
     assert not same_recipe(stored(*probed, "contrastive.head_probe_lr=1e-3"), stored(*probed))
     assert same_recipe(stored(*probed), stored(*probed))
+
+
+def test_the_sweep_end_to_end_and_a_second_call_reuses_every_run(tmp_path, data_root):
+    """nerco_vs_baseline.py on the smoke configs (tiny.yaml, tiny_nerco.yaml), two seeds: the table's per-seed F1
+    are the runs' own test F1, the paired t-test is recomputed here from them, the learning curves have an
+    entry per epoch each run trained; run again, it trains nothing and writes the same scores."""
+    command = [sys.executable, str(REPO / "experiments" / "nerco_vs_baseline.py"), "--corpus", "tiny", "--seeds",
+               "1", "2", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--store",
+               str(tmp_path / "store"), "--data-root", str(data_root), "--set", "run.threads=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "phase 'full'" in first.stderr  # logged as a phase starts training
+    report = json.loads((tmp_path / "results" / "nerco_vs_baseline_tiny.json").read_text())
+    runs = {(name, seed): json.loads((tmp_path / "runs" / "tiny" / f"{name}_seed{seed}" / "results.json").read_text())
+            for name in ("baseline", "NerCo") for seed in (1, 2)}
+    for name in ("baseline", "NerCo"):
+        assert report["results"][name]["per_seed_f1"] == [round(100 * runs[name, s]["test"]["f1"], 2) for s in (1, 2)]
+        assert (tmp_path / "store" / "tiny" / f"{name}_seed1.json").is_file()
+    diffs = [100 * (runs["NerCo", s]["test"]["f1"] - runs["baseline", s]["test"]["f1"]) for s in (1, 2)]
+    t = report["nerco_vs_baseline"]["paired_t_test"]
+    assert t["differences"] == pytest.approx(diffs)
+    if diffs[0] != diffs[1]:
+        assert t["t"] == pytest.approx(statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(2)))
+    curves = json.loads((tmp_path / "results" / "nerco_vs_baseline_tiny" / "curves.json").read_text())["runs"]
+    assert len(curves["baseline"]["dev_f1"]) == runs["baseline", 1]["epochs_run"]
+    assert len(curves["NerCo"]["dev_f1"]) == runs["NerCo", 1]["epochs_run"]
+    assert len(curves["NerCo"]["stage1_dev_infonce"]) == runs["NerCo", 1]["contrastive"]["epochs_run"]
+    assert curves["baseline"]["dev_f1"][runs["baseline", 1]["best_epoch"] - 1] == \
+        pytest.approx(100 * runs["baseline", 1]["best_dev_f1"], abs=0.005)
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "phase 'full'" not in second.stderr + second.stdout  # no phase trained
+    again = json.loads((tmp_path / "results" / "nerco_vs_baseline_tiny.json").read_text())
+    assert again["results"]["NerCo"]["per_seed_f1"] == report["results"]["NerCo"]["per_seed_f1"]

@@ -162,6 +162,9 @@ def plot_lines(series: dict[str, Sequence[float]], path_png: str | os.PathLike, 
     ax = fig.add_subplot()
     for name, values in series.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator  # importable once _new_figure found matplotlib
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no tick at 1.5
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -221,3 +221,29 @@ def test_time_left_bounds_the_stage_when_checkpoint_writes_are_slow(tmp_path, da
     assert [left for _, left, _ in estimates] == [1]
     for logged, _, seconds in estimates:  # printed to the nearest second
         assert written[-1] <= logged + seconds + 0.5 + EPOCH_JITTER_S, (written[-1] - logged, seconds)
+
+
+def test_a_changed_fine_tuning_key_retrains_stage_two_from_the_finished_stage_one(tmp_path, data_root, caplog):
+    """Run again with another fine-tuning lr, a finished stage 1 is reused as it is (its checkpoint untouched)
+    and stage 2 trains anew; with another stage-1 lr, or (where the head probe selects stage 1's epoch) another
+    finetune.head key, stage 1 trains again."""
+    nerco = ["contrastive.enabled=true"]
+    trainer.train(tiny_config(tmp_path, *nerco))
+    stage1 = (tmp_path / "contrastive" / "best.pt").read_bytes()
+
+    def rerun(*overrides) -> tuple[bool, bool]:
+        """(stage 1 trained, stage 2 trained) by a run of the same folder with ``overrides``."""
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nerco_dist"):
+            trainer.train(tiny_config(tmp_path, *nerco, *overrides))
+        started = {r.getMessage().split(" phase ")[0] for r in caplog.records if "optimizer (lr" in r.getMessage()}
+        return "contrastive" in started, "finetune" in started
+
+    assert rerun() == (False, False)
+    assert rerun("finetune.full.optim.lr=0.02") == (False, True)
+    assert (tmp_path / "contrastive" / "best.pt").read_bytes() == stage1
+    assert rerun("finetune.full.optim.lr=0.02", "contrastive.phase.optim.lr=0.02") == (True, True)
+    probe = ["contrastive.select=head_f1", "contrastive.head_probe_epochs=1"]
+    rerun(*probe)
+    assert rerun(*probe, "finetune.full.optim.lr=0.03") == (False, True)
+    assert rerun(*probe, "finetune.head.optim.lr=0.03") == (True, True)

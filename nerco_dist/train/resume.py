@@ -74,9 +74,15 @@ def resume_relevant(section) -> dict:
 
 
 def fingerprint(cfg: Config, stage: str, init: Path | None) -> str:
-    """What must not change for a resume checkpoint to be continued."""
-    text = json.dumps(dict(cfg=resume_relevant(cfg), stage=stage, init=str(init), world_size=dist.world_size()),
-                      sort_keys=True)
+    """What must not change for a stage's resume checkpoint to be continued, or its finished results reused:
+    the config it reads, where it starts from, the number of ranks. Stage 1 does not read fine-tuning's
+    sections (but for ``finetune.head``, the head probe's optimiser, where the probe selects its epoch), so a
+    changed fine-tuning key retrains stage 2 from the stage 1 already trained."""
+    relevant = resume_relevant(cfg)
+    if stage == "contrastive":
+        probe = cfg.contrastive.select == "head_f1"
+        relevant["finetune"] = {"head": relevant["finetune"]["head"]} if probe else {}
+    text = json.dumps(dict(cfg=relevant, stage=stage, init=str(init), world_size=dist.world_size()), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

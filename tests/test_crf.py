@@ -180,6 +180,39 @@ def test_no_allowed_path_stays_finite(backend):
     assert [len(p) for p in crf.decode(em, mask)] == mask.sum(1).tolist()
 
 
+def test_triton_host_functions_run_without_autograd():
+    """crf_forward and crf_backward called directly under no_grad: the log-likelihood of brute-force
+    enumeration (float64) and its gradients, weighted by grad_llh, in emissions (zero past each length),
+    start, end and transitions."""
+    from nerco_dist.kernels.crf_triton import crf_backward, crf_forward
+
+    B, L, T = 3, 4, 3
+    em, tags, _ = random_batch(B, L, T, seed=31)
+    lengths = torch.tensor([4, 2, 3], dtype=torch.int32)
+    g = torch.Generator().manual_seed(32)
+    start, end, trans = (torch.randn(shape, generator=g) for shape in ((T,), (T,), (T, T)))
+    grad_llh = torch.tensor([1.0, -0.5, 2.0])
+    with torch.no_grad():
+        llh, alpha, dlog = crf_forward(em, tags, lengths, start, end, trans)
+        grads = crf_backward(grad_llh, em, tags, lengths, end, trans, alpha, dlog)
+    assert llh.grad_fn is None and all(x.grad_fn is None for x in grads)
+
+    ref_in = [x.double().requires_grad_() for x in (em, start, end, trans)]
+    r_em, r_start, r_end, r_trans = ref_in
+    ref_llh = []
+    for b in range(B):
+        n = int(lengths[b])
+        scores = path_scores(enumerate_paths(T, n), r_em[b, :n], r_start, r_end, r_trans)  # (T^n,)
+        gold = path_scores(tags[b, :n].unsqueeze(0), r_em[b, :n], r_start, r_end, r_trans)[0]
+        ref_llh.append(gold - torch.logsumexp(scores, 0))
+    ref_llh = torch.stack(ref_llh)
+    ref_grads = torch.autograd.grad((ref_llh * grad_llh.double()).sum(), ref_in)
+    torch.testing.assert_close(llh.double(), ref_llh.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert grads[0][1, 2:].abs().max() == 0  # past the second sequence's length
+
+
 def test_bio_allowed_transitions():
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     a = bio_allowed_transitions(labels)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nerco_dist.kernels import select_queries, semantic_infonce
+from nerco_dist.kernels.infonce import infonce_backward, infonce_forward, sort_by_class
 from nerco_dist.losses import semantic_class_infonce, torch_infonce
 
 F64 = torch.float64
@@ -186,6 +187,37 @@ def test_gradient_of_one_side_only():
         got, want = (q.grad, q64.grad) if q_grad else (k.grad, k64.grad)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
         assert (k.grad if q_grad else q.grad) is None
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_host_functions_run_without_autograd(shared):
+    """infonce_forward and infonce_backward called directly under no_grad (no graph anywhere): the loss and
+    the gradients of the float64 dense path; with one tensor on both sides, one gradient, returned as the
+    keys'."""
+    keys, key_labels = batch(61, 18, 3, 0.4, 21)
+    if shared:
+        queries, labels, self_index = keys, key_labels, torch.arange(61)
+    else:
+        queries, labels = batch(37, 18, 3, 0.4, 22)
+        self_index = torch.full_like(labels, -1)
+    selection = selection_for(labels, key_labels, self_index)
+    go = torch.tensor(1.7, dtype=F64)
+    with torch.no_grad():
+        loss, state = infonce_forward(queries, keys, sort_by_class(selection), 0.07, "ieee")
+        dq, dk = infonce_backward(go.float(), queries, keys if not shared else queries, state)
+    assert not loss.requires_grad and loss.grad_fn is None
+
+    def dense(q, k):
+        return torch_infonce(q, q if k is None else k, selection, 0.07, compute_dtype=F64)
+
+    ref_loss, ref_dq, ref_dk = run(dense, queries.double(), None if shared else keys.double(), go)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    if shared:
+        assert dq is None
+        torch.testing.assert_close(dk.double(), ref_dq, rtol=2e-5, atol=2e-5)
+    else:
+        torch.testing.assert_close(dq.double(), ref_dq, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(dk.double(), ref_dk, rtol=2e-5, atol=2e-5)
 
 
 HOPPER_COMPILE = textwrap.dedent("""

@@ -12,6 +12,10 @@ power of two). Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=
   grad em = g (onehot - p), grad trans = g sum_t (gold pair - pair marginal), likewise start and end;
   transition gradients are written per sequence and summed in torch (no atomics, deterministic).
 * viterbi: max-plus recursion with int8 backpointers and the backtrace in the same kernel.
+
+Host functions: :func:`crf_forward` and :func:`crf_backward` run the first two without autograd;
+:func:`triton_log_likelihood` is the differentiable log-likelihood over them, :func:`triton_viterbi` the
+decoder.
 """
 
 from __future__ import annotations
@@ -177,55 +181,79 @@ def _tile(T: int) -> tuple[int, int]:
     return tp, min(8, max(1, tp * tp // 512))
 
 
+def _last_dim_contiguous(emissions: torch.Tensor) -> torch.Tensor:
+    return emissions if emissions.stride(2) == 1 else emissions.contiguous()
+
+
+def crf_forward(emissions, tags, lengths, start, end, transitions
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(tags | emissions) (B,) fp32, and what :func:`crf_backward` needs: the normalised forward
+    variables alpha (B, L, T) and each step's log normaliser dlog (B, L), fp32; no autograd. Arguments as
+    :func:`triton_log_likelihood` takes them."""
+    emissions = _last_dim_contiguous(emissions)
+    B, L, T = emissions.shape
+    tp, warps = _tile(T)
+    alpha = emissions.new_empty((B, L, T), dtype=torch.float32)
+    dlog = emissions.new_empty((B, L), dtype=torch.float32)
+    llh = emissions.new_empty((B,), dtype=torch.float32)
+    _crf_forward_kernel[(B,)](
+        emissions, emissions.stride(0), emissions.stride(1),
+        tags, tags.stride(0), tags.stride(1),
+        lengths, start, end, transitions,
+        alpha, dlog,
+        llh,
+        L, T,
+        TP=tp,
+        num_warps=warps,
+    )
+    return llh, alpha, dlog
+
+
+def crf_backward(grad_llh, emissions, tags, lengths, end, transitions, alpha, dlog
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of sum(grad_llh * llh) with respect to the emissions (B, L, T; zero past each length),
+    start (T,), end (T,) and transitions (T, T), from :func:`crf_forward`'s alpha and dlog (the kernel's beta
+    pass); no autograd."""
+    emissions = _last_dim_contiguous(emissions)
+    B, L, T = emissions.shape
+    tp, warps = _tile(T)
+    g_em = torch.zeros_like(emissions, memory_format=torch.contiguous_format)  # (B, L, T)
+    g_start = alpha.new_empty((B, T))  # per sequence, summed below
+    g_end = alpha.new_empty((B, T))
+    g_trans = alpha.new_empty((B, T, T))
+    _crf_backward_kernel[(B,)](
+        emissions, emissions.stride(0), emissions.stride(1),
+        tags, tags.stride(0), tags.stride(1),
+        lengths, end, transitions,
+        alpha, dlog,
+        grad_llh.float().contiguous(),
+        g_em, g_em.stride(0), g_em.stride(1),
+        g_start,
+        g_end,
+        g_trans,
+        L, T,
+        TP=tp,
+        num_warps=warps,
+    )
+    return g_em, g_start.sum(0), g_end.sum(0), g_trans.sum(0)
+
+
 class _TritonLogLikelihood(torch.autograd.Function):
-    """Per-sequence log-likelihood (B,) fp32; the backward pass is the kernel's beta pass."""
+    """:func:`crf_forward` and :func:`crf_backward` under autograd: per-sequence log-likelihood (B,) fp32."""
 
     @staticmethod
     def forward(ctx, emissions, tags, lengths, start, end, transitions):
-        if emissions.stride(2) != 1:
-            emissions = emissions.contiguous()
-        B, L, T = emissions.shape
-        tp, warps = _tile(T)
-        alpha = emissions.new_empty((B, L, T), dtype=torch.float32)
-        dlog = emissions.new_empty((B, L), dtype=torch.float32)
-        llh = emissions.new_empty((B,), dtype=torch.float32)
-        _crf_forward_kernel[(B,)](
-            emissions, emissions.stride(0), emissions.stride(1),
-            tags, tags.stride(0), tags.stride(1),
-            lengths, start, end, transitions,
-            alpha, dlog,
-            llh,
-            L, T,
-            TP=tp,
-            num_warps=warps,
-        )
+        emissions = _last_dim_contiguous(emissions)
+        llh, alpha, dlog = crf_forward(emissions, tags, lengths, start, end, transitions)
         ctx.save_for_backward(emissions, tags, lengths, end, transitions, alpha, dlog)
         return llh
 
     @staticmethod
     def backward(ctx, grad_llh):
         emissions, tags, lengths, end, transitions, alpha, dlog = ctx.saved_tensors
-        B, L, T = emissions.shape
-        tp, warps = _tile(T)
-        g_em = torch.zeros_like(emissions, memory_format=torch.contiguous_format)
-        g_start = alpha.new_empty((B, T))
-        g_end = alpha.new_empty((B, T))
-        g_trans = alpha.new_empty((B, T, T))
-        _crf_backward_kernel[(B,)](
-            emissions, emissions.stride(0), emissions.stride(1),
-            tags, tags.stride(0), tags.stride(1),
-            lengths, end, transitions,
-            alpha, dlog,
-            grad_llh.float().contiguous(),
-            g_em, g_em.stride(0), g_em.stride(1),
-            g_start,
-            g_end,
-            g_trans,
-            L, T,
-            TP=tp,
-            num_warps=warps,
-        )
-        return g_em, None, None, g_start.sum(0), g_end.sum(0), g_trans.sum(0)
+        g_em, g_start, g_end, g_trans = crf_backward(grad_llh, emissions, tags, lengths, end, transitions, alpha,
+                                                     dlog)
+        return g_em, None, None, g_start, g_end, g_trans
 
 
 def triton_log_likelihood(emissions, tags, lengths, start, end, transitions) -> torch.Tensor:
@@ -236,8 +264,7 @@ def triton_log_likelihood(emissions, tags, lengths, start, end, transitions) -> 
 
 def triton_viterbi(emissions, lengths, start, end, transitions, pad: int) -> torch.Tensor:
     """Viterbi paths (B, L) int64 of batch-first emissions, ``pad`` past each sequence's end."""
-    if emissions.stride(2) != 1:
-        emissions = emissions.contiguous()
+    emissions = _last_dim_contiguous(emissions)
     B, L, T = emissions.shape
     tp, warps = _tile(T)
     backpointers = emissions.new_empty((B, L, T), dtype=torch.int8)

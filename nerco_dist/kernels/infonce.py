@@ -17,6 +17,9 @@ Cosine normalisation is fused: kernels read raw rows through index arrays (no so
 and take inverse norms; the gradient through the normalisation is applied per row at the end of the sweep.
 Every sweep can be split over the column blocks (partials summed in torch) to fill the GPU when few row
 blocks exist. Logits are kept in base 2 (exp2/log2).
+
+Host functions: :func:`infonce_forward` and :func:`infonce_backward` run the kernels without autograd (on
+the :func:`sort_by_class` of a selection); :func:`semantic_infonce` is the differentiable loss over them.
 """
 
 from __future__ import annotations
@@ -103,9 +106,12 @@ def _lse_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, LSE_
                 D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Base-2 log-sum-exp of each query's negative logits over this program's split of the key blocks."""
+    # 1. the block of queries (rows, class, inverse norm, the scaled row pieces)
     rows, rmask, cls, rq, qa, qb = _query_block(Q, q_idx, q_r, q_cls, n_q, d, stride_q, scale2, BLOCK_M, D_A, D_B)
+    # 2. the key blocks holding negatives (the block's own classes skipped), this program's split of them
     skip_at, skip_len, n_neg, _, _ = _column_ranges(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
     t0, t1 = _split(n_neg)
+    # 3. online log-sum-exp over their logits, same-class keys masked out
     m = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: a row with no negative in a tile stays NaN-free
     l = tl.zeros([BLOCK_M], tl.float32)
     for t in range(t0, t1):
@@ -119,7 +125,7 @@ def _lse_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, LSE_
         m_new = tl.maximum(m, tl.max(a, 1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(a - m_new[:, None]), 1)
         m = m_new
-    # l >= 1 once a row has seen a negative; the floor only keeps empty splits and padding rows finite
+    # 4. store; l >= 1 once a row has seen a negative, the floor only keeps empty splits and padding rows finite
     tl.store(LSE_PART + tl.program_id(1) * n_q + rows, m + tl.log2(tl.maximum(l, 1e-30)), mask=rmask)
 
 
@@ -129,11 +135,14 @@ def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_se
                 D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Per query, over its positives: w * sum softplus(LSE - a) (its loss) and w * sum sigmoid(LSE - a) (g)."""
+    # 1. the block of queries, each one's own key position and its LSE from kernel 1
     rows, rmask, cls, rq, qa, qb = _query_block(Q, q_idx, q_r, q_cls, n_q, d, stride_q, scale2, BLOCK_M, D_A, D_B)
     me = tl.load(q_self + rows, mask=rmask, other=-1)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    # 2. the key blocks of the block's classes, this program's split of them
     _, _, _, pos_first, n_pos = _column_ranges(q_cls, n_q, k_start, k_end, n_k, BLOCK_M, BLOCK_N)
     t0, t1 = _split(n_pos)
+    # 3. softplus and sigmoid of LSE - a summed over the positives (same class, not the query's own row)
     sp = tl.zeros([BLOCK_M], tl.float32)
     sg = tl.zeros([BLOCK_M], tl.float32)
     for t in range(t0, t1):
@@ -147,6 +156,7 @@ def _pos_kernel(Q, K, q_idx, k_idx, q_r, k_r, q_cls, k_cls, k_start, k_end, q_se
         pos = (kcls[None, :] == cls[:, None]) & (cols[None, :] != me[:, None]) & cmask[None, :]
         sp += tl.sum(tl.where(pos, tl.maximum(x, 0.0) + tl.log2(1.0 + e), 0.0), 1)
         sg += tl.sum(tl.where(pos, tl.where(x >= 0, 1.0, e) / (1.0 + e), 0.0), 1)
+    # 4. weighted by the class's 1/(|P|(|P|-1)); the loss back to natural log
     w = tl.load(q_weight + rows, mask=rmask, other=0.0)
     part = tl.program_id(1) * n_q + rows
     tl.store(LOSS_PART + part, w * sp * 0.6931471805599453, mask=rmask)
@@ -161,6 +171,7 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
     """dL/dX for a block of rows X (queries when QUERY_ROWS, else keys) against the columns Y (the other
     side), over this program's split. coef = dL/da per pair; then, through the cosine,
     dx = go/tau * r_x * (sum_y coef r_y y - r_x (sum_y coef s) x)."""
+    # 1. the block of rows, and (queries as rows) their LSE, g, weight and own key position
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_x
     xcls = tl.load(x_cls + rows, mask=rmask, other=-1)
@@ -171,8 +182,10 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
         g = tl.load(G + rows, mask=rmask, other=0.0)[:, None]
         w = tl.load(q_weight + rows, mask=rmask, other=0.0)[:, None]
         me = tl.load(q_self + rows, mask=rmask, other=-1)
+    # 2. the column blocks: negatives first, then positives; this program's split of them
     skip_at, skip_len, n_neg, pos_first, n_pos = _column_ranges(x_cls, n_x, y_start, y_end, n_y, BLOCK_R, BLOCK_C)
     t0, t1 = _split(n_neg + n_pos)
+    # 3. per tile: the logits recomputed, coef = dL/da, accumulated as coef r_y y and coef a
     acc_a = tl.zeros([BLOCK_R, D_A], tl.float32)
     acc_b = tl.zeros(xb.shape, tl.float32)  # unused (and dropped) when D_B == 0
     acc_s = tl.zeros([BLOCK_R], tl.float32)
@@ -201,6 +214,7 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
         acc_a = tl.dot(cw, ya, acc_a, input_precision=PRECISION)
         if D_B > 0:
             acc_b = tl.dot(cw, yb, acc_b, input_precision=PRECISION)
+    # 4. through the cosine normalisation, scaled by the incoming gradient; stored as this split's part
     scale = tl.load(GO) * inv_tau * rx
     shrink = (rx * acc_s / scale2)[:, None]
     xa, xb = _load_rows(X, x_idx, rows, n_x, stride_x, d, D_A, D_B)  # reloaded: not kept live through the loop
@@ -214,7 +228,7 @@ def _bwd_kernel(X, Y, x_idx, y_idx, x_r, y_r, x_cls, y_cls, y_start, y_end, q_se
         tl.store(out + cb[None, :], db.to(DX_PART.dtype.element_ty), mask=rmask[:, None] & (cb[None, :] < d))
 
 
-class _Side(NamedTuple):
+class SortedSide(NamedTuple):
     """Queries or keys in class order, so that each class is one contiguous range."""
 
     idx: torch.Tensor  # (n,) int32: row of the input tensor at each sorted position
@@ -223,15 +237,18 @@ class _Side(NamedTuple):
     end: torch.Tensor
 
 
-class _SortedClasses(NamedTuple):
-    queries: _Side
-    keys: _Side
+class SortedClasses(NamedTuple):
+    """A :class:`QuerySelection` as the kernels read it (:func:`sort_by_class`)."""
+
+    queries: SortedSide
+    keys: SortedSide
     q_self: torch.Tensor  # (Nq,) int32: position of the query's own row among the sorted keys, or -1
     q_weight: torch.Tensor  # (Nq,) fp32: 1/(|P_c|(|P_c|-1)) of each sorted query
 
 
-def _sort_by_class(selection: QuerySelection) -> _SortedClasses:
-    """O(N log N) pre-pass in torch, without host syncs: the sizes are known from the selection."""
+def sort_by_class(selection: QuerySelection) -> SortedClasses:
+    """The queries and keys of ``selection`` in class order: an O(N log N) pre-pass in torch, without host
+    syncs (the sizes are known from the selection)."""
     k_cls, k_idx = torch.sort(selection.key_labels, stable=True)
     q_cls, order = torch.sort(selection.classes, stable=True)
     classes = torch.arange(selection.key_counts.numel(), device=q_cls.device)
@@ -240,11 +257,11 @@ def _sort_by_class(selection: QuerySelection) -> _SortedClasses:
     sorted_pos[k_idx] = torch.arange(k_idx.numel(), device=k_idx.device)
     me = selection.self_rows[order]
     i32 = torch.int32
-    return _SortedClasses(
-        queries=_Side(idx=selection.rows[order].to(i32), cls=q_cls.to(i32),
+    return SortedClasses(
+        queries=SortedSide(idx=selection.rows[order].to(i32), cls=q_cls.to(i32),
                       start=torch.searchsorted(q_cls, classes).to(i32),
                       end=torch.searchsorted(q_cls, classes, right=True).to(i32)),
-        keys=_Side(idx=k_idx.to(i32), cls=k_cls.to(i32), start=(k_end - selection.key_counts).to(i32),
+        keys=SortedSide(idx=k_idx.to(i32), cls=k_cls.to(i32), start=(k_end - selection.key_counts).to(i32),
                    end=k_end.to(i32)),
         q_self=torch.where(me >= 0, sorted_pos[me.clamp_min(0)], -1).to(i32),
         q_weight=selection.weight[order].float(),
@@ -297,20 +314,105 @@ def _inv_norms(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(_EPS)
 
 
-def _grad_sweep(ctx, go: torch.Tensor, query_rows: bool) -> torch.Tensor:
-    """dL/dx for the sorted rows of x, the queries (``query_rows``) or the keys, against the other side y."""
-    features, keys, q_r, k_r, lse, g = ctx.saved_tensors
-    sides = ctx.sides
+class InfoNCEState(NamedTuple):
+    """What :func:`infonce_backward` reads from :func:`infonce_forward`, besides the two inputs: the sorted
+    classes, the inverse norms of the sorted rows, each query's negative log-sum-exp (base 2) and g = dL/dLSE
+    (O(N) in all), and the settings the sweeps ran with."""
+
+    sides: SortedClasses
+    q_r: torch.Tensor  # (Nq,) fp32: 1/|q| of each sorted query
+    k_r: torch.Tensor  # (Nk,) fp32: 1/|k| of each sorted key
+    lse: torch.Tensor  # (Nq,) fp32
+    g: torch.Tensor  # (Nq,) fp32
+    temperature: float
+    precision: str  # tl.dot's input_precision
+    splits: int | None  # forced column splits per row block (None: chosen for the device)
+
+
+def infonce_forward(features: torch.Tensor, keys: torch.Tensor, sides: SortedClasses, temperature: float,
+                    precision: str, splits: int | None = None) -> tuple[torch.Tensor, InfoNCEState]:
+    """The loss (fp32 scalar) of the sorted queries among ``features`` (N, d) against ``keys`` (Nk, d), both
+    contiguous, and what the backward pass needs; no autograd. 1. inverse norms of the rows taking part;
+    2. kernel 1: each query's negative log-sum-exp; 3. kernel 2: its positives' loss and g."""
+    q, k = sides.queries, sides.keys
+    n_q, n_k, d = q.idx.numel(), k.idx.numel(), features.shape[1]
+    d_a, d_b, (block_m, block_n, warps, stages), _ = _config(d, features.element_size(), precision,
+                                                             features.device.type != "cuda")
+    q_r = _inv_norms(features)[q.idx.long()]  # (Nq,)
+    k_r = _inv_norms(keys)[k.idx.long()]  # (Nk,)
+    n_qb, n_kb = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
+    s = _splits(n_qb, n_kb, features.device, splits)
+
+    lse_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)  # (splits, Nq)
+    _lse_kernel[(n_qb, s)](
+        features, keys,
+        q.idx, k.idx, q_r, k_r,
+        q.cls, k.cls,
+        k.start, k.end,
+        lse_part,
+        n_q, n_k, d, features.stride(0), keys.stride(0), LOG2E / temperature,
+        D_A=d_a, D_B=d_b,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=precision,
+        num_warps=warps, num_stages=stages,
+    )
+    lse = torch.logsumexp(lse_part * LN2, 0) * LOG2E if s > 1 else lse_part[0]  # (Nq,)
+
+    loss_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)  # (splits, Nq)
+    g_part = torch.empty_like(loss_part)  # (splits, Nq)
+    _pos_kernel[(n_qb, s)](
+        features, keys,
+        q.idx, k.idx, q_r, k_r,
+        q.cls, k.cls,
+        k.start, k.end,
+        sides.q_self, sides.q_weight,
+        lse, loss_part, g_part,
+        n_q, n_k, d, features.stride(0), keys.stride(0), LOG2E / temperature,
+        D_A=d_a, D_B=d_b,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=precision,
+        num_warps=warps, num_stages=stages,
+    )
+    return loss_part.sum(), InfoNCEState(sides, q_r, k_r, lse, g_part.sum(0), temperature, precision, splits)
+
+
+def infonce_backward(grad_loss: torch.Tensor, features: torch.Tensor, keys: torch.Tensor, state: InfoNCEState,
+                     *, want_features: bool = True, want_keys: bool = True
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dfeatures, dL/dkeys) scaled by ``grad_loss`` (a scalar), each None where not wanted; no autograd.
+    When ``keys is features`` the one gradient comes back as dL/dkeys (queries' rows added in). 1. the sweep
+    with keys as rows; 2. the sweep with queries as rows; 3. the rows scattered back to the inputs' order."""
+    go = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
+    shared = keys is features
+    q_idx, k_idx = state.sides.queries.idx.long(), state.sides.keys.idx.long()
+    dq = dk = None
+    if want_keys or shared:
+        dk = torch.empty_like(keys)  # (Nk, d): every key is a negative of some query, so every row is written
+        dk[k_idx] = _grad_sweep(go, features, keys, state, query_rows=False)
+    if want_features:
+        dq_rows = _grad_sweep(go, features, keys, state, query_rows=True)  # (Nq, d)
+        if shared:  # one tensor on both sides: add into its key gradient instead of a second full one
+            dk.index_add_(0, q_idx, dq_rows)
+        else:
+            dq = torch.zeros_like(features).index_copy_(0, q_idx, dq_rows)
+    return dq, dk
+
+
+def _grad_sweep(go: torch.Tensor, features: torch.Tensor, keys: torch.Tensor, state: InfoNCEState,
+                query_rows: bool) -> torch.Tensor:
+    """dL/dx (n_x, d) for the sorted rows of x, the queries (``query_rows``) or the keys, against the other
+    side y."""
+    sides = state.sides
     if query_rows:
-        x, y, xs, ys, x_r, y_r = features, keys, sides.queries, sides.keys, q_r, k_r
+        x, y, xs, ys, x_r, y_r = features, keys, sides.queries, sides.keys, state.q_r, state.k_r
     else:
-        x, y, xs, ys, x_r, y_r = keys, features, sides.keys, sides.queries, k_r, q_r
+        x, y, xs, ys, x_r, y_r = keys, features, sides.keys, sides.queries, state.k_r, state.q_r
     n_x, n_y, d = xs.idx.numel(), ys.idx.numel(), x.shape[1]
-    d_a, d_b, _, (block_r, block_c, warps, stages) = _config(d, x.element_size(), ctx.precision,
+    d_a, d_b, _, (block_r, block_c, warps, stages) = _config(d, x.element_size(), state.precision,
                                                              x.device.type != "cuda")
     n_rb = triton.cdiv(n_x, block_r)
-    s = _splits(n_rb, triton.cdiv(n_y, block_c), x.device, ctx.forced_splits)
-    part = torch.empty((s, n_x, d), device=x.device, dtype=torch.float32 if s > 1 else x.dtype)
+    s = _splits(n_rb, triton.cdiv(n_y, block_c), x.device, state.splits)
+    part = torch.empty((s, n_x, d), device=x.device, dtype=torch.float32 if s > 1 else x.dtype)  # (splits, n_x, d)
     _bwd_kernel[(n_rb, s)](
         x,
         y,
@@ -323,8 +425,8 @@ def _grad_sweep(ctx, go: torch.Tensor, query_rows: bool) -> torch.Tensor:
         ys.start,
         ys.end,
         sides.q_self,
-        lse,
-        g,
+        state.lse,
+        state.g,
         sides.q_weight,
         go,
         part,
@@ -333,83 +435,38 @@ def _grad_sweep(ctx, go: torch.Tensor, query_rows: bool) -> torch.Tensor:
         d,
         x.stride(0),
         y.stride(0),
-        LOG2E / ctx.temperature,
-        1.0 / ctx.temperature,
+        LOG2E / state.temperature,
+        1.0 / state.temperature,
         QUERY_ROWS=query_rows,
         D_A=d_a, D_B=d_b,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
-        PRECISION=ctx.precision,
+        PRECISION=state.precision,
         num_warps=warps, num_stages=stages,
     )
     return part[0] if s == 1 else part.sum(0).to(x.dtype)
 
 
 class _SemanticInfoNCE(torch.autograd.Function):
+    """:func:`infonce_forward` and :func:`infonce_backward` under autograd."""
+
     @staticmethod
-    def forward(ctx, features, keys, sides: _SortedClasses, temperature: float, precision: str,
-                forced_splits: int | None):
-        q, k = sides.queries, sides.keys
-        n_q, n_k, d = q.idx.numel(), k.idx.numel(), features.shape[1]
-        d_a, d_b, (block_m, block_n, warps, stages), _ = _config(d, features.element_size(), precision,
-                                                                 features.device.type != "cuda")
-        q_r = _inv_norms(features)[q.idx.long()]
-        k_r = _inv_norms(keys)[k.idx.long()]
-        n_qb, n_kb = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
-        s = _splits(n_qb, n_kb, features.device, forced_splits)
-
-        lse_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
-        _lse_kernel[(n_qb, s)](
-            features, keys,
-            q.idx, k.idx, q_r, k_r,
-            q.cls, k.cls,
-            k.start, k.end,
-            lse_part,
-            n_q, n_k, d, features.stride(0), keys.stride(0), LOG2E / temperature,
-            D_A=d_a, D_B=d_b,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            PRECISION=precision,
-            num_warps=warps, num_stages=stages,
-        )
-        lse = torch.logsumexp(lse_part * LN2, 0) * LOG2E if s > 1 else lse_part[0]
-
-        loss_part = torch.empty((s, n_q), device=features.device, dtype=torch.float32)
-        g_part = torch.empty_like(loss_part)
-        _pos_kernel[(n_qb, s)](
-            features, keys,
-            q.idx, k.idx, q_r, k_r,
-            q.cls, k.cls,
-            k.start, k.end,
-            sides.q_self, sides.q_weight,
-            lse, loss_part, g_part,
-            n_q, n_k, d, features.stride(0), keys.stride(0), LOG2E / temperature,
-            D_A=d_a, D_B=d_b,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            PRECISION=precision,
-            num_warps=warps, num_stages=stages,
-        )
-
-        ctx.save_for_backward(features, keys, q_r, k_r, lse, g_part.sum(0))
-        ctx.sides, ctx.temperature, ctx.precision, ctx.forced_splits = sides, temperature, precision, forced_splits
-        ctx.shared = keys is features
-        return loss_part.sum()
+    def forward(ctx, features, keys, sides: SortedClasses, temperature: float, precision: str,
+                splits: int | None):
+        loss, state = infonce_forward(features, keys, sides, temperature, precision, splits)
+        ctx.save_for_backward(features, keys, state.q_r, state.k_r, state.lse, state.g)
+        ctx.settings, ctx.shared = (sides, temperature, precision, splits), keys is features
+        return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, go):
-        features, keys = ctx.saved_tensors[:2]
-        go = go.detach().to(torch.float32).reshape(1).contiguous()
-        q_idx, k_idx = ctx.sides.queries.idx.long(), ctx.sides.keys.idx.long()
-        dq = dk = None
-        if ctx.needs_input_grad[1]:
-            dk = torch.empty_like(keys)
-            dk[k_idx] = _grad_sweep(ctx, go, query_rows=False)
-        if ctx.needs_input_grad[0]:
-            dq_rows = _grad_sweep(ctx, go, query_rows=True)
-            if ctx.shared:  # one tensor on both sides: add into its key gradient instead of a second full one
-                dk.index_add_(0, q_idx, dq_rows)
-            else:
-                dq = torch.zeros_like(features).index_copy_(0, q_idx, dq_rows)
+    def backward(ctx, grad_loss):
+        features, keys, q_r, k_r, lse, g = ctx.saved_tensors
+        keys = features if ctx.shared else keys  # one object again (unpacking may give two)
+        sides, temperature, precision, splits = ctx.settings
+        state = InfoNCEState(sides, q_r, k_r, lse, g, temperature, precision, splits)
+        dq, dk = infonce_backward(grad_loss, features, keys, state, want_features=ctx.needs_input_grad[0],
+                                  want_keys=ctx.needs_input_grad[1])
         return dq, dk, None, None, None, None
 
 
@@ -427,5 +484,5 @@ def semantic_infonce(features: torch.Tensor, keys: torch.Tensor, selection: Quer
     shared = keys is features
     features = features.contiguous()
     keys = features if shared else keys.to(features.dtype).contiguous()
-    return _SemanticInfoNCE.apply(features, keys, _sort_by_class(selection), float(temperature), input_precision,
+    return _SemanticInfoNCE.apply(features, keys, sort_by_class(selection), float(temperature), input_precision,
                                   splits)

@@ -142,6 +142,20 @@ def compare(scores: dict[str, list[dict]], diags: dict[str, list[dict | None]], 
     return dict(seeds=seeds, paired_t_test=paired_t_test(f1["baseline"], f1["NerCo"]), bootstrap_first_seed=boot)
 
 
+def epoch_counts(results: dict) -> dict:
+    """The epochs a run trained: stage 1's (where it has one) and fine-tuning's, each with its best epoch."""
+    counts = dict(finetune=results["epochs_run"], finetune_best=results["best_epoch"])
+    if "contrastive" in results:
+        counts.update(stage1=results["contrastive"]["epochs_run"], stage1_best=results["contrastive"]["best_epoch"])
+    return counts
+
+
+def format_epochs(counts: dict) -> str:
+    """``stage 1 + fine-tuning`` epochs, the best of each in parentheses: "30 (28) + 19 (4)"."""
+    finetune = f"{counts['finetune']} ({counts['finetune_best']})"
+    return f"{counts['stage1']} ({counts['stage1_best']}) + {finetune}" if "stage1" in counts else finetune
+
+
 def input_checksums(cfg) -> dict[str, str]:
     """sha256 of the vector and lexicon files a config reads (generated files are not committed)."""
     d = cfg.data
@@ -178,6 +192,7 @@ def main() -> None:
     runs = Path(args.runs) / args.corpus
     scores: dict[str, list[dict]] = {name: [] for name in systems}
     wall: dict[str, list[float]] = {name: [] for name in systems}
+    epochs: dict[str, list[dict]] = {name: [] for name in systems}
     diags: dict[str, list[dict | None]] = {name: [] for name in systems}
     tag = [args.tag] if args.tag else []
     for seed in args.seeds:
@@ -188,6 +203,7 @@ def main() -> None:
                           args.overlay)
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
+            epochs[name].append(epoch_counts(res))
             diags[name].append(res.get("diagnostics"))
 
     results = Path(args.results)
@@ -209,6 +225,7 @@ def main() -> None:
                        type_acc=mean_std([s["type_acc"] for s in runs_]),
                        per_seed_f1=[round(100 * s["f1"], 2) for s in runs_], per_seed_test=runs_,
                        per_seed_wall_time_s=wall[name], mean_wall_time_s=round(statistics.mean(wall[name]), 1),
+                       per_seed_epochs=epochs[name],
                        per_seed_diagnostics=diags[name], **by_mention(diags[name]))
             for name, runs_ in scores.items()}
     shared = dict(overrides=args.set, overlays=args.overlay, data_root=root)
@@ -226,9 +243,10 @@ def main() -> None:
     lines = [f"# {' vs '.join(systems)} on {args.corpus} (test, mean ± std over seeds {args.seeds})", "",
              f"Shared overrides: {' '.join(args.set) or '(none)'}{plots_note}", "",
              "| system | switches | F1 | Span F | Type Acc | F1 on seen / unseen mentions | F1 per seed | "
-             "wall time per run (s) |", "|---|---|---|---|---|---|---|---|"]
+             "epochs per seed | wall time per run (s) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {' '.join(systems[k][1]) or '-'} | {r['f1']} | {r['span_f']} | {r['type_acc']} | "
-              f"{r.get('seen_f1', '-')} / {r.get('unseen_f1', '-')} | {r['per_seed_f1']} | {r['mean_wall_time_s']} |"
+              f"{r.get('seen_f1', '-')} / {r.get('unseen_f1', '-')} | {r['per_seed_f1']} | "
+              f"{'; '.join(map(format_epochs, r['per_seed_epochs']))} | {r['mean_wall_time_s']} |"
               for k, r in rows.items()]
     if comparison:
         t, boot = comparison["paired_t_test"], comparison["bootstrap_first_seed"]

@@ -61,6 +61,11 @@ def test_the_sweep_end_to_end_and_a_second_call_reuses_every_run(tmp_path, data_
     for name in ("baseline", "NerCo"):
         assert report["results"][name]["per_seed_f1"] == [round(100 * runs[name, s]["test"]["f1"], 2) for s in (1, 2)]
         assert (tmp_path / "store" / "tiny" / f"{name}_seed1.json").is_file()
+    assert report["results"]["NerCo"]["per_seed_epochs"][1] == dict(
+        stage1=runs["NerCo", 2]["contrastive"]["epochs_run"], stage1_best=runs["NerCo", 2]["contrastive"]["best_epoch"],
+        finetune=runs["NerCo", 2]["epochs_run"], finetune_best=runs["NerCo", 2]["best_epoch"])
+    assert report["results"]["baseline"]["per_seed_epochs"][0] == dict(
+        finetune=runs["baseline", 1]["epochs_run"], finetune_best=runs["baseline", 1]["best_epoch"])
     diffs = [100 * (runs["NerCo", s]["test"]["f1"] - runs["baseline", s]["test"]["f1"]) for s in (1, 2)]
     t = report["nerco_vs_baseline"]["paired_t_test"]
     assert t["differences"] == pytest.approx(diffs)

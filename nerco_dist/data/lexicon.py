@@ -94,8 +94,7 @@ def _first_fields(path: Path, skip_word2vec_header: bool = False) -> Iterator[st
 
 
 def _word2vec_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
-    """(line number, token, value fields) of each line of a word2vec text file but its "count dim" header;
-    :func:`read_word2vec` and :func:`word2vec_tokens` see the same tokens."""
+    """(line number, token, value fields) of each line of a word2vec text file but its "count dim" header."""
     if not path.is_file():
         raise InputError(path, "vector file not found")
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -109,11 +108,6 @@ def _word2vec_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
                 yield lineno, fields[0], fields[1:]
         except UnicodeDecodeError:
             raise InputError(path, "not valid UTF-8") from None
-
-
-def word2vec_tokens(path: str | os.PathLike) -> Iterator[str]:
-    """The tokens of a word2vec text file, their vectors not parsed (for counting what a file covers)."""
-    return (token for _, token, _ in _word2vec_rows(Path(path)))
 
 
 def read_word2vec(path: str | os.PathLike) -> tuple[dict[str, int], np.ndarray]:

@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .lexicon import Lexicon, word2vec_tokens
+from .lexicon import Lexicon
 from .readers import read_corpus
 
 if TYPE_CHECKING:  # the CLI reads this module's options for every command, ``--help`` included: nothing heavy
     import numpy as np
-
-    from .vocab import Vocabulary
 
 log = logging.getLogger("nerco_dist")
 
@@ -189,10 +187,3 @@ def check_options(dim: int, epochs: int, min_count: int, window: int, workers: i
                         ("workers", 1 if workers is None else workers)):
         if value < 1:
             raise ValueError(f"--{name}={value}: expected an integer >= 1")
-
-
-def coverage(vocab: Vocabulary, path: Path) -> tuple[int, int]:
-    """How many of the vocabulary's trained tokens (the training split's: all but <pad> and <unk>) the
-    word2vec file has a vector for, and of how many."""
-    tokens = set(vocab.itos[2 : vocab.num_trained])
-    return len(tokens.intersection(word2vec_tokens(path))), len(tokens)

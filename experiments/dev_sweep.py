@@ -6,6 +6,7 @@ seeds (dev F1 only: the test split is never read).
     python3 experiments/dev_sweep.py recipe --corpus weibo --seeds 1 2 3 --report      # the table, once both end
     python3 experiments/dev_sweep.py inputs --corpus weibo --seeds 2 3 --variants 5 6   # those first
     python3 experiments/dev_sweep.py batch --corpus msra --seeds 1 --set finetune.full.optim.epochs=2
+    python3 experiments/dev_sweep.py schedule --corpus msra --seeds 1 --variants 3 2 --set finetune.full.optim.epochs=30
 
 Every (variant, seed) run is the baseline config (configs/CORPUS.yaml: fine-tuning only) with the variant's
 overrides and the shared budget; its summary goes to ``experiments/results/dev_sweep/CORPUS_GROUP/``
@@ -93,6 +94,15 @@ GROUPS = {
         "batch 64, lr x sqrt(6.4)": large_batch(64, "sqrt"),
         "batch 256, lr x sqrt(25.6)": large_batch(256, "sqrt"),
         "batch 64, lr x 6.4": large_batch(64, "linear"),
+    },
+    # the full phase at global batch 64 trained to its patience, row-wise tables: the rate that batch's sweep
+    # chose after 2 epochs (1e-3 x sqrt(6.4), constant), with FLAT's per-epoch decay, and the unscaled rate
+    # (pass --set finetune.full.optim.epochs=30)
+    "schedule": {
+        "batch 64, lr 2.53e-3, constant": large_batch(64, "sqrt"),
+        "batch 64, lr 2.53e-3, decay 0.05": large_batch(64, "sqrt") + DECAY,
+        "batch 64, lr 1e-3, constant": ROWS + [f"{FULL}batch_size=64"],
+        "batch 64, lr 1e-3, decay 0.05": ROWS + [f"{FULL}batch_size=64"] + DECAY,
     },
 }
 BUDGET = ["data.test=null", "finetune.head.optim.epochs=0", "finetune.full.optim.epochs=50", "finetune.full.patience=10",

@@ -26,15 +26,24 @@ from .model.config import ModelConfig
 
 DATA_ROOT_ENV = "NERCO_DATA_ROOT"
 
+# Field metadata. "resume": False: may change between a killed run and its resume, and leaves a finished stage's
+# results standing; "ends": decides only when a stage ends or what its results score: a killed run continues
+# under a changed value, a finished stage is reused only at the value it finished with. "ge"/"gt"/"le"/"lt": the
+# allowed range of a number, always finite (checked when a config is read, so a bad value stops a run before any
+# work).
+# "words": the strings a number field also takes in place of a number (run.threads: auto).
+RESUMABLE = {"resume": False}
+ENDS = {"resume": "ends"}
+
 
 @dataclass
 class DataConfig:
     # the folder relative paths below are read under: a command sets it once, when it reads the config
     # (--data-root, else $NERCO_DATA_ROOT, else data/)
-    root: str = field(default="data", metadata={"resume": False})
+    root: str = field(default="data", metadata=RESUMABLE)
     train: str = ""
     dev: str | None = None  # None: a seeded held-out slice of train (dev_fraction)
-    test: str | None = None
+    test: str | None = field(default=None, metadata=ENDS)  # scored once, after the stage
     format: str = "auto"  # auto | conll | weibo | cluener
     dev_fraction: float = field(default=0.05, metadata={"gt": 0, "lt": 1})
     # characters per model input, whatever the tags (an entity longer than this is cut too); longer sentences are
@@ -59,13 +68,6 @@ class DataConfig:
     def lexicon_reference(self) -> str:
         """``lexicon`` with each file of a ``a+b`` union under ``root`` (``jieba`` stays as it is)."""
         return "+".join(p if p == JIEBA else str(self.path(p)) for p in (self.lexicon or JIEBA).split("+"))
-
-
-# Field metadata. "resume": False: may change between a killed run and its resume. "ge"/"gt"/"le"/"lt": the
-# allowed range of a number, always finite (checked when a config is read, so a bad value stops a run before any
-# work).
-# "words": the strings a number field also takes in place of a number (run.threads: auto).
-RESUMABLE = {"resume": False}
 
 
 @dataclass
@@ -103,7 +105,7 @@ class PhaseConfig:
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     # epochs without a better dev score (the stage's best) before the phase ends; 0: never
-    patience: int = field(default=0, metadata={"ge": 0})
+    patience: int = field(default=0, metadata={**ENDS, "ge": 0})
     hand_off: str = "last"  # the next phase starts from the last weights of this one, or the stage's best
     freeze_embeddings: bool = False  # the character, bigram and word tables are not trained in this phase
 
@@ -158,7 +160,7 @@ class RunConfig:
     # torch CPU threads; auto: the cores not already busy, shared by this node's ranks (machine.auto_threads);
     # 0: torch's default (a thread per core, however busy the machine)
     threads: int | str = field(default="auto", metadata={**RESUMABLE, "ge": 0, "words": ("auto",)})
-    out_dir: str = field(default="runs/run", metadata={"non_empty": True})
+    out_dir: str = field(default="runs/run", metadata={**RESUMABLE, "non_empty": True})  # a moved run continues
     log_every: int = field(default=20, metadata={**RESUMABLE, "ge": 1})  # optimizer steps between logged scalars
     eval_batch_size: int = field(default=32, metadata={**RESUMABLE, "ge": 1})
     # CPU: values below float32's smallest normal (1.2e-38) read and written as 0 (machine.flush_denormals);

@@ -6,13 +6,12 @@ the last step's and the epoch end's, must not share one, since DeepSpeed rewrite
 once it is complete does ``latest.json`` name it (atomically), and only then are older tags removed, so a
 kill at any moment leaves ``latest.json`` naming a whole checkpoint. ``out_dir/resume/<stage>.done.json``
 holds the results of a finished stage. A run started again with the same
-command continues from there; a checkpoint of another config (its :func:`fingerprint`) is not continued.
+command continues from there; a checkpoint of another config (its :class:`StageIdentity`) is not continued.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -47,7 +46,7 @@ class Progress:
     stale: int = 0  # epochs of this phase since the stage's best
     nonfinite: int = 0  # micro-batches skipped for a non-finite loss
     nonfinite_run: int = 0  # ... in a row
-    fingerprint: str = ""  # the config and world size that wrote it
+    identity: dict = dataclasses.field(default_factory=dict)  # the StageIdentity that saved it, as a dict
     seconds: float = 0.0  # wall time spent in this stage, summed over every run that trained it
 
     def __post_init__(self) -> None:
@@ -63,43 +62,107 @@ class Progress:
         self.phase, self.epoch, self.batch, self.step, self.stale = phase, 0, 0, 0, 0
 
 
-def resume_relevant(section) -> dict:
-    """A config section as a dict without the fields declared ``resume: False`` (see ``config.RESUMABLE``)."""
+@dataclass(frozen=True)
+class StageIdentity:
+    """What a stage's checkpoints must share with the command that continues them: the config's keys the
+    stage reads, where it started from, the number of ranks. Saved as the config itself, not a hash of it, so
+    a checkpoint outlives a change of the config's schema (a key added since reads at its default, as the
+    checkpoint's run trained) and a checkpoint not continued says which keys differ.
+
+    Keys marked ``resume: False`` in the config (threads, logging, the output folder) never count; ``resume:
+    "ends"`` keys (patience, the test split) count only for reusing a finished stage: a killed run continues
+    under a raised patience or an added test split, having trained exactly what they would have trained.
+    Stage 1 does not read the fine-tuning sections (but for ``finetune.head``, the head probe's optimiser,
+    where the probe selects its epoch) nor the test split, so a changed fine-tuning key retrains stage 2 from
+    the stage 1 already trained."""
+
+    cfg: Config
+    stage: str
+    init: str | None
+    world_size: int
+
+    @classmethod
+    def of(cls, cfg: Config, stage: str, init: Path | None) -> "StageIdentity":
+        """``init`` inside the run's folder (stage 1's best.pt) is kept relative to it: a moved run continues."""
+        if init is not None:
+            out = Path(cfg.run.out_dir).resolve()
+            init = Path(init).resolve()
+            init = init.relative_to(out) if init.is_relative_to(out) else init
+        return cls(cfg, stage, None if init is None else str(init), dist.world_size())
+
+    def to_dict(self) -> dict:
+        return dict(config=self.cfg.to_dict(), stage=self.stage, init=self.init, world_size=self.world_size)
+
+    def keys(self, *, finished: bool) -> dict[str, object]:
+        """Every key that counts, dotted (``finetune.full.optim.lr``), with its value."""
+        relevant = _relevant(self.cfg, finished)
+        if self.stage == "contrastive":
+            probe = self.cfg.contrastive.select == "head_f1"
+            relevant["finetune"] = {"head": relevant["finetune"]["head"]} if probe else {}
+            relevant["data"].pop("test", None)
+        keys = _dotted(relevant)
+        keys.update(stage=self.stage, init=self.init, world_size=self.world_size)
+        return keys
+
+    def changes(self, saved: dict | None, *, finished: bool) -> list[str]:
+        """How the identity ``saved`` with a checkpoint differs from this one (``key: then -> now``); empty
+        when the checkpoint may be continued (``finished``: its results reused)."""
+        if not isinstance(saved, dict) or "config" not in saved:
+            return ["saved by an earlier version that did not record its config"]
+        try:
+            then = StageIdentity(Config.from_dict(saved["config"], "the saved config"), saved["stage"],
+                                 saved["init"], saved["world_size"]).keys(finished=finished)
+        except (InputError, KeyError) as err:
+            return [f"its config no longer reads ({err})"]
+        now = self.keys(finished=finished)
+        return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
+                if then.get(key) != now.get(key)]
+
+
+def _relevant(section, finished: bool) -> dict:
+    """A config section as a dict without the fields that do not count (see :class:`StageIdentity`)."""
     out = {}
     for f in dataclasses.fields(section):
+        rule = f.metadata.get("resume", True)
+        if rule is False or (rule == "ends" and not finished):
+            continue
         value = getattr(section, f.name)
-        if f.metadata.get("resume", True):
-            out[f.name] = resume_relevant(value) if dataclasses.is_dataclass(value) else value
+        out[f.name] = _relevant(value, finished) if dataclasses.is_dataclass(value) else value
     return out
 
 
-def fingerprint(cfg: Config, stage: str, init: Path | None) -> str:
-    """What must not change for a stage's resume checkpoint to be continued, or its finished results reused:
-    the config it reads, where it starts from, the number of ranks. Stage 1 does not read fine-tuning's
-    sections (but for ``finetune.head``, the head probe's optimiser, where the probe selects its epoch), so a
-    changed fine-tuning key retrains stage 2 from the stage 1 already trained."""
-    relevant = resume_relevant(cfg)
-    if stage == "contrastive":
-        probe = cfg.contrastive.select == "head_f1"
-        relevant["finetune"] = {"head": relevant["finetune"]["head"]} if probe else {}
-    text = json.dumps(dict(cfg=relevant, stage=stage, init=str(init), world_size=dist.world_size()), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _listed(changes: list[str], most: int = 4) -> str:
+    more = len(changes) - most
+    return "; ".join(changes[:most]) + (f"; and {more} more" if more > 0 else "")
 
 
 class StageResume:
     """The resume folder of one stage of one run."""
 
-    def __init__(self, out_dir: Path, stage: str, fingerprint: str):
-        self.directory, self.fingerprint = Path(out_dir) / "resume" / stage, fingerprint
-        self.done_file = self.directory.with_name(f"{stage}.done.json")
-        self.stage = stage
+    def __init__(self, out_dir: Path, identity: StageIdentity):
+        self.directory = Path(out_dir) / "resume" / identity.stage
+        self.done_file = self.directory.with_name(f"{identity.stage}.done.json")
+        self.stage, self.identity = identity.stage, identity
 
     def finished(self) -> dict | None:
         """The results of this stage when an earlier run of this command finished it."""
         if not self.done_file.is_file():
             return None
         record = json.loads(self.done_file.read_text())
-        if record.get("fingerprint") != self.fingerprint:
+        changes = self.identity.changes(record.get("identity"), finished=True)
+        if changes:
+            log.info("%s: finished by a run of another config (%s): training it again", self.done_file,
+                     _listed(changes))
             return None
         log.info("%s: finished by an earlier run (%s); --no-resume trains it again", self.stage, self.done_file)
         return record["results"]
@@ -107,19 +170,20 @@ class StageResume:
     def mark_done(self, results: dict) -> None:
         dist.barrier()
         if dist.is_main():
-            write_json(self.done_file, dict(fingerprint=self.fingerprint, results=results))
+            write_json(self.done_file, dict(identity=self.identity.to_dict(), results=results))
             shutil.rmtree(self.directory, ignore_errors=True)
         dist.barrier()
 
     def latest(self) -> dict | None:
-        """``{"tag", "progress"}`` of the newest checkpoint of this config, or None."""
+        """``{"tag", "progress"}`` of the newest checkpoint this command may continue, or None."""
         path = self.directory / LATEST
         if not path.is_file():
             return None
         latest = json.loads(path.read_text())
-        if latest["progress"]["fingerprint"] != self.fingerprint:
-            log.warning("%s: resume checkpoint of another config or world size: starting %s afresh",
-                        self.directory, self.stage)
+        changes = self.identity.changes(latest["progress"].get("identity"), finished=False)
+        if changes:
+            log.warning("%s: the resume checkpoint is of another config or world size (%s): starting the %s "
+                        "stage afresh", self.directory, _listed(changes), self.stage)
             return None
         return latest
 
@@ -127,8 +191,8 @@ class StageResume:
         """Where the last run of this command left the stage (a fresh start when it left nothing)."""
         latest = self.latest()
         if latest is None:
-            return Progress(fingerprint=self.fingerprint)
-        state = Progress(**latest["progress"])
+            return Progress(identity=self.identity.to_dict())
+        state = Progress(**{**latest["progress"], "identity": self.identity.to_dict()})
         log.info("%s: resuming at phase %d, epoch %d, batch %d (step %d)", self.stage, state.phase + 1,
                  state.epoch + 1, state.batch, state.step)
         return state

@@ -36,7 +36,7 @@ from .engines import build_engine
 from .monitor import RunningMean, Scalars, Throughput, duration
 from .objectives import DevScore, LossFn, WrapLoss, dev_score, phase_loss
 from .phases import Phase, default_stage, row_tables, stage_phases, trainable_parameters
-from .resume import BestWeights, Progress, StageResume, fingerprint, resumed_best
+from .resume import BestWeights, Progress, StageIdentity, StageResume, resumed_best
 from .run import TrainingRun, exclusive_output, join_ranks, refuse_unrunnable
 from .steps import EpochTrained, skip_nonfinite, step_totals
 from .stopping import StopRequested, StopSignals, agreed_signal
@@ -79,7 +79,7 @@ def train(cfg: Config, stage: str | None = None, init: Path | None = None, resum
 def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLoss | None,
               signals: StopSignals) -> dict:
     """Every phase of ``stage``, from where an earlier run of this command left it; the stage's results."""
-    resume = StageResume(run.out, stage, fingerprint(run.cfg, stage, init))
+    resume = StageResume(run.out, StageIdentity.of(run.cfg, stage, init))
     finished = resume.finished()
     if finished is not None:
         return finished

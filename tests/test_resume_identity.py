@@ -1,0 +1,143 @@
+"""Which checkpoints a command continues: a killed run under a raised patience, an added test split or a moved
+output folder goes on where it stopped and ends as the run started with those values would have; another
+trained key, or a finished stage under another patience, trains again, and the log names the keys."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nerco_dist.checkpoint import load_checkpoint
+from nerco_dist.config import load_config
+from nerco_dist.train.run import TrainingRun
+from nerco_dist.train.trainer import train
+
+from .conftest import DATA_ROOT, TINY
+
+SHORT = ["data.max_len=40", "data.limit=60", "finetune.full.optim.epochs=3", "finetune.full.patience=1"]
+LATEST = ("resume", "finetune", "latest.json")
+
+
+def config(out, *overrides):
+    return load_config(TINY, SHORT + [f"run.out_dir={out}", *overrides], data_root=DATA_ROOT)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def batches_per_epoch(cfg) -> int:
+    return len(TrainingRun.start(cfg).train_batches(cfg.finetune.full.optim.batch_size))
+
+
+def killed_in_second_epoch(cfg) -> None:
+    """``cfg`` trained until the third batch of its second epoch, where a kill (an exception) stops it; the
+    resume checkpoint then stands at the first epoch's end."""
+    seen, per_epoch = 0, batches_per_epoch(cfg)
+
+    def wrap(phase, loss):
+        def wrapped(model, batch):
+            nonlocal seen
+            seen += 1
+            if seen == per_epoch + 3:
+                raise Interrupted
+            return loss(model, batch)
+        return wrapped
+
+    with pytest.raises(Interrupted):
+        train(cfg, stage="finetune", wrap_loss=wrap)
+    progress = json.loads(Path(cfg.run.out_dir, *LATEST).read_text())["progress"]
+    assert (progress["epoch"], progress["batch"]) == (1, 0)
+
+
+def same_weights(a, b) -> bool:
+    a, b = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def resumed_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "resuming at phase" in r.getMessage()]
+
+
+def resumed_at_second_epoch(cfg) -> str:
+    return f"finetune: resuming at phase 1, epoch 2, batch 0 (step {batches_per_epoch(cfg)})"
+
+
+def test_a_killed_run_continues_under_a_raised_patience_an_added_test_split_and_a_moved_folder(
+        tmp_path, data_root, caplog):
+    final = ["finetune.full.patience=5", "run.threads=1"]
+    reference = train(config(tmp_path / "reference", *final), stage="finetune")
+    killed_in_second_epoch(config(tmp_path / "run", "data.test=null"))
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        resumed = train(config(tmp_path / "moved", *final), stage="finetune")
+    assert resumed_lines(caplog) == [resumed_at_second_epoch(config(tmp_path / "moved"))]
+    assert resumed["test"] == reference["test"] and resumed["best_epoch"] == reference["best_epoch"]
+    assert same_weights(tmp_path / "moved" / "last.pt", tmp_path / "reference" / "last.pt")
+
+
+def test_a_killed_run_under_another_trained_key_starts_afresh_naming_it(tmp_path, data_root, caplog):
+    killed_in_second_epoch(config(tmp_path))
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        train(config(tmp_path, "finetune.full.optim.lr=0.02"), stage="finetune")
+    assert not resumed_lines(caplog)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("(finetune.full.optim.lr: 0.01 -> 0.02): starting the finetune stage afresh" in w for w in warnings)
+
+
+def test_a_key_the_saved_config_predates_reads_at_its_default(tmp_path, data_root, caplog):
+    """A checkpoint saved before ``optim.base_batch`` existed (its config lacks the key) is continued by a
+    config leaving it at its default, and not by one setting it."""
+    killed_in_second_epoch(config(tmp_path))
+    latest = tmp_path.joinpath(*LATEST)
+    record = json.loads(latest.read_text())
+    saved_optim = record["progress"]["identity"]["config"]["finetune"]["full"]["optim"]
+    assert saved_optim.pop("base_batch") == 0
+    latest.write_text(json.dumps(record))
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        train(config(tmp_path, "finetune.full.optim.base_batch=16", "finetune.full.optim.epochs=1"),
+              stage="finetune")
+    assert not resumed_lines(caplog)
+    assert any("finetune.full.optim.base_batch: 0 -> 16" in r.getMessage() for r in caplog.records)
+
+    killed_in_second_epoch(config(tmp_path))
+    record = json.loads(latest.read_text())
+    record["progress"]["identity"]["config"]["finetune"]["full"]["optim"].pop("base_batch")
+    latest.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        train(config(tmp_path), stage="finetune")
+    assert resumed_lines(caplog) == [resumed_at_second_epoch(config(tmp_path))]
+
+
+def test_a_checkpoint_without_a_saved_config_starts_afresh(tmp_path, data_root, caplog):
+    killed_in_second_epoch(config(tmp_path))
+    latest = tmp_path.joinpath(*LATEST)
+    record = json.loads(latest.read_text())
+    record["progress"]["fingerprint"] = "0123456789abcdef"  # what earlier versions saved in its place
+    del record["progress"]["identity"]
+    latest.write_text(json.dumps(record))
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        train(config(tmp_path), stage="finetune")
+    assert not resumed_lines(caplog)
+    assert any("saved by an earlier version that did not record its config" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_finished_stage_is_reused_only_at_the_patience_and_test_split_it_finished_with(
+        tmp_path, data_root, caplog):
+    def trained(*overrides) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nerco_dist"):
+            train(config(tmp_path, *overrides), stage="finetune")
+        return any("optimizer (lr" in r.getMessage() for r in caplog.records)
+
+    assert trained()
+    assert not trained("run.threads=1", "run.log_every=3")
+    assert trained("finetune.full.patience=2")
+    assert any("finetune.full.patience: 1 -> 2" in r.getMessage() for r in caplog.records)
+    assert not trained("finetune.full.patience=2")
+    assert trained("finetune.full.patience=2", "data.test=null")

@@ -5,13 +5,17 @@ then reports mean ± std of test F1, Span F and Type Acc, and runs ``nerco analy
 (F1 by length, t-SNE plots) beside its learning curves (``plot_curves.py``). ``--systems`` adds the paper's
 ablations (Table 5), each the NerCo config with one switch: ``joint`` (InfoNCE + CRF NLL in one stage),
 ``all_queries`` (O tokens are queries too), and the variants of NerCo's training in ``VARIANTS``. A ``--tag`` names the runs of other shared ``--set`` overrides:
-their folders and stored summaries carry the tag, so they never replace the untagged runs.
+their folders and stored summaries carry the tag, so they never replace the untagged runs. ``--stage1-tag``
+fine-tunes each NerCo system from the stage 1 of its finished run under that tag (same runs folder and seed)
+instead of training stage 1 again, refused unless that stage 1 trained under the same stage-1 keys: a variant
+of fine-tuning (another rate, say) costs its fine-tuning only.
 Finished runs are reused, so an interrupted sweep continues where it stopped: a run's results.json in its
 folder, or its summary in ``--store`` (committed, so that finished runs outlive the run folders), which is
 written as each run ends.
 
     python3 experiments/nerco_vs_baseline.py --corpus weibo --seeds 1 2 3 --set finetune.full.optim.epochs=20
     python3 experiments/nerco_vs_baseline.py --corpus weibo --systems baseline joint --set finetune.full.optim.epochs=20
+    python3 experiments/nerco_vs_baseline.py --corpus weibo --set finetune.full.optim.lr=5e-4 --tag lr5e4 --stage1-tag ""
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import torch
 from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import Config, default_data_root, load_config
 from nerco_dist.data.dataset import LengthBucketBatchSampler
+from nerco_dist import distributed as dist
 from nerco_dist.distributed import device_for_rank
+from nerco_dist.errors import InputError
 from nerco_dist.analysis import analyze
 from nerco_dist.data.tags import entities, from_entities
 from nerco_dist.eval.metrics import mentions, scores_by_seen
@@ -38,6 +44,8 @@ from nerco_dist.eval.significance import paired_bootstrap, paired_t_test
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.machine import machine_info
 from nerco_dist.train.objectives import InfoNCELoss, mean_dev_infonce
+from nerco_dist.train.phases import default_stage
+from nerco_dist.train.resume import StageIdentity
 from nerco_dist.train.stopping import StopRequested
 from nerco_dist.train.inputs import read_config_splits
 from nerco_dist.train.trainer import train
@@ -65,9 +73,10 @@ def system_config(corpus: str, name: str) -> tuple[Path, list[str]]:
 
 
 def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: Path | None,
-            overlays: list[str] = ()) -> dict:
-    """Train one system (both of its stages), or reuse a finished run; records the training time of both
-    stages (summed over resumes when the run was killed and started again) and the diagnostics."""
+            overlays: list[str] = (), stage1_from: Path | None = None) -> dict:
+    """Train one system (both of its stages, or fine-tuning alone from the stage 1 of the finished run
+    ``stage1_from``), or reuse a finished run; records the training time of both stages (summed over resumes
+    when the run was killed and started again) and the diagnostics."""
     cfg = load_config(config, overrides + [f"run.out_dir={out}"], overlays, data_root=root)
     for done in ([stored] if stored else []) + [out / "results.json"]:
         if done.is_file():
@@ -75,13 +84,33 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: P
             if same_recipe(Config.from_dict(results["config"]).to_dict(), cfg.to_dict()):
                 return results
             logging.warning("%s: a run of another config; training it again", done)
-    results = train(cfg)
+    if stage1_from is not None and default_stage(cfg) == "both":
+        stage1 = finished_stage1(stage1_from, cfg)
+        results = train(cfg, stage="finetune", init=stage1_from / "contrastive" / "best.pt")
+        results.update(contrastive=stage1["contrastive"], stage1_from=str(stage1_from))
+    else:
+        results = train(cfg)
     stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
     results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
     results["diagnostics"] = diagnostics(cfg, out)
     write_json(out / "results.json", results)
     if stored:
         write_json(stored, results)
+    return results
+
+
+def finished_stage1(source: Path, cfg: Config) -> dict:
+    """The results of the finished run ``source``, whose stage 1 another run fine-tunes from; refused unless
+    that stage 1 trained under ``cfg``'s stage-1 keys (its number of ranks aside: a stage-1 checkpoint is plain
+    fp32 weights)."""
+    done = source / "results.json"
+    if not done.is_file():
+        raise InputError(done, "not found: the run whose stage 1 --stage1-tag names has not finished")
+    results = json.loads(done.read_text())
+    saved = dict(config=results["config"], stage="contrastive", init=None, world_size=dist.world_size())
+    changes = StageIdentity.of(cfg, "contrastive", None).changes(saved, finished=True)
+    if changes:
+        raise InputError(done, f"its stage 1 trained under another config ({'; '.join(changes)})")
     return results
 
 
@@ -170,6 +199,13 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(pct):.2f} ± {std:.2f}"
 
 
+def stage1_source(runs: Path, system: str, stage1_tag: str | None, seed: int) -> Path | None:
+    """The run folder whose stage 1 ``system`` fine-tunes from (None: its own)."""
+    if stage1_tag is None:
+        return None
+    return runs / ("_".join([system] + ([stage1_tag] if stage1_tag else [])) + f"_seed{seed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", required=True, help="config stem: configs/CORPUS.yaml and configs/CORPUS_nerco.yaml")
@@ -179,6 +215,8 @@ def main() -> None:
     parser.add_argument("--overlay", action="append", default=[],
                         help="YAML merged over every system's config (the shared budget: configs/budget/cpu.yaml)")
     parser.add_argument("--tag", default="", help="suffix of the results files (a variant run with other --set)")
+    parser.add_argument("--stage1-tag", help="NerCo systems fine-tune from the stage 1 of their finished runs "
+                        "under this tag ('' for the untagged runs) instead of training stage 1 again")
     parser.add_argument("--runs", default="runs/sweep", help="where the runs go")
     parser.add_argument("--data-root")
     parser.add_argument("--results", default=str(REPO / "experiments" / "results"))
@@ -200,7 +238,7 @@ def main() -> None:
             run_name = "_".join([name] + tag) + f"_seed{seed}"
             stored = Path(args.store) / args.corpus / f"{run_name}.json" if args.store else None
             res = run_one(config, switches + args.set + [f"run.seed={seed}"], runs / run_name, root, stored,
-                          args.overlay)
+                          args.overlay, stage1_source(runs, name, args.stage1_tag, seed))
             scores[name].append(res["test"])
             wall[name].append(res["total_wall_time_s"])
             epochs[name].append(epoch_counts(res))
@@ -217,8 +255,9 @@ def main() -> None:
     if with_plots:
         data = load_config(systems["baseline"][0], data_root=root).data
         test_file = data.path(data.test)
+        stage1 = stage1_source(runs, "NerCo", args.stage1_tag, first) or nerco_run
         analyze(baseline_run / "best.pt", nerco_run / "best.pt", test_file, plots,
-                stage1=nerco_run / "contrastive" / "best.pt")
+                stage1=stage1 / "contrastive" / "best.pt")
         write_curves({"baseline": baseline_run, "NerCo": nerco_run}, plots / "curves", f"{args.corpus}, seed {first}")
 
     rows = {name: dict(f1=mean_std([s["f1"] for s in runs_]), span_f=mean_std([s["span_f1"] for s in runs_]),
@@ -263,6 +302,9 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
+    except InputError as err:
+        print(f"nerco: error: {err}", file=sys.stderr)
+        sys.exit(2)
     except StopRequested as stop:  # Ctrl-C or SIGTERM: the run being trained resumes when the command is run again
         print(f"nerco_vs_baseline: {stop}: run the same command again to continue", file=sys.stderr)
         sys.exit(stop.exit_status)

@@ -83,3 +83,37 @@ def test_the_sweep_end_to_end_and_a_second_call_reuses_every_run(tmp_path, data_
     assert "phase 'full'" not in second.stderr + second.stdout  # no phase trained
     again = json.loads((tmp_path / "results" / "nerco_vs_baseline_tiny.json").read_text())
     assert again["results"]["NerCo"]["per_seed_f1"] == report["results"]["NerCo"]["per_seed_f1"]
+
+
+def test_a_fine_tuning_variant_starts_from_the_finished_stage_one_of_another_tag(tmp_path, data_root):
+    """--stage1-tag: NerCo's runs under tag ``b`` (another fine-tuning lr) train no stage 1, carry tag ``a``'s
+    stage-1 results, and score on test what fine-tuning from ``a``'s stage-1 checkpoint scores when trained
+    here directly; a stage 1 of another config is refused in one line."""
+    from nerco_dist.train.trainer import train
+
+    def sweep(*extra):
+        command = [sys.executable, str(REPO / "experiments" / "nerco_vs_baseline.py"), "--corpus", "tiny",
+                   "--systems", "NerCo", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--results",
+                   str(tmp_path / "results"), "--data-root", str(data_root), "--set", "run.threads=1", *extra]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+    first = sweep("--tag", "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    variant = sweep("--tag", "b", "--set", "finetune.full.optim.lr=0.02", "--stage1-tag", "a")
+    assert variant.returncode == 0, variant.stderr[-2000:]
+    assert "contrastive phase" not in variant.stderr and "finetune phase 'full'" in variant.stderr
+    runs = tmp_path / "runs" / "tiny"
+    a, b = (json.loads((runs / f"NerCo_{tag}_seed1" / "results.json").read_text()) for tag in ("a", "b"))
+    assert b["contrastive"] == a["contrastive"] and b["stage1_from"] == str(runs / "NerCo_a_seed1")
+    assert b["total_wall_time_s"] == pytest.approx(b["wall_time_s"] + a["contrastive"]["wall_time_s"], abs=0.1)
+    direct = load_config(REPO / "configs" / "tiny_nerco.yaml", ["run.threads=1", "finetune.full.optim.lr=0.02",
+                         "run.seed=1", f"run.out_dir={tmp_path / 'direct'}"], data_root=data_root)
+    assert train(direct, stage="finetune", init=runs / "NerCo_a_seed1" / "contrastive" / "best.pt")["test"] == b["test"]
+    assert b["test"] != a["test"]
+
+    refused = sweep("--tag", "c", "--set", "contrastive.phase.optim.lr=0.02", "--stage1-tag", "a")
+    assert refused.returncode == 2 and not (runs / "NerCo_c_seed1").exists()
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"nerco: error: {runs / 'NerCo_a_seed1' / 'results.json'}: its stage 1 trained under another config "
+        "(contrastive.phase.optim.lr: 0.01 -> 0.02)")

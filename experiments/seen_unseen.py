@@ -1,0 +1,90 @@
+"""Where a run's dev and test scores part: each split's P/R/F1 over the mentions seen in training and over the
+unseen ones, with the share of unseen mentions in each split. MSRA's dev slice is held out of the training
+file itself, so few of its mentions are new; its test set has many, and a model that scores alike on seen
+mentions of both splits can still score far lower on test.
+
+    python3 experiments/seen_unseen.py --run baseline=runs/accuracy/msra/baseline_to_patience_seed1 \
+        --out experiments/results/msra_seen_unseen
+
+reads each run folder's ``results.json`` (its config: the splits, as it trained on them) and ``best.pt``, and
+writes ``OUT.json`` and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from nerco_dist.atomic import write_json, write_text
+from nerco_dist.config import Config, default_data_root
+from nerco_dist.errors import InputError
+from nerco_dist.eval.metrics import mentions, scores_by_seen
+from nerco_dist.inference import load_for_inference, predict
+from nerco_dist.train.inputs import read_config_splits
+
+
+def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str, dict]:
+    """``{"dev"|"test": {"seen"|"unseen": {precision, recall, f1, n_gold, n_pred}, "unseen_share"}}`` of the
+    run's best weights, "seen" meaning the mention's string occurs as a mention of the training split."""
+    done = run / "results.json"
+    if not done.is_file():
+        raise InputError(done, "not found: not a finished run folder (run.out_dir)")
+    cfg = Config.from_dict(json.loads(done.read_text())["config"], str(done))
+    cfg.data.root = str(data_root)
+    splits = read_config_splits(cfg)
+    codec, model = load_for_inference(run / "best.pt", "cpu", tagging=True)
+    seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
+    out = {}
+    for name in ("dev", "test"):
+        sentences = getattr(splits, name)
+        if sentences is None:
+            continue
+        pred = predict(codec, model, sentences, batch_size)
+        scores = scores_by_seen([s.chars for s in sentences], [s.tags for s in sentences], pred, seen)
+        gold = scores["seen"]["n_gold"] + scores["unseen"]["n_gold"]
+        out[name] = dict(scores, unseen_share=scores["unseen"]["n_gold"] / gold if gold else 0.0)
+    return out
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    lines = ["| run | split | F1 seen | F1 unseen | unseen mentions (share of gold) |", "|---|---|---|---|---|"]
+    for name, splits in results.items():
+        for split, s in splits.items():
+            lines.append(f"| {name} | {split} | {100 * s['seen']['f1']:.2f} | {100 * s['unseen']['f1']:.2f} | "
+                         f"{s['unseen']['n_gold']:,} ({100 * s['unseen_share']:.1f}%) |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=FOLDER",
+                        help="a finished run's name in the table and its folder (run.out_dir); once per run")
+    parser.add_argument("--out", required=True, help="path stem of the JSON and Markdown files")
+    parser.add_argument("--data-root")
+    args = parser.parse_args(argv)
+    root = default_data_root(args.data_root)
+    try:
+        results = {}
+        for item in args.run:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                raise InputError("--run", f"expected NAME=FOLDER, got {item!r}")
+            results[name] = split_by_seen(Path(folder), root)
+    except InputError as err:
+        print(f"nerco: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), dict(runs={n: dict(folder=f.partition("=")[2], **results[n])
+                                                     for n, f in zip(results, args.run)},
+                                             date=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1)
+    lines = table(results)
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""experiments/seen_unseen.py on a trained smoke run: its seen and unseen counts add up to the split's
+mentions and to the run's own test score, and the unseen share is what a direct count of the files says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nerco_dist.config import load_config
+from nerco_dist.data.readers import read_corpus
+from nerco_dist.data.tags import entities
+from nerco_dist.train.trainer import train
+
+from .conftest import TINY, script_module
+
+
+def test_seen_and_unseen_add_up_to_the_run_and_the_files(tmp_path, data_root, capsys):
+    # train = dev = Resume's dev (150 sentences); test = Resume's test: some of its mentions are new
+    cfg = load_config(TINY, ["data.test=resume/test.char.bmes", "finetune.full.optim.epochs=1", "run.threads=1",
+                             f"run.out_dir={tmp_path / 'run'}"], data_root=data_root)
+    results = train(cfg)
+    seen_unseen = script_module("seen_unseen", "experiments")
+    assert seen_unseen.main(["--run", f"tiny={tmp_path / 'run'}", "--out", str(tmp_path / "out"),
+                             "--data-root", str(data_root)]) == 0
+    report = json.loads((tmp_path / "out.json").read_text())["runs"]["tiny"]
+
+    def strings(path):
+        sentences = read_corpus(path, "auto").sentences[:150]
+        return ["".join(s.chars[e.start : e.end]) for s in sentences for e in entities(s.tags)]
+
+    train_mentions = set(strings(data_root / "resume" / "dev.char.bmes"))
+    test_mentions = strings(data_root / "resume" / "test.char.bmes")
+    unseen = sum(m not in train_mentions for m in test_mentions)
+    assert report["dev"]["unseen"]["n_gold"] == 0 and report["dev"]["unseen_share"] == 0
+    assert report["test"]["unseen"]["n_gold"] == unseen > 0
+    assert report["test"]["seen"]["n_gold"] + unseen == len(test_mentions)
+    assert report["test"]["unseen_share"] == pytest.approx(unseen / len(test_mentions))
+
+    # the run's own test P/R/F1, put together from the two groups' counts
+    groups = [report["test"][g] for g in ("seen", "unseen")]
+    correct = sum(round(g["recall"] * g["n_gold"]) for g in groups)
+    predicted, gold = sum(g["n_pred"] for g in groups), sum(g["n_gold"] for g in groups)
+    precision, recall = correct / predicted, correct / gold
+    assert results["test"]["precision"] == pytest.approx(precision)
+    assert results["test"]["recall"] == pytest.approx(recall)
+    assert "| tiny | test |" in capsys.readouterr().out
+
+
+def test_a_folder_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path, capsys):
+    seen_unseen = script_module("seen_unseen", "experiments")
+    assert seen_unseen.main(["--run", f"x={tmp_path}", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"nerco: error: {tmp_path / 'results.json'}: not found: not a finished run folder (run.out_dir)\n"
+    assert not (tmp_path / "out.json").exists()

@@ -32,6 +32,7 @@ from nerco_dist.config import default_data_root, load_config
 from nerco_dist.distributed import device_for_rank
 from nerco_dist.machine import machine_info
 from nerco_dist.train.monitor import read_scalars
+from nerco_dist.train.stopping import StopRequested
 from nerco_dist.train.trainer import train
 from nerco_vs_baseline import input_checksums
 
@@ -195,4 +196,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except StopRequested as stop:  # Ctrl-C or SIGTERM: the run being trained resumes when the command is run again
+        print(f"dev_sweep: {stop}: run the same command again to continue", file=sys.stderr)
+        sys.exit(stop.exit_status)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -117,3 +118,28 @@ def test_a_fine_tuning_variant_starts_from_the_finished_stage_one_of_another_tag
     assert refused.stderr.strip().splitlines()[-1] == (
         f"nerco: error: {runs / 'NerCo_a_seed1' / 'results.json'}: its stage 1 trained under another config "
         "(contrastive.phase.optim.lr: 0.01 -> 0.02)")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("dev_sweep.py", ["tables", "--corpus", "tiny", "--seeds", "1", "--variants", "1"]),
+    ("nerco_vs_baseline.py", ["--corpus", "tiny", "--seeds", "1", "--systems", "baseline"])])
+def test_a_sweep_stopped_by_sigterm_says_how_to_continue_in_one_line(script, args, tmp_path, data_root):
+    command = [sys.executable, str(REPO / "experiments" / script), *args, "--runs", str(tmp_path / "runs"),
+               "--data-root", str(data_root), "--set", "run.threads=1"]
+    if script == "nerco_vs_baseline.py":
+        command += ["--results", str(tmp_path / "results")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # the first phase has started training: stop it
+        lines.append(line)
+        if "phase 'full'" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=300) == 143, "".join(lines[-20:])
+    name = script.removesuffix(".py")
+    assert lines[-1].startswith(f"{name}: stopped by SIGTERM at finetune phase 'full', epoch 1, batch ")
+    assert lines[-1].endswith(": run the same command again to continue\n")
+    assert not any("Traceback" in line for line in lines)
+    assert not (REPO / "experiments" / "results" / "dev_sweep" / "tiny_tables").exists()

@@ -51,6 +51,17 @@ def write_curves(folders: dict[str, Path], stem: Path, title: str = "") -> dict[
     return runs
 
 
+def named_folders(items: list[str]) -> dict[str, Path]:
+    """``--run NAME=FOLDER`` arguments as {name: folder}."""
+    folders = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise InputError("--run", f"expected NAME=FOLDER, got {item!r}")
+        folders[name] = Path(folder)
+    return folders
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", required=True, metavar="NAME=FOLDER",
@@ -59,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="", help="what the plots' titles start with (e.g. the corpus)")
     args = parser.parse_args(argv)
     try:
-        folders = {}
-        for item in args.run:
-            name, sep, folder = item.partition("=")
-            if not sep or not name or not folder:
-                raise InputError("--run", f"expected NAME=FOLDER, got {item!r}")
-            folders[name] = Path(folder)
-        runs = write_curves(folders, Path(args.out), args.title)
+        runs = write_curves(named_folders(args.run), Path(args.out), args.title)
     except InputError as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import mentions, scores_by_seen
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.inputs import read_config_splits
+from plot_curves import named_folders
 
 
 def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str, dict]:
@@ -67,18 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = default_data_root(args.data_root)
     try:
-        results = {}
-        for item in args.run:
-            name, sep, folder = item.partition("=")
-            if not sep or not name or not folder:
-                raise InputError("--run", f"expected NAME=FOLDER, got {item!r}")
-            results[name] = split_by_seen(Path(folder), root)
+        folders = named_folders(args.run)
+        results = {name: split_by_seen(folder, root) for name, folder in folders.items()}
     except InputError as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), dict(runs={n: dict(folder=f.partition("=")[2], **results[n])
-                                                     for n, f in zip(results, args.run)},
+    write_json(out.with_suffix(".json"), dict(runs={name: dict(folder=str(folders[name]), **splits)
+                                                     for name, splits in results.items()},
                                              date=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1)
     lines = table(results)
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")

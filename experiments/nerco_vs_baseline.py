@@ -84,15 +84,16 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: P
             if same_recipe(Config.from_dict(results["config"]).to_dict(), cfg.to_dict()):
                 return results
             logging.warning("%s: a run of another config; training it again", done)
+    stage1 = out / "contrastive" / "best.pt"
     if stage1_from is not None and default_stage(cfg) == "both":
-        stage1 = finished_stage1(stage1_from, cfg)
-        results = train(cfg, stage="finetune", init=stage1_from / "contrastive" / "best.pt")
-        results.update(contrastive=stage1["contrastive"], stage1_from=str(stage1_from))
+        source, stage1 = finished_stage1(stage1_from, cfg), stage1_from / "contrastive" / "best.pt"
+        results = train(cfg, stage="finetune", init=stage1)
+        results.update(contrastive=source["contrastive"], stage1_from=str(stage1_from))
     else:
         results = train(cfg)
     stage1_s = results.get("contrastive", {}).get("wall_time_s", 0)
     results["total_wall_time_s"] = round(results["wall_time_s"] + stage1_s, 1)
-    results["diagnostics"] = diagnostics(cfg, out)
+    results["diagnostics"] = diagnostics(cfg, out, stage1)
     write_json(out / "results.json", results)
     if stored:
         write_json(stored, results)
@@ -131,9 +132,10 @@ def same_recipe(a: dict, b: dict) -> bool:
     return recipe(a) == recipe(b)
 
 
-def diagnostics(cfg, out: Path) -> dict:
+def diagnostics(cfg, out: Path, stage1: Path) -> dict:
     """Test scores over the mentions seen and unseen in training, and the dev InfoNCE of the encoder's
-    features: the final model's, and for NerCo the stage-1 encoder's (does fine-tuning erase the structure?)."""
+    features: the final model's, and for NerCo the stage-1 encoder's (``stage1``, where the run has one: does
+    fine-tuning erase the structure?)."""
     splits = read_config_splits(cfg)
     codec, model = load_for_inference(out / "best.pt", "cpu")
     seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
@@ -143,9 +145,9 @@ def diagnostics(cfg, out: Path) -> dict:
     dev = codec.batches(pieces, LengthBucketBatchSampler([p.lattice_len for p in pieces], 32, shuffle=False))
     loss = InfoNCELoss.of(cfg, len(codec.labels.classes), across_ranks=False)
     infonce = {"final model": mean_dev_infonce(loss, model, dev, torch.device("cpu"))}
-    if (out / "contrastive" / "best.pt").is_file():
-        infonce["after stage 1"] = mean_dev_infonce(loss, load_for_inference(out / "contrastive" / "best.pt", "cpu")[1],
-                                                    dev, torch.device("cpu"))
+    if stage1.is_file():
+        infonce["after stage 1"] = mean_dev_infonce(loss, load_for_inference(stage1, "cpu")[1], dev,
+                                                    torch.device("cpu"))
     return dict(test_by_seen_mention=by_seen, dev_infonce=infonce,
                 test_predicted_entities=[[list(e) for e in entities(tags)] for tags in pred])
 

@@ -107,6 +107,7 @@ def test_a_fine_tuning_variant_starts_from_the_finished_stage_one_of_another_tag
     runs = tmp_path / "runs" / "tiny"
     a, b = (json.loads((runs / f"NerCo_{tag}_seed1" / "results.json").read_text()) for tag in ("a", "b"))
     assert b["contrastive"] == a["contrastive"] and b["stage1_from"] == str(runs / "NerCo_a_seed1")
+    assert b["diagnostics"]["dev_infonce"]["after stage 1"] == a["diagnostics"]["dev_infonce"]["after stage 1"]
     assert b["total_wall_time_s"] == pytest.approx(b["wall_time_s"] + a["contrastive"]["wall_time_s"], abs=0.1)
     direct = load_config(REPO / "configs" / "tiny_nerco.yaml", ["run.threads=1", "finetune.full.optim.lr=0.02",
                          "run.seed=1", f"run.out_dir={tmp_path / 'direct'}"], data_root=data_root)

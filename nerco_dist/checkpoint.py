@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .atomic import atomic_path
+from .data.readers import bert_vocab_tokens
 from .errors import InputError
 
 FORMAT_VERSION = 2
@@ -92,11 +93,11 @@ def upgrade_v1(payload: dict) -> dict:
 def _bert_vocab_tokens(bert_dir: str | None) -> list[str] | None:
     if not bert_dir:
         return None
-    path = Path(bert_dir).expanduser() / "vocab.txt"
-    if not path.is_file():
-        raise InputError(path, f"a version-1 checkpoint of a BERT model: its vocabulary is read from model.bert="
-                               f"{bert_dir!r}, which has no vocab.txt here")
-    return path.read_text(encoding="utf-8").splitlines()
+    try:
+        return bert_vocab_tokens(bert_dir)
+    except InputError as err:
+        raise InputError(err.path, f"a version-1 checkpoint of a BERT model: its vocabulary is read from "
+                                   f"model.bert={bert_dir!r}, which has no vocab.txt here") from None
 
 
 def require_trained_head(path: str | os.PathLike, payload: dict) -> None:

@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from nerco_dist.checkpoint import FORMAT_VERSION, load_checkpoint, load_tensors, save_checkpoint
+from nerco_dist.checkpoint import FORMAT_VERSION, load_checkpoint, load_tensors, save_checkpoint, upgrade_v1
+from nerco_dist.errors import InputError
 from nerco_dist.cli import main
 from nerco_dist.data.readers import read_corpus
 
@@ -91,3 +92,16 @@ def test_renaming_a_training_key_does_not_orphan_a_checkpoint(tmp_path, test_tex
     torch.save(payload, tmp_path / "renamed.pt")
     assert predicted_spans(capsys, tmp_path / "renamed.pt", test_text / "raw.txt") == \
         predicted_spans(capsys, v2, test_text / "raw.txt")
+
+
+def test_a_version_1_bert_checkpoint_reads_its_vocabulary_from_model_bert_once_more(tmp_path, tiny_bert):
+    """Version 1 kept no BERT vocabulary: the upgrade reads vocab.txt of ``model.bert``, one token per id in
+    file order; a ``model.bert`` without it is refused naming the file."""
+    payload = load_tensors(V1[0])
+    payload["config"]["model"]["bert"] = str(tiny_bert)
+    upgraded = upgrade_v1(payload)
+    lines = (tiny_bert / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    assert upgraded["codec"]["bert_vocab"] == lines[:-1] and lines[-1] == ""  # the file ends with a newline
+    payload["config"]["model"]["bert"] = str(tmp_path)
+    with pytest.raises(InputError, match=f"^{tmp_path / 'vocab.txt'}: a version-1 checkpoint of a BERT model"):
+        upgrade_v1(payload)

@@ -271,10 +271,15 @@ def read_corpus(path: str | Path, fmt: str = "auto") -> Corpus:
 
 def read_bert_vocab(bert_dir: str) -> dict[str, int]:
     """A local BERT directory's vocab.txt as token -> id (nothing is downloaded)."""
+    return {token: i for i, token in enumerate(bert_vocab_tokens(bert_dir))}
+
+
+def bert_vocab_tokens(bert_dir: str) -> list[str]:
+    """A local BERT directory's vocab.txt, the token of each id in order (nothing is downloaded)."""
     path = Path(bert_dir).expanduser() / "vocab.txt"
     if not path.is_file():
         raise InputError(path, f"model.bert={bert_dir!r} is not a local directory with vocab.txt: download the "
                                "model first (e.g. bert-base-chinese: config.json, weights, vocab.txt) and point "
                                "model.bert at that directory; nothing is downloaded at run time")
     with open(path, encoding="utf-8") as f:
-        return {line.rstrip("\n"): i for i, line in enumerate(f)}
+        return [line.rstrip("\n") for line in f]

@@ -75,6 +75,9 @@ def test_a_killed_run_continues_under_a_raised_patience_an_added_test_split_and_
     with caplog.at_level(logging.INFO, logger="nerco_dist"):
         resumed = train(config(tmp_path / "moved", *final), stage="finetune")
     assert resumed_lines(caplog) == [resumed_at_second_epoch(config(tmp_path / "moved"))]
+    continuing = [r.getMessage() for r in caplog.records if "continuing under" in r.getMessage()]
+    assert continuing == ["finetune: continuing under data.test: None -> 'resume/dev.char.bmes'; "
+                          "finetune.full.patience: 1 -> 5"]
     assert resumed["test"] == reference["test"] and resumed["best_epoch"] == reference["best_epoch"]
     assert same_weights(tmp_path / "moved" / "last.pt", tmp_path / "reference" / "last.pt")
 

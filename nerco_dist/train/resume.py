@@ -192,9 +192,12 @@ class StageResume:
         latest = self.latest()
         if latest is None:
             return Progress(identity=self.identity.to_dict())
+        ends = self.identity.changes(latest["progress"]["identity"], finished=True)
         state = Progress(**{**latest["progress"], "identity": self.identity.to_dict()})
         log.info("%s: resuming at phase %d, epoch %d, batch %d (step %d)", self.stage, state.phase + 1,
                  state.epoch + 1, state.batch, state.step)
+        if ends:  # a patience or test split changed since the checkpoint
+            log.info("%s: continuing under %s", self.stage, _listed(ends))
         return state
 
     def save(self, engine, progress: Progress) -> None:

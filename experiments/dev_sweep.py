@@ -51,7 +51,7 @@ HIDDEN_200 = ["model.hidden=200", "model.heads=10", "model.head_dim=20"]
 STAND_IN = ["data.bigram_vectors=pretrained/standin/bigram.vec", "data.word_vectors=pretrained/standin/word.vec"]
 NO_UNSEEN = ["data.pretrained_unseen_rows=false", "model.word_dropout=0"]
 RAW_SCALES = ["data.norm_embeddings=false"]
-ROWS = [f"{FULL}table_updates=rows"]
+ROWS, DENSE = [f"{FULL}table_updates=rows"], [f"{FULL}table_updates=dense"]
 
 
 def large_batch(batch: int, scaling: str) -> list[str]:
@@ -85,12 +85,12 @@ GROUPS = {
     },
     # the embedding tables' update: every row every step (dense AdamW) or the rows a batch read (train/rows.py)
     "tables": {
-        "dense tables": [],
+        "dense tables": DENSE,
         "row-wise tables": ROWS,
     },
     # global batch 10 -> 64 -> 256 at the same characters seen (pass the epochs with --set), row-wise tables
     "batch": {
-        "batch 10, dense tables": [],
+        "batch 10, dense tables": DENSE,
         "batch 10": ROWS,
         "batch 64, lr x sqrt(6.4)": large_batch(64, "sqrt"),
         "batch 256, lr x sqrt(25.6)": large_batch(256, "sqrt"),

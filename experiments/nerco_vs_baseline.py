@@ -81,7 +81,7 @@ def run_one(config: Path, overrides: list[str], out: Path, root: Path, stored: P
     for done in ([stored] if stored else []) + [out / "results.json"]:
         if done.is_file():
             results = json.loads(done.read_text())
-            if same_recipe(Config.from_dict(results["config"]).to_dict(), cfg.to_dict()):
+            if same_recipe(Config.from_record(results["config"]).to_dict(), cfg.to_dict()):
                 return results
             logging.warning("%s: a run of another config; training it again", done)
     stage1 = out / "contrastive" / "best.pt"
@@ -121,7 +121,7 @@ NOT_RECIPE = ("out_dir", "threads", "flush_denormals")  # run keys that change w
 def same_recipe(a: dict, b: dict) -> bool:
     """Whether two runs' configs train the same way (where they ran and read their data, with how many threads
     and whether CPU denormals were flushed aside: these change the speed and, like another summation order, nothing but
-    rounding; keys added since a run have their defaults through ``Config.from_dict``). The head probe's keys
+    rounding; keys added since a run read as ``Config.from_record`` says). The head probe's keys
     count only where the probe selects the stage-1 epoch (their defaults changed under finished runs)."""
     def recipe(cfg: dict) -> dict:
         kept = {**cfg, "run": {k: v for k, v in cfg["run"].items() if k not in NOT_RECIPE},

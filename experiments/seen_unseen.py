@@ -33,7 +33,7 @@ def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str,
     done = run / "results.json"
     if not done.is_file():
         raise InputError(done, "not found: not a finished run folder (run.out_dir)")
-    cfg = Config.from_dict(json.loads(done.read_text())["config"], str(done))
+    cfg = Config.from_record(json.loads(done.read_text())["config"], str(done))
     cfg.data.root = str(data_root)
     splits = read_config_splits(cfg)
     codec, model = load_for_inference(run / "best.pt", "cpu", tagging=True)

@@ -89,9 +89,9 @@ class OptimConfig:
     lr_decay: float = field(default=0.05, metadata={"ge": 0})
     # clipping by value (local engine, and row-wise tables under DeepSpeed too; DeepSpeed clips the rest by norm)
     clip_value: float | None = field(default=5.0, metadata={"gt": 0})
-    # the lattice's embedding tables: dense (every row, every step) | rows (only the rows the batch read, with
-    # their moments: train/rows.py)
-    table_updates: str = "dense"
+    # the lattice's embedding tables: rows (the dense update computed for the rows that matter: train/rows.py)
+    # | dense (every row, every step)
+    table_updates: str = "rows"
     epochs: int = field(default=100, metadata={"ge": 0})  # at most; 0 skips the phase
     batch_size: int = field(default=10, metadata={"ge": 1})
     # the global batch lr was tuned for, which distributed.lr_scaling scales it from; 0: batch_size (so only
@@ -203,6 +203,13 @@ class Config:
     def from_dict(cls, raw: dict, source: str = "<config>") -> "Config":
         return _build(cls(), _with_stage_optim(_without_retired(raw, source), source), "", source)
 
+    @classmethod
+    def from_record(cls, raw: dict, source: str = "<stored config>") -> "Config":
+        """A config as a run stored it (:meth:`to_dict`, in a resume checkpoint or a finished run's results):
+        it holds every key of its day, so a key it lacks did not exist yet and is read at the value every run
+        used before it (:data:`EARLIER_DEFAULTS`), not at today's default."""
+        return cls.from_dict(_with_earlier_defaults(raw), source)
+
 
 FINETUNE_PHASES = ("head", "frozen_bert", "full")
 
@@ -246,6 +253,24 @@ RETIRED = {
     "distributed.base_batch": (0, "PHASE.optim.base_batch (finetune.optim.base_batch for every fine-tuning "
                                   "phase): it was the base of every phase's scaling, stage 1's too"),
 }
+
+
+# keys whose default has changed since they were added, by (section field, key) (``optim``: every phase's
+# optimiser), with the value runs had before the key existed; a stored config lacking one reads at that value
+EARLIER_DEFAULTS = {("optim", "table_updates"): "dense"}
+
+
+def _with_earlier_defaults(raw: Any) -> Any:
+    """``raw`` with each :data:`EARLIER_DEFAULTS` key it lacks set at its earlier value, at any depth."""
+    if not isinstance(raw, dict):
+        return raw
+    out = {}
+    for name, value in raw.items():
+        value = _with_earlier_defaults(value)
+        if isinstance(value, dict):
+            value = {**{key: v for (section, key), v in EARLIER_DEFAULTS.items() if section == name}, **value}
+        out[name] = value
+    return out
 
 
 def _without_retired(raw: Any, source: str) -> Any:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nerco_dist.checkpoint import load_checkpoint
-from nerco_dist.config import load_config
+from nerco_dist.config import Config, load_config
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
@@ -114,6 +114,50 @@ def test_a_key_the_saved_config_predates_reads_at_its_default(tmp_path, data_roo
     with caplog.at_level(logging.INFO, logger="nerco_dist"):
         train(config(tmp_path), stage="finetune")
     assert resumed_lines(caplog) == [resumed_at_second_epoch(config(tmp_path))]
+
+
+def optim_sections(cfg: dict) -> list[dict]:
+    """Every phase's ``optim`` mapping in a config as stored."""
+    return [cfg["contrastive"]["phase"]["optim"]] + [phase["optim"] for phase in cfg["finetune"].values()]
+
+
+def test_a_stored_config_lacking_a_key_whose_default_changed_reads_at_its_earlier_value():
+    """``optim.table_updates`` came in with the default ``dense``, which later became ``rows``: a stored config
+    without the key trained densely and reads so; a user's config without it reads at today's default."""
+    cfg = config("out")
+    stored = cfg.to_dict()
+    assert {optim["table_updates"] for optim in optim_sections(stored)} == {"rows"}
+    assert Config.from_record(stored) == cfg
+    for optim in optim_sections(stored):
+        del optim["table_updates"]
+    assert {optim["table_updates"] for optim in optim_sections(Config.from_record(stored).to_dict())} == {"dense"}
+    assert Config.from_dict(stored) == cfg
+
+
+def test_a_checkpoint_saved_before_a_default_changed_continues_only_at_the_earlier_value(
+        tmp_path, data_root, caplog):
+    """A checkpoint whose config predates ``optim.table_updates`` updated its tables densely: a command at
+    today's default (row-wise) starts afresh naming the key; one setting ``dense`` continues it."""
+    dense = "finetune.full.optim.table_updates=dense"
+    latest = tmp_path.joinpath(*LATEST)
+
+    def killed_before_the_key_existed():
+        killed_in_second_epoch(config(tmp_path, dense))
+        record = json.loads(latest.read_text())
+        del record["progress"]["identity"]["config"]["finetune"]["full"]["optim"]["table_updates"]
+        latest.write_text(json.dumps(record))
+        caplog.clear()
+
+    killed_before_the_key_existed()
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        train(config(tmp_path, "finetune.full.optim.epochs=1"), stage="finetune")
+    assert not resumed_lines(caplog)
+    assert any("finetune.full.optim.table_updates: 'dense' -> 'rows'" in r.getMessage() for r in caplog.records)
+
+    killed_before_the_key_existed()
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        train(config(tmp_path, dense), stage="finetune")
+    assert resumed_lines(caplog) == [resumed_at_second_epoch(config(tmp_path, dense))]
 
 
 def test_a_checkpoint_without_a_saved_config_starts_afresh(tmp_path, data_root, caplog):

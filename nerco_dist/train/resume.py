@@ -66,8 +66,9 @@ class Progress:
 class StageIdentity:
     """What a stage's checkpoints must share with the command that continues them: the config's keys the
     stage reads, where it started from, the number of ranks. Saved as the config itself, not a hash of it, so
-    a checkpoint outlives a change of the config's schema (a key added since reads at its default, as the
-    checkpoint's run trained) and a checkpoint not continued says which keys differ.
+    a checkpoint outlives a change of the config's schema (a key added since reads at the value the
+    checkpoint's run trained with: :meth:`Config.from_record`) and a checkpoint not continued says which keys
+    differ.
 
     Keys marked ``resume: False`` in the config (threads, logging, the output folder) never count; ``resume:
     "ends"`` keys (patience, the test split) count only for reusing a finished stage: a killed run continues
@@ -110,7 +111,7 @@ class StageIdentity:
         if not isinstance(saved, dict) or "config" not in saved:
             return ["saved by an earlier version that did not record its config"]
         try:
-            then = StageIdentity(Config.from_dict(saved["config"], "the saved config"), saved["stage"],
+            then = StageIdentity(Config.from_record(saved["config"], "the saved config"), saved["stage"],
                                  saved["init"], saved["world_size"]).keys(finished=finished)
         except (InputError, KeyError) as err:
             return [f"its config no longer reads ({err})"]

@@ -12,6 +12,9 @@ import torch
 
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.config import Config, load_config
+from nerco_dist.eval.metrics import evaluate
+from nerco_dist.inference import load_for_inference, predict
+from nerco_dist.train.inputs import read_config_splits
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
@@ -174,17 +177,36 @@ def test_a_checkpoint_without_a_saved_config_starts_afresh(tmp_path, data_root, 
                for r in caplog.records)
 
 
-def test_a_finished_stage_is_reused_only_at_the_patience_and_test_split_it_finished_with(
+def test_a_finished_stage_trains_again_under_another_patience_and_scores_another_test_split(
         tmp_path, data_root, caplog):
-    def trained(*overrides) -> bool:
+    """Another patience trains the stage again; another test split (training never reads it) only scores the
+    finished stage's best weights on it, as ``nerco eval`` would."""
+    def trained(*overrides) -> tuple[bool, dict]:
+        """Whether the stage trained, and its results (the command's date, machine and config aside)."""
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="nerco_dist"):
-            train(config(tmp_path, *overrides), stage="finetune")
-        return any("optimizer (lr" in r.getMessage() for r in caplog.records)
+            results = train(config(tmp_path, *overrides), stage="finetune")
+        stage = {key: value for key, value in results.items() if key not in ("date", "machine", "config")}
+        return any("optimizer (lr" in r.getMessage() for r in caplog.records), stage
 
-    assert trained()
-    assert not trained("run.threads=1", "run.log_every=3")
-    assert trained("finetune.full.patience=2")
+    first = trained()
+    assert first[0]
+    assert trained("run.threads=1", "run.log_every=3") == (False, first[1])
+    patience_2 = "finetune.full.patience=2"
+    retrained = trained(patience_2)
+    assert retrained[0]
     assert any("finetune.full.patience: 1 -> 2" in r.getMessage() for r in caplog.records)
-    assert not trained("finetune.full.patience=2")
-    assert trained("finetune.full.patience=2", "data.test=null")
+    assert trained(patience_2) == (False, retrained[1])
+
+    no_test = trained(patience_2, "data.test=null")
+    assert not no_test[0] and "test" not in no_test[1]
+    assert no_test[1]["best_dev_f1"] == retrained[1]["best_dev_f1"]
+    other = "data.test=resume/test.char.bmes"
+    rescored = trained(patience_2, other)
+    assert not rescored[0]
+    cfg = config(tmp_path, patience_2, other)
+    codec, model = load_for_inference(tmp_path / "best.pt", "cpu", tagging=True)
+    test = read_config_splits(cfg).test
+    reference = evaluate([s.tags for s in test], predict(codec, model, test, cfg.run.eval_batch_size))
+    assert rescored[1]["test"] == reference.to_dict() != retrained[1]["test"]
+    assert trained(patience_2) == (False, retrained[1])

@@ -72,7 +72,9 @@ class StageIdentity:
 
     Keys marked ``resume: False`` in the config (threads, logging, the output folder) never count; ``resume:
     "ends"`` keys (patience, the test split) count only for reusing a finished stage: a killed run continues
-    under a raised patience or an added test split, having trained exactly what they would have trained.
+    under a raised patience or an added test split, having trained exactly what they would have trained (and
+    a finished fine-tuning stage under another test split has its best weights scored on it:
+    :meth:`StageResume.finished`).
     Stage 1 does not read the fine-tuning sections (but for ``finetune.head``, the head probe's optimiser,
     where the probe selects its epoch) nor the test split, so a changed fine-tuning key retrains stage 2 from
     the stage 1 already trained."""
@@ -105,9 +107,9 @@ class StageIdentity:
         keys.update(stage=self.stage, init=self.init, world_size=self.world_size)
         return keys
 
-    def changes(self, saved: dict | None, *, finished: bool) -> list[str]:
-        """How the identity ``saved`` with a checkpoint differs from this one (``key: then -> now``); empty
-        when the checkpoint may be continued (``finished``: its results reused)."""
+    def changes(self, saved: dict | None, *, finished: bool, ignored: tuple[str, ...] = ()) -> list[str]:
+        """How the identity ``saved`` with a checkpoint differs from this one (``key: then -> now``), the
+        ``ignored`` keys aside; empty when the checkpoint may be continued (``finished``: its results reused)."""
         if not isinstance(saved, dict) or "config" not in saved:
             return ["saved by an earlier version that did not record its config"]
         try:
@@ -117,7 +119,7 @@ class StageIdentity:
             return [f"its config no longer reads ({err})"]
         now = self.keys(finished=finished)
         return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
-                if then.get(key) != now.get(key)]
+                if then.get(key) != now.get(key) and key not in ignored]
 
 
 def _relevant(section, finished: bool) -> dict:
@@ -155,18 +157,23 @@ class StageResume:
         self.done_file = self.directory.with_name(f"{identity.stage}.done.json")
         self.stage, self.identity = identity.stage, identity
 
-    def finished(self) -> dict | None:
-        """The results of this stage when an earlier run of this command finished it."""
+    def finished(self, best: Path) -> tuple[dict, bool] | None:
+        """The results of this stage when an earlier run of this command finished it, and whether that run
+        had another test split. Training never reads the test split, so a finished fine-tuning stage whose
+        best weights ``best`` are still there is reused under any: those weights need only scoring on it."""
         if not self.done_file.is_file():
             return None
         record = json.loads(self.done_file.read_text())
         changes = self.identity.changes(record.get("identity"), finished=True)
-        if changes:
+        other_test = bool(changes) and best.is_file() and not self.identity.changes(
+            record.get("identity"), finished=True, ignored=("data.test",))
+        if changes and not other_test:
             log.info("%s: finished by a run of another config (%s): training it again", self.done_file,
                      _listed(changes))
             return None
-        log.info("%s: finished by an earlier run (%s); --no-resume trains it again", self.stage, self.done_file)
-        return record["results"]
+        log.info("%s: finished by an earlier run (%s)%s; --no-resume trains it again", self.stage, self.done_file,
+                 f", under {_listed(changes)}: scoring its best weights ({best}) on this test split" * other_test)
+        return record["results"], other_test
 
     def mark_done(self, results: dict) -> None:
         dist.barrier()

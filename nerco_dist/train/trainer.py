@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .. import distributed as dist
 from ..atomic import write_json
+from ..checkpoint import load_checkpoint
 from ..config import Config
 from ..data.dataset import BatchIterable
 from ..machine import machine_info
@@ -80,9 +81,13 @@ def run_stage(run: TrainingRun, stage: str, init: Path | None, wrap_loss: WrapLo
               signals: StopSignals) -> dict:
     """Every phase of ``stage``, from where an earlier run of this command left it; the stage's results."""
     resume = StageResume(run.out, StageIdentity.of(run.cfg, stage, init))
-    finished = resume.finished()
+    finished = resume.finished(run.stage_dir(stage) / "best.pt")
     if finished is not None:
-        return finished
+        results, other_test = finished
+        if other_test:
+            results = rescored_on_test(run, results)
+            resume.mark_done(results)
+        return results
     progress = resume.progress()
     loop = StageLoop(run, stage_phases(run.cfg, stage), progress, resumed_best(run, stage, progress), resume,
                      Scalars(run.stage_dir(stage) / "tensorboard"), signals, wrap_loss)
@@ -296,6 +301,18 @@ class StageLoop:
             pace = sum(self.epoch_seconds) / len(self.epoch_seconds) + max(self.write_seconds)
             text += f", at most {left} more epoch{'s' * (left > 1)} ({duration(left * pace)} at this pace)"
         return text
+
+
+def rescored_on_test(run: TrainingRun, results: dict) -> dict:
+    """A finished fine-tuning stage's ``results`` with its ``best.pt`` scored on the config's test split (or
+    with no test score, where the config has none): what training the stage again would give."""
+    results = {key: value for key, value in results.items() if key != "test"}
+    if run.splits.test is not None:
+        model = run.model_with(load_checkpoint(run.stage_dir("finetune") / "best.pt")["model"])
+        test = run.scores(model.eval(), run.splits.test)
+        results["test"] = test.to_dict()
+        log.info("test (best dev epoch %d):\n%s", results["best_epoch"], test.format_table())
+    return results
 
 
 def stage_results(run: TrainingRun, stage: str, engine: Engine, progress: Progress, best: BestWeights) -> dict:

@@ -8,7 +8,7 @@ Runs the trainer's own phase loop (``trainer.StageLoop``: its engine and ``train
 on the DeepSpeed engine (one rank, bf16 on GPU, the ZeRO JSON of ``--ds``) over MSRA's training split, for two
 encoders: FLAT as in ``configs/msra.yaml`` and FLAT + a BERT-base-shaped model (12 x 768, random weights,
 bert-base-chinese's vocabulary; nothing is downloaded), each read and encoded for its own model (the BERT
-one with BERT's input ids). The lattice embeddings start random: timings do not depend on their values, and
+one with BERT's input ids); FLAT's full phase also with the embedding tables' other update (dense / rows). The lattice embeddings start random: timings do not depend on their values, and
 the generated bigram and word vectors (about 230 MB) are too big to send to a GPU machine; the data root
 needs ``msra/`` and ``vocab/`` only. Tokens are characters (the lattice's words are not counted). Peak
 memory is ``torch.cuda.max_memory_allocated`` over the measured steps.
@@ -98,10 +98,23 @@ def timed_steps(run: TrainingRun, phase: Phase, batches: list, warmup: int) -> d
                 peak_mem_gib=None if peak is None else round(peak, 3), nonfinite_skipped=progress.nonfinite)
 
 
+def with_tables(phase: Phase, updates: str) -> Phase:
+    return dataclasses.replace(phase, optim=dataclasses.replace(phase.optim, table_updates=updates))
+
+
+def grid_phases(run: TrainingRun, flat_alone: bool) -> list[Phase]:
+    """Stage 1's phase and stage 2's full phase as configured; FLAT alone also times the full phase with the
+    embedding tables' other update (``dense`` / ``rows``), whose cost is the tables' share of a FLAT step."""
+    contrastive, full = stage_phases(run.cfg, "contrastive")[0], stage_phases(run.cfg, "finetune")[-1]
+    other = "rows" if full.optim.table_updates == "dense" else "dense"
+    return [contrastive, full] + ([with_tables(full, other)] if flat_alone else [])
+
+
 def grid_row(run: TrainingRun, phase: Phase, batch_size: int, warmup: int, steps: int) -> dict:
     phase = with_batch(phase, batch_size)
     batches = list(itertools.islice(iter(run.train_batches(batch_size)), warmup + steps))
-    return dict(stage=phase.stage, phase=phase.name, batch=batch_size, **timed_steps(run, phase, batches, warmup))
+    return dict(stage=phase.stage, phase=phase.name, batch=batch_size, table_updates=phase.optim.table_updates,
+                **timed_steps(run, phase, batches, warmup))
 
 
 def msra_epoch(run: TrainingRun, phase: Phase, batch_size: int) -> dict:
@@ -141,13 +154,13 @@ def main() -> int:
         for name, extra in encoders(bert, args.quick):
             run = TrainingRun.start(load_config(base, sets + extra, data_root=root))
             params = sum(p.numel() for p in run.initial_model(None).parameters())
-            contrastive, full = stage_phases(run.cfg, "contrastive")[0], stage_phases(run.cfg, "finetune")[-1]
-            for phase in (contrastive, full):
+            for phase in grid_phases(run, flat_alone=not extra):
                 row = dict(model=name, parameters=params, **grid_row(run, phase, args.batch, args.warmup, args.steps))
                 results.append(row)
                 print(row, flush=True)
             if extra and not args.no_epoch:
-                results.set("msra_stage2_epoch", msra_epoch(run, full, args.epoch_batch))
+                results.set("msra_stage2_epoch", msra_epoch(run, stage_phases(run.cfg, "finetune")[-1],
+                                                            args.epoch_batch))
                 print(results.payload["msra_stage2_epoch"], flush=True)
     if args.no_epoch:
         results.set("msra_stage2_epoch", "not measured (--no-epoch" + (", --quick)" if args.quick else ")"))

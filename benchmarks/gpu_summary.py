@@ -80,7 +80,8 @@ def train(results: Path) -> list[str]:
     payload = _json(results, "train")
     if payload is None:
         return ["no train_*.json"]
-    lines = [f"  {r['model']} ({r['parameters'] / 1e6:.1f}M parameters) {r['stage']}/{r['phase']} batch {r['batch']}: "
+    lines = [f"  {r['model']} ({r['parameters'] / 1e6:.1f}M parameters) {r['stage']}/{r['phase']} batch {r['batch']}"
+             f"{', tables ' + r['table_updates'] if 'table_updates' in r else ''}: "
              f"{r['tokens_per_s']:.0f} tokens/s" + (f", peak {r['peak_mem_gib']} GiB" if r["peak_mem_gib"] else "")
              for r in payload["rows"]]
     epoch = payload.get("msra_stage2_epoch", "not reached")

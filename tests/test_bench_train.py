@@ -71,3 +71,17 @@ def test_bert_base_shaped_encoder_is_bert_base_and_reads_the_batch_bert_ids(benc
                 compared += 1
                 same += token in (char, char.lower())
     assert compared > 0.9 * batch["char_mask"].sum().item() and same == compared
+
+
+@pytest.mark.parametrize("updates", ["dense", "rows"])
+def test_flat_alone_times_its_full_phase_with_both_table_updates(bench_train, data_root, tmp_path, updates):
+    cfg = load_config(TINY, [*bench_train.NO_VECTORS, "contrastive.enabled=true", f"run.out_dir={tmp_path}",
+                             f"contrastive.phase.optim.table_updates={updates}",
+                             f"finetune.full.optim.table_updates={updates}"], data_root=data_root)
+    run = TrainingRun.start(cfg)
+    timed = [(p.stage, p.name, p.optim.table_updates) for p in bench_train.grid_phases(run, flat_alone=True)]
+    other = {"dense": "rows", "rows": "dense"}[updates]
+    assert timed == [("contrastive", "contrastive", updates), ("finetune", "full", updates),
+                     ("finetune", "full", other)]
+    assert timed[:2] == [(p.stage, p.name, p.optim.table_updates)
+                         for p in bench_train.grid_phases(run, flat_alone=False)]

@@ -51,15 +51,20 @@ def write_curves(folders: dict[str, Path], stem: Path, title: str = "") -> dict[
     return runs
 
 
+def named_values(items: list[str], flag: str) -> dict[str, str]:
+    """``FLAG NAME=VALUE`` arguments as {name: value}."""
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise InputError(flag, f"expected NAME=VALUE, got {item!r}")
+        values[name] = value
+    return values
+
+
 def named_folders(items: list[str]) -> dict[str, Path]:
     """``--run NAME=FOLDER`` arguments as {name: folder}."""
-    folders = {}
-    for item in items:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise InputError("--run", f"expected NAME=FOLDER, got {item!r}")
-        folders[name] = Path(folder)
-    return folders
+    return {name: Path(folder) for name, folder in named_values(items, "--run").items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,14 @@ mentions of both splits can still score far lower on test.
         --out experiments/results/msra_seen_unseen
 
 reads each run folder's ``results.json`` (its config: the splits, as it trained on them) and ``best.pt``, and
-writes ``OUT.json`` and ``OUT.md``.
+writes ``OUT.json`` and ``OUT.md``. ``--lexicon NAME=LEXICON`` (once per lexicon, as ``data.lexicon``) adds how
+many of the first run's new dev mentions each lexicon holds as a word: the names a lattice can mark at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,22 +22,28 @@ from pathlib import Path
 
 from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import Config, default_data_root
+from nerco_dist.data.lexicon import Lexicon
 from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import mentions, scores_by_seen
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.inputs import read_config_splits
-from plot_curves import named_folders
+from plot_curves import named_folders, named_values
 
 
-def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str, dict]:
-    """``{"dev"|"test": {"seen"|"unseen": {precision, recall, f1, n_gold, n_pred}, "unseen_share"}}`` of the
-    run's best weights, "seen" meaning the mention's string occurs as a mention of the training split."""
+def run_config(run: Path, data_root: Path) -> Config:
+    """The config a finished run trained under, reading its data under ``data_root``."""
     done = run / "results.json"
     if not done.is_file():
         raise InputError(done, "not found: not a finished run folder (run.out_dir)")
     cfg = Config.from_record(json.loads(done.read_text())["config"], str(done))
     cfg.data.root = str(data_root)
-    splits = read_config_splits(cfg)
+    return cfg
+
+
+def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str, dict]:
+    """``{"dev"|"test": {"seen"|"unseen": {precision, recall, f1, n_gold, n_pred}, "unseen_share"}}`` of the
+    run's best weights, "seen" meaning the mention's string occurs as a mention of the training split."""
+    splits = read_config_splits(run_config(run, data_root))
     codec, model = load_for_inference(run / "best.pt", "cpu", tagging=True)
     seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
     out = {}
@@ -47,6 +55,23 @@ def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str,
         scores = scores_by_seen([s.chars for s in sentences], [s.tags for s in sentences], pred, seen)
         gold = scores["seen"]["n_gold"] + scores["unseen"]["n_gold"]
         out[name] = dict(scores, unseen_share=scores["unseen"]["n_gold"] / gold if gold else 0.0)
+    return out
+
+
+def lexicon_coverage(run: Path, data_root: Path, lexicons: dict[str, str]) -> dict[str, dict]:
+    """Per lexicon (a name: a ``data.lexicon`` reference), how many of the distinct mentions of the run's dev
+    split that training never has as a mention it holds as a word: the new names a lattice can mark as words
+    at all. Dev only, as a choice between lexicons is made on dev."""
+    cfg = run_config(run, data_root)
+    splits = read_config_splits(cfg)
+    seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
+    unseen = mentions([s.chars for s in splits.dev], [s.tags for s in splits.dev]) - seen
+    out = {}
+    for name, reference in lexicons.items():
+        words = Lexicon.load(dataclasses.replace(cfg.data, lexicon=reference).lexicon_reference()).words
+        held = sum(mention in words for mention in unseen)
+        out[name] = dict(lexicon=reference, unseen_dev_mentions=len(unseen), held=held,
+                         share=held / len(unseen) if unseen else 0.0)
     return out
 
 
@@ -64,20 +89,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", required=True, metavar="NAME=FOLDER",
                         help="a finished run's name in the table and its folder (run.out_dir); once per run")
     parser.add_argument("--out", required=True, help="path stem of the JSON and Markdown files")
+    parser.add_argument("--lexicon", action="append", default=[], metavar="NAME=LEXICON",
+                        help="a lexicon (as data.lexicon: jieba, a word file, a+b) whose share of the first run's "
+                             "unseen dev mentions is reported; once per lexicon")
     parser.add_argument("--data-root")
     args = parser.parse_args(argv)
     root = default_data_root(args.data_root)
     try:
         folders = named_folders(args.run)
+        lexicons = named_values(args.lexicon, "--lexicon")
         results = {name: split_by_seen(folder, root) for name, folder in folders.items()}
+        coverage = lexicon_coverage(next(iter(folders.values())), root, lexicons) if lexicons else {}
     except InputError as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     write_json(out.with_suffix(".json"), dict(runs={name: dict(folder=str(folders[name]), **splits)
                                                      for name, splits in results.items()},
+                                             lexicon_coverage_of_unseen_dev_mentions=coverage,
                                              date=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1)
     lines = table(results)
+    if coverage:
+        lines += ["", "| lexicon | unseen dev mentions it holds as a word |", "|---|---|"]
+        lines += [f"| {name} | {c['held']:,} of {c['unseen_dev_mentions']:,} ({100 * c['share']:.1f}%) |"
+                  for name, c in coverage.items()]
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

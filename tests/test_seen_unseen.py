@@ -15,6 +15,12 @@ from nerco_dist.train.trainer import train
 from .conftest import TINY, script_module
 
 
+def strings(path) -> list[str]:
+    """The mentions of the first 150 sentences of a corpus file (the tiny config's limit), read directly."""
+    sentences = read_corpus(path, "auto").sentences[:150]
+    return ["".join(s.chars[e.start : e.end]) for s in sentences for e in entities(s.tags)]
+
+
 def test_seen_and_unseen_add_up_to_the_run_and_the_files(tmp_path, data_root, capsys):
     # train = dev = Resume's dev (150 sentences); test = Resume's test: some of its mentions are new
     cfg = load_config(TINY, ["data.test=resume/test.char.bmes", "finetune.full.optim.epochs=1", "run.threads=1",
@@ -24,10 +30,6 @@ def test_seen_and_unseen_add_up_to_the_run_and_the_files(tmp_path, data_root, ca
     assert seen_unseen.main(["--run", f"tiny={tmp_path / 'run'}", "--out", str(tmp_path / "out"),
                              "--data-root", str(data_root)]) == 0
     report = json.loads((tmp_path / "out.json").read_text())["runs"]["tiny"]
-
-    def strings(path):
-        sentences = read_corpus(path, "auto").sentences[:150]
-        return ["".join(s.chars[e.start : e.end]) for s in sentences for e in entities(s.tags)]
 
     train_mentions = set(strings(data_root / "resume" / "dev.char.bmes"))
     test_mentions = strings(data_root / "resume" / "test.char.bmes")
@@ -45,6 +47,27 @@ def test_seen_and_unseen_add_up_to_the_run_and_the_files(tmp_path, data_root, ca
     assert results["test"]["precision"] == pytest.approx(precision)
     assert results["test"]["recall"] == pytest.approx(recall)
     assert "| tiny | test |" in capsys.readouterr().out
+
+
+def test_lexicon_coverage_counts_the_new_dev_mentions_each_lexicon_holds(tmp_path, data_root, capsys):
+    # train = Resume's dev (150 sentences), dev = Resume's test: some dev mentions are new
+    cfg = load_config(TINY, ["data.dev=resume/test.char.bmes", "data.test=null", "finetune.full.optim.epochs=1",
+                             "run.threads=1", f"run.out_dir={tmp_path / 'run'}"], data_root=data_root)
+    train(cfg)
+    train_mentions = set(strings(data_root / "resume" / "dev.char.bmes"))
+    new = sorted({m for m in strings(data_root / "resume" / "test.char.bmes") if m not in train_mentions})
+    held = [m for m in new if len(m) >= 2][::3]  # a lattice word has two characters or more
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(held + sorted(train_mentions)) + "\n", encoding="utf-8")
+    seen_unseen = script_module("seen_unseen", "experiments")
+    assert seen_unseen.main(["--run", f"tiny={tmp_path / 'run'}", "--out", str(tmp_path / "out"),
+                             "--lexicon", f"mine={words}", "--lexicon", f"with jieba=jieba+{words}",
+                             "--data-root", str(data_root)]) == 0
+    coverage = json.loads((tmp_path / "out.json").read_text())["lexicon_coverage_of_unseen_dev_mentions"]
+    assert coverage["mine"] == dict(lexicon=str(words), unseen_dev_mentions=len(new), held=len(held),
+                                    share=pytest.approx(len(held) / len(new)))
+    assert len(held) <= coverage["with jieba"]["held"] <= len(new)
+    assert f"| mine | {len(held)} of {len(new)} " in capsys.readouterr().out
 
 
 def test_a_folder_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path, capsys):

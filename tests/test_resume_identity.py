@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nerco_dist import cli
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.config import Config, load_config
 from nerco_dist.eval.metrics import evaluate
@@ -117,6 +118,25 @@ def test_a_key_the_saved_config_predates_reads_at_its_default(tmp_path, data_roo
     with caplog.at_level(logging.INFO, logger="nerco_dist"):
         train(config(tmp_path), stage="finetune")
     assert resumed_lines(caplog) == [resumed_at_second_epoch(config(tmp_path))]
+
+
+def test_a_checkpoint_of_another_number_of_ranks_is_refused_and_kept(tmp_path, data_root, capsys):
+    """Launched with another number of ranks, a killed run is neither continued nor trained over: one line
+    says how to continue it, and its checkpoint stays as it was."""
+    killed_in_second_epoch(config(tmp_path))
+    latest = tmp_path.joinpath(*LATEST)
+    record = json.loads(latest.read_text())
+    record["progress"]["identity"]["world_size"] = 2
+    latest.write_text(json.dumps(record))
+    kept = {p: p.read_bytes() for p in latest.parent.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    code = cli.main(["train", str(TINY), *[arg for item in SHORT for arg in ("--set", item)],
+                     "--set", f"run.out_dir={tmp_path}", "--data-root", str(DATA_ROOT), "--stage", "finetune"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"nerco: error: {latest.parent}: saved by 2 ranks, launched with 1: launch 2 to continue it, or pass "
+        "--no-resume to train the finetune stage afresh\n")
+    assert {p: p.read_bytes() for p in latest.parent.rglob("*") if p.is_file()} == kept
 
 
 def optim_sections(cfg: dict) -> list[dict]:

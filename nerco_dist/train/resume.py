@@ -183,14 +183,21 @@ class StageResume:
         dist.barrier()
 
     def latest(self) -> dict | None:
-        """``{"tag", "progress"}`` of the newest checkpoint this command may continue, or None."""
+        """``{"tag", "progress"}`` of the newest checkpoint this command may continue, or None (another
+        config's, with a warning). One that differs only in the number of ranks is refused rather than
+        trained over: that is a launch to correct, not a new run."""
         path = self.directory / LATEST
         if not path.is_file():
             return None
         latest = json.loads(path.read_text())
-        changes = self.identity.changes(latest["progress"].get("identity"), finished=False)
+        saved = latest["progress"].get("identity")
+        changes = self.identity.changes(saved, finished=False)
+        if changes and not self.identity.changes(saved, finished=False, ignored=("world_size",)):
+            raise InputError(self.directory, f"saved by {saved['world_size']} ranks, launched with "
+                                             f"{self.identity.world_size}: launch {saved['world_size']} to continue "
+                                             f"it, or pass --no-resume to train the {self.stage} stage afresh")
         if changes:
-            log.warning("%s: the resume checkpoint is of another config or world size (%s): starting the %s "
+            log.warning("%s: the resume checkpoint is of another config (%s): starting the %s "
                         "stage afresh", self.directory, _listed(changes), self.stage)
             return None
         return latest
@@ -241,10 +248,7 @@ class StageResume:
         except InputError as err:
             raise InputError(err.path, f"{err.problem}; --no-resume trains the {self.stage} stage afresh",
                              err.line) from err
-        rng = state["rng"]
-        if len(rng) != dist.world_size():
-            raise ValueError(f"{self.directory}: saved by {len(rng)} ranks, resumed with {dist.world_size()}")
-        dist.set_rng_state(rng[dist.rank()])
+        dist.set_rng_state(state["rng"][dist.rank()])
         return True
 
 

@@ -47,11 +47,13 @@ def script_module(name: str, folder: str = "benchmarks"):
         sys.path.remove(str(REPO / folder))
 
 
-def sigint_at_its_default() -> None:
-    """A child's ``preexec_fn``: SIGINT as a terminal's foreground process starts with it. Under a
-    non-interactive shell's background job (``cmd &``) SIGINT is ignored, a child inherits that, and Python
-    (and a training run) then keeps ignoring it: Ctrl-C could not be tested."""
+def stop_signals_at_their_defaults() -> None:
+    """A child's ``preexec_fn``: SIGINT and SIGHUP as a terminal's foreground process starts with them. Under
+    a non-interactive shell's background job (``cmd &``) SIGINT is ignored, under ``nohup`` SIGHUP; a child
+    inherits that, and a training run then keeps ignoring it (as it should: ``nohup`` means it), so Ctrl-C
+    and a hang-up could not be tested."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 class Interrupted(Exception):

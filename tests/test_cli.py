@@ -24,7 +24,7 @@ from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.inference import load_for_inference, predict, predict_tags
 
-from .conftest import LIMIT, REPO, TINY, sigint_at_its_default
+from .conftest import LIMIT, REPO, TINY, stop_signals_at_their_defaults
 
 def test_train_writes_checkpoints_results_and_tensorboard(trained):
     results = json.loads((trained / "results.json").read_text())
@@ -197,7 +197,7 @@ def test_predict_answers_each_line_while_the_input_is_still_open(trained):
 def test_ctrl_c_stops_predict_with_status_130_and_no_traceback(trained):
     proc = subprocess.Popen([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=sigint_at_its_default)
+                            preexec_fn=stop_signals_at_their_defaults)
     try:
         proc.stdin.write("高勇，男，中国国籍。\n".encode())
         proc.stdin.flush()

@@ -31,7 +31,7 @@ import torch
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.launcher import PER_NODE
 
-from .conftest import REPO, sigint_at_its_default
+from .conftest import REPO, stop_signals_at_their_defaults
 from .test_distributed import env, free_port, nerco_train
 
 NODES = ("127.0.0.2", "127.0.0.3")  # addresses of this machine (all of 127.0.0.0/8 is loopback)
@@ -174,7 +174,7 @@ class Jobs:
     def start(self, cmd: list[str], run_env: dict, log: Path) -> subprocess.Popen:
         with open(log, "w") as output:
             launcher = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=output, stderr=subprocess.STDOUT,
-                                        preexec_fn=sigint_at_its_default)
+                                        preexec_fn=stop_signals_at_their_defaults)
         self.launchers.append(launcher)
         self.ports.add(int(run_env["MASTER_PORT"]))
         return launcher

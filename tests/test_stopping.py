@@ -18,7 +18,7 @@ import torch
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.train.stopping import StopSignals, agreed_signal
 
-from .conftest import REPO, sigint_at_its_default
+from .conftest import REPO, stop_signals_at_their_defaults
 
 FAULTS = Path(__file__).resolve().parent / "dist_scripts" / "faults.py"
 # 60 sentences (a few more pieces) in batches of 8, 2 epochs
@@ -31,7 +31,7 @@ def train(out: Path, data_root: Path, fault: tuple[str, int] | None = None) -> s
         [sys.executable, "-m", "nerco_dist.cli", *args]
     env = dict(os.environ, NERCO_DATA_ROOT=str(data_root), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=sigint_at_its_default)
+                          preexec_fn=stop_signals_at_their_defaults)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,18 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, data_root):
     assert "Traceback" not in stopped.stderr and not (tmp_path / "run" / "resume" / "finetune").exists()
 
 
-def test_signals_are_recorded_only_while_entered_and_sigterm_then_sighup_decide_the_status():
+@pytest.fixture
+def stop_signals_at_defaults():
+    """This process's SIGINT and SIGHUP at their defaults for one test (a background job or ``nohup`` may
+    have left them ignored, and StopSignals leaves an ignored signal ignored), then as they were."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
+    stop_signals_at_their_defaults()
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
+def test_signals_are_recorded_only_while_entered_and_sigterm_then_sighup_decide_the_status(stop_signals_at_defaults):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
     with StopSignals() as signals:
         assert signals.flags() == [0.0, 0.0, 0.0]  # SIGINT, SIGTERM, SIGHUP

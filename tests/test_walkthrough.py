@@ -25,7 +25,7 @@ import torch
 
 from nerco_dist.checkpoint import load_checkpoint
 
-from .conftest import REPO, sigint_at_its_default
+from .conftest import REPO, stop_signals_at_their_defaults
 
 # the README's commands with tiny sizes, appended to every `nerco train` of the block (120 Weibo sentences: the
 # first that hold every entity type of its dev split)
@@ -148,7 +148,7 @@ def run_smoke(checkout: Path, *extra: str, tqdm: bool = False) -> subprocess.Pop
     cmd = [*SMOKE.split(), *extra]
     env = user_env(checkout) if tqdm else user_env(checkout, TQDM_DISABLE="1")
     return subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_at_its_default)
+                            preexec_fn=stop_signals_at_their_defaults)
 
 
 @pytest.fixture(scope="module")

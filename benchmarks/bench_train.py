@@ -8,9 +8,10 @@ Runs the trainer's own phase loop (``trainer.StageLoop``: its engine and ``train
 on the DeepSpeed engine (one rank, bf16 on GPU, the ZeRO JSON of ``--ds``) over MSRA's training split, for two
 encoders: FLAT as in ``configs/msra.yaml`` and FLAT + a BERT-base-shaped model (12 x 768, random weights,
 bert-base-chinese's vocabulary; nothing is downloaded), each read and encoded for its own model (the BERT
-one with BERT's input ids); FLAT's full phase also with the embedding tables' other update (dense / rows). The lattice embeddings start random: timings do not depend on their values, and
-the generated bigram and word vectors (about 230 MB) are too big to send to a GPU machine; the data root
-needs ``msra/`` and ``vocab/`` only. Tokens are characters (the lattice's words are not counted). Peak
+one with BERT's input ids); FLAT's full phase also with the embedding tables' other update (dense / rows).
+The lattice embeddings start random: timings do not depend on their values, and the generated bigram and
+word vectors (about 230 MB) are too big to send to a GPU machine; the data root needs ``msra/`` and ``vocab/``
+only. Tokens are characters (the lattice's words are not counted). Peak
 memory is ``torch.cuda.max_memory_allocated`` over the measured steps.
 
 The epoch: every MSRA training piece once, stage 2's ``full`` phase with the BERT-base-shaped encoder, at

@@ -309,7 +309,7 @@ def rescored_on_test(run: TrainingRun, results: dict) -> dict:
     results = {key: value for key, value in results.items() if key != "test"}
     if run.splits.test is not None:
         model = run.model_with(load_checkpoint(run.stage_dir("finetune") / "best.pt")["model"])
-        test = run.scores(model.eval(), run.splits.test)
+        test = run.scores(model, run.splits.test)
         results["test"] = test.to_dict()
         log.info("test (best dev epoch %d):\n%s", results["best_epoch"], test.format_table())
     return results

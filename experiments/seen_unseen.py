@@ -1,7 +1,9 @@
 """Where a run's dev and test scores part: each split's P/R/F1 over the mentions seen in training and over the
-unseen ones, with the share of unseen mentions in each split. MSRA's dev slice is held out of the training
+unseen ones, with the share of unseen mentions in each split, and each type's recall over the mentions that
+touch another mention (a list of names without separators) and over the rest. MSRA's dev slice is held out of the training
 file itself, so few of its mentions are new; its test set has many, and a model that scores alike on seen
-mentions of both splits can still score far lower on test.
+mentions of both splits can still score far lower on test; a third of its names stand in such lists, which
+training and dev hardly have.
 
     python3 experiments/seen_unseen.py --run baseline=runs/accuracy/msra/baseline_to_patience_seed1 \
         --out experiments/results/msra_seen_unseen
@@ -24,7 +26,7 @@ from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import Config, default_data_root
 from nerco_dist.data.lexicon import Lexicon
 from nerco_dist.errors import InputError
-from nerco_dist.eval.metrics import mentions, scores_by_seen
+from nerco_dist.eval.metrics import mentions, recall_by_touching, scores_by_seen
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.inputs import read_config_splits
 from plot_curves import named_folders, named_values
@@ -41,20 +43,26 @@ def run_config(run: Path, data_root: Path) -> Config:
 
 
 def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str, dict]:
-    """``{"dev"|"test": {"seen"|"unseen": {precision, recall, f1, n_gold, n_pred}, "unseen_share"}}`` of the
-    run's best weights, "seen" meaning the mention's string occurs as a mention of the training split."""
+    """``{"dev"|"test": {"seen"|"unseen": {precision, recall, f1, n_gold, n_pred}, "unseen_share",
+    "touching": {type: {"touching"|"alone": {n_gold, n_found, recall}}}}, "train": {"touching": ...}}`` of the
+    run's best weights, "seen" meaning the mention's string occurs as a mention of the training split
+    (training's "touching" counts its gold mentions, found by definition)."""
     splits = read_config_splits(run_config(run, data_root))
     codec, model = load_for_inference(run / "best.pt", "cpu", tagging=True)
-    seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
+    train_tags = [s.tags for s in splits.train]
+    seen = mentions([s.chars for s in splits.train], train_tags)
     out = {}
     for name in ("dev", "test"):
         sentences = getattr(splits, name)
         if sentences is None:
             continue
         pred = predict(codec, model, sentences, batch_size)
-        scores = scores_by_seen([s.chars for s in sentences], [s.tags for s in sentences], pred, seen)
+        gold_tags = [s.tags for s in sentences]
+        scores = scores_by_seen([s.chars for s in sentences], gold_tags, pred, seen)
         gold = scores["seen"]["n_gold"] + scores["unseen"]["n_gold"]
-        out[name] = dict(scores, unseen_share=scores["unseen"]["n_gold"] / gold if gold else 0.0)
+        out[name] = dict(scores, unseen_share=scores["unseen"]["n_gold"] / gold if gold else 0.0,
+                         touching=recall_by_touching(gold_tags, pred))
+    out["train"] = dict(touching=recall_by_touching(train_tags, train_tags))
     return out
 
 
@@ -79,8 +87,26 @@ def table(results: dict[str, dict]) -> list[str]:
     lines = ["| run | split | F1 seen | F1 unseen | unseen mentions (share of gold) |", "|---|---|---|---|---|"]
     for name, splits in results.items():
         for split, s in splits.items():
+            if split == "train":
+                continue
             lines.append(f"| {name} | {split} | {100 * s['seen']['f1']:.2f} | {100 * s['unseen']['f1']:.2f} | "
                          f"{s['unseen']['n_gold']:,} ({100 * s['unseen_share']:.1f}%) |")
+    return lines
+
+
+def touching_table(results: dict[str, dict]) -> list[str]:
+    """Per run, split and type: the share of gold mentions that touch another, and recall on both groups."""
+    lines = ["| run | split | type | mentions touching another (share) | recall touching | recall alone |",
+             "|---|---|---|---|---|---|"]
+    for name, splits in results.items():
+        for split, s in splits.items():
+            for etype, groups in s["touching"].items():
+                touching, alone = groups["touching"], groups["alone"]
+                share = touching["n_gold"] / (touching["n_gold"] + alone["n_gold"])
+                recalls = ("–", "–") if split == "train" else (f"{100 * touching['recall']:.2f}",
+                                                                f"{100 * alone['recall']:.2f}")
+                lines.append(f"| {name} | {split} | {etype} | {touching['n_gold']:,} ({100 * share:.1f}%) | "
+                             f"{recalls[0]} | {recalls[1]} |")
     return lines
 
 
@@ -108,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      for name, splits in results.items()},
                                              lexicon_coverage_of_unseen_dev_mentions=coverage,
                                              date=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1)
-    lines = table(results)
+    lines = table(results) + [""] + touching_table(results)
     if coverage:
         lines += ["", "| lexicon | unseen dev mentions it holds as a word |", "|---|---|"]
         lines += [f"| {name} | {c['held']:,} of {c['unseen_dev_mentions']:,} ({100 * c['share']:.1f}%) |"

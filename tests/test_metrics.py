@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from nerco_dist.eval.metrics import LengthRow, evaluate, f1_by_length, mentions, scores_by_seen, write_length_csv
+from nerco_dist.data.tags import entities
+from nerco_dist.eval.metrics import (LengthRow, evaluate, f1_by_length, mentions, recall_by_touching, scores_by_seen,
+                                      write_length_csv)
 
 TAGS = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -267,3 +269,40 @@ def test_scores_by_seen_split_a_hand_counted_example():
     assert split["seen"] == dict(precision=0.5, recall=0.5, f1=0.5, n_gold=2, n_pred=2)
     # unseen gold: 上海, 李四; unseen predicted: 李四 -> 1 of 1 predicted, 1 of 2 gold
     assert split["unseen"] == dict(precision=1.0, recall=0.5, f1=2 / 3, n_gold=2, n_pred=1)
+
+
+def test_recall_by_touching_splits_a_hand_counted_list_of_names():
+    # 何光远|何竹康 touch (a list of names); 北京 stands alone; 李四 touches 北京 in the second sentence
+    gold = [["B-PER", "I-PER", "I-PER", "B-PER", "I-PER", "I-PER", "O", "B-LOC", "I-LOC"],
+            ["B-PER", "I-PER", "B-LOC", "I-LOC", "O"]]
+    pred = [["B-PER", "I-PER", "I-PER", "I-PER", "I-PER", "I-PER", "O", "B-LOC", "I-LOC"],  # the two names merged
+            ["B-PER", "I-PER", "B-LOC", "I-LOC", "O"]]
+    split = recall_by_touching(gold, pred)
+    assert split["PER"] == dict(touching=dict(n_gold=3, n_found=1, recall=1 / 3),
+                                alone=dict(n_gold=0, n_found=0, recall=0.0))
+    assert split["LOC"] == dict(touching=dict(n_gold=1, n_found=1, recall=1.0),
+                                alone=dict(n_gold=1, n_found=1, recall=1.0))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_recall_by_touching_agrees_with_a_pairwise_count_and_with_evaluate(seed):
+    rng = random.Random(seed)
+    gold = random_corpus(rng, 40, 25)
+    pred = perturb(rng, gold)
+    split = recall_by_touching(gold, pred)
+    report = evaluate(gold, pred)
+    pred_spans = {(i, e.start, e.end, e.type) for i, tags in enumerate(pred) for e in entities(tags)}
+    expected = {}
+    for i, tags in enumerate(gold):
+        spans = list(entities(tags))
+        for e in spans:
+            touching = any(o is not e and (o.end == e.start or o.start == e.end) for o in spans)
+            group = expected.setdefault(e.type, {}).setdefault("touching" if touching else "alone", [0, 0])
+            group[0] += 1
+            group[1] += (i, e.start, e.end, e.type) in pred_spans
+    for etype, groups in split.items():
+        for name, counts in groups.items():
+            assert [counts["n_gold"], counts["n_found"]] == expected[etype].get(name, [0, 0])
+        assert sum(g["n_gold"] for g in groups.values()) == report.per_type[etype].support
+        found = sum(g["n_found"] for g in groups.values())
+        assert found / report.per_type[etype].support == pytest.approx(report.per_type[etype].recall)

@@ -48,6 +48,20 @@ def test_seen_and_unseen_add_up_to_the_run_and_the_files(tmp_path, data_root, ca
     assert results["test"]["recall"] == pytest.approx(recall)
     assert "| tiny | test |" in capsys.readouterr().out
 
+    # mentions touching another, per type, counted pairwise on the file; their recalls add up to the run's
+    touching = {}
+    for sentence in read_corpus(data_root / "resume" / "test.char.bmes", "auto").sentences[:150]:
+        spans = list(entities(sentence.tags))
+        for e in spans:
+            touches = any(o is not e and (o.end == e.start or o.start == e.end) for o in spans)
+            touching.setdefault(e.type, [0, 0])[0 if touches else 1] += 1
+    by_type = report["test"]["touching"]
+    assert {t: [g["touching"]["n_gold"], g["alone"]["n_gold"]] for t, g in by_type.items()} == touching
+    assert sum(c[0] for c in touching.values()) > 0
+    assert sum(g[k]["n_found"] for g in by_type.values() for k in g) == correct
+    assert report["train"]["touching"].keys() == {e.type for s in read_corpus(
+        data_root / "resume" / "dev.char.bmes", "auto").sentences[:150] for e in entities(s.tags)}
+
 
 def test_lexicon_coverage_counts_the_new_dev_mentions_each_lexicon_holds(tmp_path, data_root, capsys):
     # train = Resume's dev (150 sentences), dev = Resume's test: some dev mentions are new

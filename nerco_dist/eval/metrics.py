@@ -1,5 +1,5 @@
-"""Entity-level NER metrics: micro and per-type P/R/F1, Span F and Type Acc, F1 by sentence length, and
-scores over the mentions seen and unseen in training.
+"""Entity-level NER metrics: micro and per-type P/R/F1, Span F and Type Acc, F1 by sentence length,
+scores over the mentions seen and unseen in training, and recall over the mentions that touch another.
 
 Entities are read conlleval-style by :func:`nerco_dist.data.tags.entities`, so the scores match seqeval's
 default mode. Span F and Type Acc split an entity error into a boundary error and a type error (NerCo
@@ -142,6 +142,31 @@ def scores_by_seen(chars: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]
         gold_set, pred_set = keep(_typed_spans(gold)), keep(_typed_spans(pred))
         p, r, f = _precision_recall_f1(len(gold_set & pred_set), len(pred_set), len(gold_set))
         out[group] = dict(precision=p, recall=r, f1=f, n_gold=len(gold_set), n_pred=len(pred_set))
+    return out
+
+
+def _touching(spans: set[tuple[int, int, int, str]]) -> set[tuple[int, int, int, str]]:
+    """The spans that start where another ends or end where another starts, in the same sentence."""
+    starts = {(s[0], s[1]) for s in spans}
+    ends = {(s[0], s[2]) for s in spans}
+    return {s for s in spans if (s[0], s[1]) in ends or (s[0], s[2]) in starts}
+
+
+def recall_by_touching(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, dict]:
+    """Recall per entity type over the gold mentions that touch another gold mention, with no character
+    between them (a list of names written without separators, as MSRA's test set has), and over the others:
+    ``{type: {"touching"|"alone": {n_gold, n_found, recall}}}``. Recall only: a predicted span belongs to
+    neither group as such."""
+    _check_aligned(gold, pred)
+    gold_set, pred_set = _typed_spans(gold), _typed_spans(pred)
+    touching = _touching(gold_set)
+    out: dict[str, dict] = {}
+    for etype in sorted({s[3] for s in gold_set}):
+        out[etype] = {}
+        for group, wanted in (("touching", True), ("alone", False)):
+            spans = {s for s in gold_set if s[3] == etype and (s in touching) == wanted}
+            found = len(spans & pred_set)
+            out[etype][group] = dict(n_gold=len(spans), n_found=found, recall=found / len(spans) if spans else 0.0)
     return out
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from nerco_dist.atomic import write_json, write_text
 from nerco_dist.config import Config, default_data_root
 from nerco_dist.data.lexicon import Lexicon
+from nerco_dist.data.splits import Splits
 from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import mentions, recall_by_touching, scores_by_seen
 from nerco_dist.inference import load_for_inference, predict
@@ -42,12 +43,11 @@ def run_config(run: Path, data_root: Path) -> Config:
     return cfg
 
 
-def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str, dict]:
+def split_by_seen(run: Path, splits: Splits, batch_size: int = 64) -> dict[str, dict]:
     """``{"dev"|"test": {"seen"|"unseen": {precision, recall, f1, n_gold, n_pred}, "unseen_share",
     "touching": {type: {"touching"|"alone": {n_gold, n_found, recall}}}}, "train": {"touching": ...}}`` of the
     run's best weights, "seen" meaning the mention's string occurs as a mention of the training split
     (training's "touching" counts its gold mentions, found by definition)."""
-    splits = read_config_splits(run_config(run, data_root))
     codec, model = load_for_inference(run / "best.pt", "cpu", tagging=True)
     train_tags = [s.tags for s in splits.train]
     seen = mentions([s.chars for s in splits.train], train_tags)
@@ -66,12 +66,10 @@ def split_by_seen(run: Path, data_root: Path, batch_size: int = 64) -> dict[str,
     return out
 
 
-def lexicon_coverage(run: Path, data_root: Path, lexicons: dict[str, str]) -> dict[str, dict]:
-    """Per lexicon (a name: a ``data.lexicon`` reference), how many of the distinct mentions of the run's dev
+def lexicon_coverage(cfg: Config, splits: Splits, lexicons: dict[str, str]) -> dict[str, dict]:
+    """Per lexicon (a name: a ``data.lexicon`` reference), how many of the distinct mentions of a run's dev
     split that training never has as a mention it holds as a word: the new names a lattice can mark as words
     at all. Dev only, as a choice between lexicons is made on dev."""
-    cfg = run_config(run, data_root)
-    splits = read_config_splits(cfg)
     seen = mentions([s.chars for s in splits.train], [s.tags for s in splits.train])
     unseen = mentions([s.chars for s in splits.dev], [s.tags for s in splits.dev]) - seen
     out = {}
@@ -124,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folders = named_folders(args.run)
         lexicons = named_values(args.lexicon, "--lexicon")
-        results = {name: split_by_seen(folder, root) for name, folder in folders.items()}
-        coverage = lexicon_coverage(next(iter(folders.values())), root, lexicons) if lexicons else {}
+        configs = {name: run_config(folder, root) for name, folder in folders.items()}
+        splits = {name: read_config_splits(cfg) for name, cfg in configs.items()}
+        results = {name: split_by_seen(folder, splits[name]) for name, folder in folders.items()}
+        first = next(iter(folders))
+        coverage = lexicon_coverage(configs[first], splits[first], lexicons) if lexicons else {}
     except InputError as err:
         print(f"nerco: error: {err}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.machine import machine_info
 from nerco_dist.train.objectives import InfoNCELoss, mean_dev_infonce
 from nerco_dist.train.phases import default_stage
-from nerco_dist.train.resume import StageIdentity
+from nerco_dist.train.resume import StageIdentity, listed
 from nerco_dist.train.stopping import StopRequested
 from nerco_dist.train.inputs import read_config_splits
 from nerco_dist.train.trainer import train
@@ -111,7 +111,7 @@ def finished_stage1(source: Path, cfg: Config) -> dict:
     saved = dict(config=results["config"], stage="contrastive", init=None, world_size=dist.world_size())
     changes = StageIdentity.of(cfg, "contrastive", None).changes(saved, finished=True)
     if changes:
-        raise InputError(done, f"its stage 1 trained under another config ({'; '.join(changes)})")
+        raise InputError(done, f"its stage 1 trained under another config ({listed(changes)})")
     return results
 
 

@@ -193,7 +193,7 @@ def test_a_checkpoint_without_a_saved_config_starts_afresh(tmp_path, data_root, 
     with caplog.at_level(logging.INFO, logger="nerco_dist"):
         train(config(tmp_path), stage="finetune")
     assert not resumed_lines(caplog)
-    assert any("saved by an earlier version that did not record its config" in r.getMessage()
+    assert any("config: saved by an earlier version that did not record it" in r.getMessage()
                for r in caplog.records)
 
 

@@ -107,19 +107,20 @@ class StageIdentity:
         keys.update(stage=self.stage, init=self.init, world_size=self.world_size)
         return keys
 
-    def changes(self, saved: dict | None, *, finished: bool, ignored: tuple[str, ...] = ()) -> list[str]:
-        """How the identity ``saved`` with a checkpoint differs from this one (``key: then -> now``), the
-        ``ignored`` keys aside; empty when the checkpoint may be continued (``finished``: its results reused)."""
+    def changes(self, saved: dict | None, *, finished: bool) -> dict[str, str]:
+        """How the identity ``saved`` with a checkpoint differs from this one, ``{key: "then -> now"}`` (the
+        key ``config`` when the saved one does not read); empty when the checkpoint may be continued
+        (``finished``: its results reused)."""
         if not isinstance(saved, dict) or "config" not in saved:
-            return ["saved by an earlier version that did not record its config"]
+            return {"config": "saved by an earlier version that did not record it"}
         try:
             then = StageIdentity(Config.from_record(saved["config"], "the saved config"), saved["stage"],
                                  saved["init"], saved["world_size"]).keys(finished=finished)
         except (InputError, KeyError) as err:
-            return [f"its config no longer reads ({err})"]
+            return {"config": f"no longer reads ({err})"}
         now = self.keys(finished=finished)
-        return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
-                if then.get(key) != now.get(key) and key not in ignored]
+        return {key: f"{then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
+                if then.get(key) != now.get(key)}
 
 
 def _relevant(section, finished: bool) -> dict:
@@ -144,9 +145,11 @@ def _dotted(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _listed(changes: list[str], most: int = 4) -> str:
-    more = len(changes) - most
-    return "; ".join(changes[:most]) + (f"; and {more} more" if more > 0 else "")
+def listed(changes: dict[str, str], most: int = 4) -> str:
+    """``changes`` (of :meth:`StageIdentity.changes`) in one line: the first ``most`` of them and a count."""
+    items = [f"{key}: {change}" for key, change in changes.items()]
+    more = len(items) - most
+    return "; ".join(items[:most]) + (f"; and {more} more" if more > 0 else "")
 
 
 class StageResume:
@@ -165,14 +168,13 @@ class StageResume:
             return None
         record = json.loads(self.done_file.read_text())
         changes = self.identity.changes(record.get("identity"), finished=True)
-        other_test = bool(changes) and best.is_file() and not self.identity.changes(
-            record.get("identity"), finished=True, ignored=("data.test",))
+        other_test = changes.keys() == {"data.test"} and best.is_file()
         if changes and not other_test:
             log.info("%s: finished by a run of another config (%s): training it again", self.done_file,
-                     _listed(changes))
+                     listed(changes))
             return None
         log.info("%s: finished by an earlier run (%s)%s; --no-resume trains it again", self.stage, self.done_file,
-                 f", under {_listed(changes)}: scoring its best weights ({best}) on this test split" * other_test)
+                 f", under {listed(changes)}: scoring its best weights ({best}) on this test split" * other_test)
         return record["results"], other_test
 
     def mark_done(self, results: dict) -> None:
@@ -192,13 +194,13 @@ class StageResume:
         latest = json.loads(path.read_text())
         saved = latest["progress"].get("identity")
         changes = self.identity.changes(saved, finished=False)
-        if changes and not self.identity.changes(saved, finished=False, ignored=("world_size",)):
+        if changes.keys() == {"world_size"}:
             raise InputError(self.directory, f"saved by {saved['world_size']} ranks, launched with "
                                              f"{self.identity.world_size}: launch {saved['world_size']} to continue "
                                              f"it, or pass --no-resume to train the {self.stage} stage afresh")
         if changes:
             log.warning("%s: the resume checkpoint is of another config (%s): starting the %s "
-                        "stage afresh", self.directory, _listed(changes), self.stage)
+                        "stage afresh", self.directory, listed(changes), self.stage)
             return None
         return latest
 
@@ -212,7 +214,7 @@ class StageResume:
         log.info("%s: resuming at phase %d, epoch %d, batch %d (step %d)", self.stage, state.phase + 1,
                  state.epoch + 1, state.batch, state.step)
         if ends:  # a patience or test split changed since the checkpoint
-            log.info("%s: continuing under %s", self.stage, _listed(ends))
+            log.info("%s: continuing under %s", self.stage, listed(ends))
         return state
 
     def save(self, engine, progress: Progress) -> None:

@@ -93,11 +93,17 @@ def table(results: dict[str, dict]) -> list[str]:
 
 
 def touching_table(results: dict[str, dict]) -> list[str]:
-    """Per run, split and type: the share of gold mentions that touch another, and recall on both groups."""
+    """Per run, split and type: the share of gold mentions that touch another, and recall on both groups
+    (training's shares once for runs in a row that share them)."""
     lines = ["| run | split | type | mentions touching another (share) | recall touching | recall alone |",
              "|---|---|---|---|---|---|"]
+    last_train = None
     for name, splits in results.items():
         for split, s in splits.items():
+            if split == "train":
+                if s == last_train:
+                    continue
+                last_train = s
             for etype, groups in s["touching"].items():
                 touching, alone = groups["touching"], groups["alone"]
                 share = touching["n_gold"] / (touching["n_gold"] + alone["n_gold"])

@@ -1,9 +1,9 @@
 """Where a run's dev and test scores part: each split's P/R/F1 over the mentions seen in training and over the
 unseen ones, with the share of unseen mentions in each split, and each type's recall over the mentions that
-touch another mention (a list of names without separators) and over the rest. MSRA's dev slice is held out of the training
-file itself, so few of its mentions are new; its test set has many, and a model that scores alike on seen
-mentions of both splits can still score far lower on test; a third of its names stand in such lists, which
-training and dev hardly have.
+touch another mention (a list of names without separators) and over the rest. MSRA's dev slice is held out
+of the training file itself, so few of its mentions are new; its test set has many, and a model that scores
+alike on seen mentions of both splits can still score far lower on test; a third of test's names stand in
+such lists, which training and dev hardly have.
 
     python3 experiments/seen_unseen.py --run baseline=runs/accuracy/msra/baseline_to_patience_seed1 \
         --out experiments/results/msra_seen_unseen

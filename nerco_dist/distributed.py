@@ -222,10 +222,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def seed_rank_stream(seed: int) -> None:
-    """After the (identical) model init, give each rank its own dropout stream; one process is left as is."""
-    if world_size() > 1:
-        torch.manual_seed(seed * 1009 + rank())
+def seed_rank_stream(seed: int, salt: int = 0, always: bool = False) -> None:
+    """After the (identical) model init, give each rank its own dropout stream; one process is left as is
+    (but ``always``). ``salt`` (a step) sets a continued run's streams apart from those it started with."""
+    if world_size() > 1 or always:
+        torch.manual_seed(seed * 1009 + rank() + salt * 1_000_003)
 
 
 def is_peer_failure(err: BaseException) -> bool:

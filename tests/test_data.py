@@ -530,6 +530,36 @@ def test_length_bucket_sampler_covers_everything_once_and_repeats():
     assert sorted_spread < random_spread / 2
 
 
+@pytest.mark.parametrize("n", [1, 5, 103, 104])
+def test_length_bucket_sampler_gives_each_step_the_same_batches_on_any_ranks_x_accumulation(n):
+    """An optimizer step takes ranks x accumulation batches: every rank has whole steps of its own, the epoch
+    is padded (by repeating its first batches) to whole steps, and step k's batches are the one-process
+    epoch's, whichever ranks x accumulation make up the same count."""
+    lengths = [random.Random(i).randint(1, 100) for i in range(n)]
+    one = LengthBucketBatchSampler(lengths, 8, seed=3, pool_batches=4)
+    one.set_epoch(1)
+    epoch = list(one)  # the one-process, one-batch-a-step epoch
+    for per_step in (2, 4, 6):
+        layouts = {}
+        for ranks in (r for r in (1, 2, 3, 4, 6) if per_step % r == 0):
+            accum = per_step // ranks
+            samplers = [LengthBucketBatchSampler(lengths, 8, seed=3, pool_batches=4, rank=r, world_size=ranks,
+                                                 grad_accum=accum) for r in range(ranks)]
+            for s in samplers:
+                s.set_epoch(1)
+            per_rank = [list(s) for s in samplers]
+            assert all(len(b) == len(s) and len(b) % accum == 0 for b, s in zip(per_rank, samplers))
+            steps = len(per_rank[0]) // accum
+            assert steps == -(-len(epoch) // per_step)  # whole steps, the last one padded
+            # step k: accumulation micro-batch m of rank r is the epoch's batch k * per_step + m * ranks + r
+            layouts[ranks] = [sorted(map(tuple, (per_rank[r][k * accum + m] for m in range(accum)
+                                                 for r in range(ranks)))) for k in range(steps)]
+            padded = [epoch[i % len(epoch)] for i in range(steps * per_step)]
+            assert layouts[ranks] == [sorted(map(tuple, padded[k * per_step:(k + 1) * per_step]))
+                                      for k in range(steps)]
+        assert len(layouts) >= 2
+
+
 def test_holdout_split_is_seeded_and_disjoint():
     sents = [Sentence([str(i)], ["O"]) for i in range(100)]
     a_train, a_dev = holdout_split(sents, 0.1, seed=5)

@@ -2,6 +2,7 @@
 output folder goes on where it stopped and ends as the run started with those values would have; another
 trained key, or a finished stage under another patience, trains again, and the log names the keys."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -13,15 +14,18 @@ import torch
 from nerco_dist import cli
 from nerco_dist.checkpoint import load_checkpoint
 from nerco_dist.config import Config, load_config
+from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.inputs import read_config_splits
+from nerco_dist.train.resume import Progress, StageIdentity, StageResume
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
 from .conftest import DATA_ROOT, TINY
 
-SHORT = ["data.max_len=40", "data.limit=60", "finetune.full.optim.epochs=3", "finetune.full.patience=1"]
+SHORT = ["data.max_len=40", "data.limit=60", "finetune.full.optim.epochs=3", "finetune.full.patience=1",
+         "run.threads=1"]  # one thread for every run: bitwise comparisons need one summation order
 LATEST = ("resume", "finetune", "latest.json")
 
 
@@ -120,23 +124,61 @@ def test_a_key_the_saved_config_predates_reads_at_its_default(tmp_path, data_roo
     assert resumed_lines(caplog) == [resumed_at_second_epoch(config(tmp_path))]
 
 
-def test_a_checkpoint_of_another_number_of_ranks_is_refused_and_kept(tmp_path, data_root, capsys):
-    """Launched with another number of ranks, a killed run is neither continued nor trained over: one line
-    says how to continue it, and its checkpoint stays as it was."""
+def test_a_checkpoint_of_other_micro_batches_a_step_on_other_ranks_is_refused_and_kept(tmp_path, data_root, capsys):
+    """Launched with another number of ranks that does not make up the saved micro-batches a step, a killed
+    run is neither continued nor trained over: one line says how to continue it, and its checkpoint stays as it
+    was. So does one saved by DeepSpeed's engine that this process would continue on its own engine."""
     killed_in_second_epoch(config(tmp_path))
     latest = tmp_path.joinpath(*LATEST)
     record = json.loads(latest.read_text())
     record["progress"]["identity"]["world_size"] = 2
     latest.write_text(json.dumps(record))
     kept = {p: p.read_bytes() for p in latest.parent.rglob("*") if p.is_file()}
+    argv = ["train", str(TINY), *[arg for item in SHORT for arg in ("--set", item)], "--set",
+            f"run.out_dir={tmp_path}", "--data-root", str(DATA_ROOT), "--stage", "finetune"]
     capsys.readouterr()
-    code = cli.main(["train", str(TINY), *[arg for item in SHORT for arg in ("--set", item)],
-                     "--set", f"run.out_dir={tmp_path}", "--data-root", str(DATA_ROOT), "--stage", "finetune"])
-    assert code == 2
+    assert cli.main(argv) == 2
     assert capsys.readouterr().err == (
-        f"nerco: error: {latest.parent}: saved by 2 ranks, launched with 1: launch 2 to continue it, or pass "
-        "--no-resume to train the finetune stage afresh\n")
+        f"nerco: error: {latest.parent}: saved at 2 micro-batches a step (2 ranks x distributed.grad_accum 1), "
+        "launched with 1 x 1: pass --set distributed.grad_accum=2 to continue it, or pass --no-resume to train "
+        "the finetune stage afresh\n")
     assert {p: p.read_bytes() for p in latest.parent.rglob("*") if p.is_file()} == kept
+
+    tag = latest.parent / record["tag"]
+    (tag / "local.pt").rename(tag / "mp_rank_00_model_states.pt")  # as DeepSpeed's engine names its file
+    kept = {p: p.read_bytes() for p in latest.parent.rglob("*") if p.is_file()}
+    assert cli.main([*argv, "--set", "distributed.grad_accum=2"]) == 2
+    assert capsys.readouterr().err == (
+        f"nerco: error: {tag}: saved by DeepSpeed's engine on 2 rank(s): continue it under the deepspeed launcher "
+        "(1 rank will do) or with distributed.config set; --no-resume trains the finetune stage afresh\n")
+    assert {p: p.read_bytes() for p in latest.parent.rglob("*") if p.is_file()} == kept
+
+
+def identity(stage: str, ranks: int, accum: int) -> StageIdentity:
+    return StageIdentity(config("out", f"distributed.grad_accum={accum}"), stage, None, ranks)
+
+
+def test_fine_tuning_counts_micro_batches_a_step_and_stage_one_its_ranks():
+    """Fine-tuning's loss sums over sentences, so 2 ranks and 1 rank accumulating 2 make the same step; stage
+    1's negatives are the ranks' micro-batches, so its ranks count, except for reusing it finished."""
+    saved = identity("finetune", 2, 1).to_dict()
+    assert identity("finetune", 1, 2).changes(saved, finished=False) == {}
+    assert identity("finetune", 4, 1).changes(saved, finished=False) == {"micro_batches_per_step": "2 -> 4"}
+    assert identity("finetune", 2, 2).changes(saved, finished=True) == {"micro_batches_per_step": "2 -> 4"}
+    saved = identity("contrastive", 2, 1).to_dict()
+    assert identity("contrastive", 1, 2).changes(saved, finished=False) == {
+        "distributed.grad_accum": "1 -> 2", "world_size": "2 -> 1"}
+    assert identity("contrastive", 1, 1).changes(saved, finished=True) == {}
+
+
+def test_stage_one_saved_by_other_ranks_is_refused_with_how_to_continue_it(tmp_path):
+    resume = StageResume(tmp_path, identity("contrastive", 1, 1))
+    resume.directory.mkdir(parents=True)
+    progress = Progress(identity=identity("contrastive", 2, 1).to_dict())
+    (resume.directory / "latest.json").write_text(json.dumps(dict(tag="t", progress=dataclasses.asdict(progress))))
+    with pytest.raises(InputError, match=r"saved by 2 ranks, launched with 1: stage 1's negatives are its ranks' "
+                                         r"micro-batches, so launch 2 to continue it, or pass --no-resume"):
+        resume.progress()
 
 
 def optim_sections(cfg: dict) -> list[dict]:

@@ -301,15 +301,18 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of similar lattice length, so padding (which costs L^2 in FLAT) stays small.
 
     Shuffling draws a pool of ``pool_batches`` batches at a time, sorts the pool by length, cuts it into
-    batches and shuffles the batches; the order is a function of (seed, epoch). ``rank``/``world_size``
-    give each process every world_size-th batch (padded by repeating batches so all ranks step together).
+    batches and shuffles the batches; the order is a function of (seed, epoch). An optimizer step takes
+    ``world_size`` x ``grad_accum`` of them, rank ``rank`` taking every ``world_size``-th: the epoch is padded
+    (by repeating its first batches) to whole steps, so every rank steps together and an epoch ends on a step.
+    The batches of step k are then the same for every launch with the same ``world_size`` x ``grad_accum``
+    (2 ranks, or 1 rank accumulating 2), which is what lets a run continue on another number of ranks.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 pool_batches: int = 50, rank: int = 0, world_size: int = 1):
+                 pool_batches: int = 50, rank: int = 0, world_size: int = 1, grad_accum: int = 1):
         self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
         self.pool_size = pool_batches * batch_size  # indices drawn, sorted and batched together
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -331,13 +334,15 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._all_batches()
-        if self.world_size > 1:
-            total = math.ceil(len(batches) / self.world_size) * self.world_size
-            batches = (batches + batches[: total - len(batches)])[self.rank :: self.world_size]
+        per_step = self.world_size * self.grad_accum
+        if per_step > 1:
+            total = math.ceil(len(batches) / per_step) * per_step
+            batches = [batches[i % len(batches)] for i in range(total)][self.rank :: self.world_size]
         return iter(batches)
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.world_size)
+        per_step = self.world_size * self.grad_accum
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / per_step) * self.grad_accum
 
     def __repr__(self) -> str:
         return f"LengthBucketBatchSampler(n={len(self.lengths)}, batch_size={self.batch_size})"

@@ -12,9 +12,14 @@ atomically.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import importlib.resources
+import io
 import json
+import logging
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,8 +31,10 @@ from .. import distributed as dist
 from ..checkpoint import load_tensors, save_tensors
 from ..config import DistributedConfig
 from ..errors import InputError
-from .engine import Engine
+from .engine import LOCAL_FILE, Engine
 from .rows import TableRows
+
+log = logging.getLogger("nerco_dist")
 
 TABLES_FILE = "tables.pt"  # a DeepSpeed resume checkpoint's row-wise tables and their optimizer
 
@@ -182,10 +189,29 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(path.parent), tag=path.name, client_state=dict(nerco=extra), save_latest=False)
         self._save_tables(path)
 
-    def load_state(self, path: Path) -> dict:
+    def load_state(self, path: Path, saved_ranks: int) -> dict:
+        """DeepSpeed's checkpoint ``path``; saved by another number of ranks under ZeRO 1 or 2, through its
+        universal form (:func:`_universal`); under ZeRO 3 refused (DeepSpeed 0.19 loads that form with the
+        Adam moments or rates of several parameter groups mixed up: a 2-group model resumed on 1 rank moved 1e-2
+        off the uninterrupted run). The tables updated row-wise are whole on every rank."""
+        if (path / LOCAL_FILE).is_file():
+            raise InputError(path, "saved by the one-process engine: continue it without the launcher and "
+                                   "without distributed.config")
         _refuse_unsafe_files(path)
+        zero = self.config["zero_optimization"].get("stage", 0)
+        if saved_ranks != dist.world_size() and zero == 3:
+            raise InputError(path, f"saved by {saved_ranks} rank(s) under ZeRO 3, which continues only on as many "
+                                   f"(DeepSpeed's universal form restores several parameter groups wrongly there): "
+                                   f"launch {saved_ranks}")
+        universal = saved_ranks != dist.world_size() and zero > 0
+        source = _universal(path) if universal else path
         # the LR schedule was built at the resumed step (``start_step``): its saved state is not loaded
-        loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        self.ds._config.load_universal_checkpoint = universal  # read by load_checkpoint alone
+        try:
+            loaded, client = self.ds.load_checkpoint(str(source.parent), tag=source.name,
+                                                     load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if loaded is None:
             raise ValueError(f"{path}: DeepSpeed could not load this checkpoint")
         self._load_tables(path)
@@ -213,6 +239,34 @@ class DeepSpeedEngine(Engine):
         if destroy is not None:
             destroy()
         self._kept_out.restore()
+
+
+def _universal(path: Path) -> Path:
+    """DeepSpeed's universal form of the ZeRO checkpoint ``path``: every parameter's weights and optimizer
+    moments whole (``zero/<name>/``), which DeepSpeed partitions anew for any number of ranks. Rank 0 makes it
+    beside ``path`` once (in a ``.partial`` folder renamed when complete; the next save removes both), from the
+    files :func:`_refuse_unsafe_files` has read. Collective; a conversion DeepSpeed refuses stops every rank
+    with its reason."""
+    target = path.with_name(f"{path.name}-universal")
+    refused = None
+    if dist.is_main() and not target.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        partial = target.with_name(f"{target.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(path), output_folder=str(partial), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its prints
+                ds_to_universal.main(args)
+            partial.rename(target)
+            log.info("%s: saved by another number of ranks: converted to DeepSpeed's universal form, %s", path, target)
+        except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as err:
+            refused = f"saved by another number of ranks, and DeepSpeed cannot convert it for this one ({err})"
+    refused = dist.gather_objects(refused)[0]
+    if refused is not None:
+        raise InputError(path, refused)
+    return target
 
 
 def _deepspeed_classes() -> list[type]:

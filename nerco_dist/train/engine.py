@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_tensors, save_tensors
+from ..errors import InputError
 from .rows import TableRows
+
+LOCAL_FILE = "local.pt"  # the one-process engine's resume checkpoint, in its tag's folder
 
 
 class Engine(abc.ABC):
@@ -65,7 +68,9 @@ class Engine(abc.ABC):
     def save_state(self, path: Path, extra: dict) -> None: ...
 
     @abc.abstractmethod
-    def load_state(self, path: Path) -> dict: ...
+    def load_state(self, path: Path, saved_ranks: int) -> dict:
+        """What :meth:`save_state` wrote under ``path`` (on ``saved_ranks`` ranks) into this engine; its
+        ``extra``."""
 
     def flush_tables(self) -> None:
         """Every row of the row-wise tables up to date (they lag until read): before weights are given out.
@@ -132,10 +137,13 @@ class LocalEngine(Engine):
         ``path``. The LR schedule is not saved: it is rebuilt at the resumed step."""
         tables = {} if self.tables is None else dict(tables=self.tables.state_dict())
         save_tensors(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), extra=extra,
-                          **tables), path / "local.pt")
+                          **tables), path / LOCAL_FILE)
 
-    def load_state(self, path: Path) -> dict:
-        state = load_tensors(path / "local.pt")
+    def load_state(self, path: Path, saved_ranks: int) -> dict:
+        if not (path / LOCAL_FILE).is_file():
+            raise InputError(path, f"saved by DeepSpeed's engine on {saved_ranks} rank(s): continue it under the "
+                                   "deepspeed launcher (1 rank will do) or with distributed.config set")
+        state = load_tensors(path / LOCAL_FILE)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.tables is not None:

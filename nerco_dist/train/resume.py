@@ -65,7 +65,8 @@ class Progress:
 @dataclass(frozen=True)
 class StageIdentity:
     """What a stage's checkpoints must share with the command that continues them: the config's keys the
-    stage reads, where it started from, the number of ranks. Saved as the config itself, not a hash of it, so
+    stage reads, where it started from, and how many micro-batches make an optimizer step. Saved as the config
+    itself, not a hash of it, so
     a checkpoint outlives a change of the config's schema (a key added since reads at the value the
     checkpoint's run trained with: :meth:`Config.from_record`) and a checkpoint not continued says which keys
     differ.
@@ -77,7 +78,13 @@ class StageIdentity:
     :meth:`StageResume.finished`).
     Stage 1 does not read the fine-tuning sections (but for ``finetune.head``, the head probe's optimiser,
     where the probe selects its epoch) nor the test split, so a changed fine-tuning key retrains stage 2 from
-    the stage 1 already trained."""
+    the stage 1 already trained.
+
+    Ranks: fine-tuning's loss is a sum over sentences, so a step is the same whichever ranks x accumulation
+    make up its micro-batches (the sampler gives step k the same batches): it counts that product
+    (``micro_batches_per_step``), and a killed run continues on another number of ranks at the same product.
+    Stage 1's negatives are the ranks' micro-batches of one forward pass, so its number of ranks counts as
+    such, except for reusing a finished stage 1 (a run continued on other ranks does not train it again)."""
 
     cfg: Config
     stage: str
@@ -104,7 +111,11 @@ class StageIdentity:
             relevant["finetune"] = {"head": relevant["finetune"]["head"]} if probe else {}
             relevant["data"].pop("test", None)
         keys = _dotted(relevant)
-        keys.update(stage=self.stage, init=self.init, world_size=self.world_size)
+        keys.update(stage=self.stage, init=self.init)
+        if self.stage == "finetune":
+            keys["micro_batches_per_step"] = keys.pop("distributed.grad_accum") * self.world_size
+        elif not finished:
+            keys["world_size"] = self.world_size
         return keys
 
     def changes(self, saved: dict | None, *, finished: bool) -> dict[str, str]:
@@ -186,31 +197,50 @@ class StageResume:
 
     def latest(self) -> dict | None:
         """``{"tag", "progress"}`` of the newest checkpoint this command may continue, or None (another
-        config's, with a warning). One that differs only in the number of ranks is refused rather than
-        trained over: that is a launch to correct, not a new run."""
+        config's, with a warning). One that differs only in its ranks (stage 1), or its micro-batches a step
+        on another number of ranks (fine-tuning), is refused rather than trained over: that is a launch to
+        correct, not a new run."""
         path = self.directory / LATEST
         if not path.is_file():
             return None
         latest = json.loads(path.read_text())
         saved = latest["progress"].get("identity")
         changes = self.identity.changes(saved, finished=False)
-        if changes.keys() == {"world_size"}:
-            raise InputError(self.directory, f"saved by {saved['world_size']} ranks, launched with "
-                                             f"{self.identity.world_size}: launch {saved['world_size']} to continue "
-                                             f"it, or pass --no-resume to train the {self.stage} stage afresh")
+        if changes.keys() in ({"world_size"}, {"micro_batches_per_step"}):
+            raise InputError(self.directory, self._relaunch(saved))
         if changes:
             log.warning("%s: the resume checkpoint is of another config (%s): starting the %s "
                         "stage afresh", self.directory, listed(changes), self.stage)
             return None
         return latest
 
+    def _relaunch(self, saved: dict) -> str:
+        """How to launch so that the checkpoint ``saved`` (an identity) continues."""
+        then, now, stage = saved["world_size"], self.identity.world_size, self.stage
+        afresh = f"or pass --no-resume to train the {stage} stage afresh"
+        if stage != "finetune":
+            return (f"saved by {then} ranks, launched with {now}: stage 1's negatives are its ranks' micro-batches, "
+                    f"so launch {then} to continue it, {afresh}")
+        per_step = saved["config"]["distributed"]["grad_accum"] * then
+        accum = f"--set distributed.grad_accum={per_step // now}" if per_step % now == 0 else None
+        return (f"saved at {per_step} micro-batches a step ({then} ranks x distributed.grad_accum "
+                f"{per_step // then}), launched with {now} x {self.identity.cfg.distributed.grad_accum}: "
+                + (f"pass {accum} to continue it, " if accum else f"launch a divisor of {per_step} ranks to continue it, ")
+                + afresh)
+
     def progress(self) -> Progress:
-        """Where the last run of this command left the stage (a fresh start when it left nothing)."""
+        """Where the last run of this command left the stage (a fresh start when it left nothing). On another
+        number of ranks, ``batch`` (this rank's batches of the epoch) is converted: the steps taken stay."""
         latest = self.latest()
         if latest is None:
             return Progress(identity=self.identity.to_dict())
         ends = self.identity.changes(latest["progress"]["identity"], finished=True)
         state = Progress(**{**latest["progress"], "identity": self.identity.to_dict()})
+        then, now = latest["progress"]["identity"]["world_size"], self.identity.world_size
+        if then != now:
+            state.batch = state.batch * then // now  # saved between steps: a whole number of steps' batches
+            log.info("%s: continuing on %d ranks what %d ranks saved: the same micro-batches make each step; "
+                     "dropout draws anew", self.stage, now, then)
         log.info("%s: resuming at phase %d, epoch %d, batch %d (step %d)", self.stage, state.phase + 1,
                  state.epoch + 1, state.batch, state.step)
         if ends:  # a patience or test split changed since the checkpoint
@@ -241,16 +271,21 @@ class StageResume:
         return json.loads(path.read_text()).get("saves", 0) if path.is_file() else 0
 
     def restore(self, engine) -> bool:
-        """Weights, optimizer and RNG of the newest checkpoint into ``engine``; False when there is none."""
+        """Weights, optimizer and RNG of the newest checkpoint into ``engine``; False when there is none. Saved
+        by another number of ranks, each rank's random stream starts anew, seeded by its rank and the step."""
         latest = self.latest()
         if latest is None:
             return False
+        saved_ranks = latest["progress"]["identity"]["world_size"]
         try:
-            state = engine.load_state(self.directory / latest["tag"])
+            state = engine.load_state(self.directory / latest["tag"], saved_ranks)
         except InputError as err:
             raise InputError(err.path, f"{err.problem}; --no-resume trains the {self.stage} stage afresh",
                              err.line) from err
-        dist.set_rng_state(state["rng"][dist.rank()])
+        if saved_ranks == dist.world_size():
+            dist.set_rng_state(state["rng"][dist.rank()])
+        else:
+            dist.seed_rank_stream(self.identity.cfg.run.seed, salt=latest["progress"]["stage_step"], always=True)
         return True
 
 

@@ -182,9 +182,11 @@ class TrainingRun:
         return self.codec.encode(self.splits.dev, split_on_entities=True, source="dev ")
 
     def train_batches(self, batch_size: int):
-        """This rank's share of the shuffled, length-bucketed batches (``.sampler.set_epoch`` reshuffles)."""
+        """This rank's share of the shuffled, length-bucketed batches, in whole optimizer steps
+        (``.sampler.set_epoch`` reshuffles)."""
         sampler = LengthBucketBatchSampler([p.lattice_len for p in self.train_pieces], batch_size,
-                                           seed=self.cfg.run.seed, rank=dist.rank(), world_size=dist.world_size())
+                                           seed=self.cfg.run.seed, rank=dist.rank(), world_size=dist.world_size(),
+                                           grad_accum=self.cfg.distributed.grad_accum)
         return self.codec.batches(self.train_pieces, sampler)
 
     def model_with(self, weights: dict) -> NerTagger:

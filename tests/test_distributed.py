@@ -378,9 +378,8 @@ def test_fine_tuning_killed_on_some_ranks_continues_on_others_making_the_same_mi
 
 
 def test_zero3_fine_tuning_continues_only_on_the_ranks_that_saved_it(tmp_path, data_root):
-    """DeepSpeed's universal form restores a ZeRO-3 model of several parameter groups wrongly (measured: 1e-2
-    off the uninterrupted run), so a ZeRO-3 checkpoint on another number of ranks is refused in one line that
-    says how to continue it, and kept."""
+    """DeepSpeed's universal form restores a ZeRO-3 model of several parameter groups wrongly, so a ZeRO-3
+    checkpoint on another number of ranks is refused in one line that says how to continue it, and kept."""
     out = tmp_path / "run"
     args = nerco_train(out, 3, "contrastive.enabled=false")
     kill_when(args, data_root, out / "resume" / "finetune" / "latest.json", tmp_path / "killed.log")

@@ -191,9 +191,9 @@ class DeepSpeedEngine(Engine):
 
     def load_state(self, path: Path, saved_ranks: int) -> dict:
         """DeepSpeed's checkpoint ``path``; saved by another number of ranks under ZeRO 1 or 2, through its
-        universal form (:func:`_universal`); under ZeRO 3 refused (DeepSpeed 0.19 loads that form with the
-        Adam moments or rates of several parameter groups mixed up: a 2-group model resumed on 1 rank moved 1e-2
-        off the uninterrupted run). The tables updated row-wise are whole on every rank."""
+        universal form (:func:`_universal`); under ZeRO 3 refused (DeepSpeed 0.19 loads that form wrongly for a
+        model of several parameter groups: docs/distributed.md). The tables updated row-wise are whole on
+        every rank."""
         if (path / LOCAL_FILE).is_file():
             raise InputError(path, "saved by the one-process engine: continue it without the launcher and "
                                    "without distributed.config")

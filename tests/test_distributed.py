@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -509,3 +510,35 @@ def test_a_run_of_nonfinite_losses_aborts_with_a_message(tmp_path, data_root):
                                                         "distributed.max_nonfinite=3"], data_root=data_root)
     with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
         trainer.train(cfg, stage="finetune", wrap_loss=nan_loss)
+
+
+def test_a_skipped_micro_batch_still_counts_toward_its_accumulated_step(tmp_path, data_root, caplog):
+    """With 2 micro-batches a step, a non-finite loss on the second leaves every step where the sampler put it:
+    the step is the first micro-batch's alone, stood in for by a zero-weighted pass of it, and the run ends
+    with the weights of a run whose second loss is the first one's times zero (without the stand-in, each later
+    step would take one batch of the next)."""
+    def run(out: Path, second) -> list:
+        calls = []
+
+        def wrap(phase, loss):
+            def wrapped(model, batch):
+                calls.append(batch)
+                return second(loss, model, calls[0]) if len(calls) == 2 else loss(model, batch)
+            return wrapped
+
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run.out_dir={out}", "data.limit=40", "run.threads=1",
+                                                            "distributed.grad_accum=2", "finetune.full.optim.epochs=2"],
+                          data_root=data_root)
+        trainer.train(cfg, stage="finetune", wrap_loss=wrap)
+        return calls
+
+    with caplog.at_level(logging.WARNING, logger="nerco_dist"):
+        skipped = run(tmp_path / "nan", lambda loss, model, first: loss(model, first) * float("nan"))
+    assert [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()] == [
+        "non-finite loss in phase 'full', epoch 1, batch 2: not trained on (1 in a row, 1 in all)"]
+    assert skipped[2] is skipped[0]  # the stand-in pass
+    # the same passes, so the same dropout draws: one thrown away, then the first batch's times zero
+    zeroed = run(tmp_path / "zero", lambda loss, model, first: (loss(model, first), loss(model, first) * 0.0)[1])
+    assert len(zeroed) == len(skipped) - 1
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("nan", "zero"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -171,6 +171,16 @@ def test_fine_tuning_counts_micro_batches_a_step_and_stage_one_its_ranks():
     assert identity("contrastive", 1, 1).changes(saved, finished=True) == {}
 
 
+def test_other_accumulation_on_the_same_ranks_is_another_config(tmp_path, data_root, caplog):
+    """Only another number of ranks is a launch to correct: ``grad_accum`` changed alone starts afresh."""
+    killed_in_second_epoch(config(tmp_path))
+    with caplog.at_level(logging.INFO, logger="nerco_dist"):
+        train(config(tmp_path, "distributed.grad_accum=2", "finetune.full.optim.epochs=1"), stage="finetune")
+    assert not resumed_lines(caplog)
+    assert any("(micro_batches_per_step: 1 -> 2): starting the finetune stage afresh" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_stage_one_saved_by_other_ranks_is_refused_with_how_to_continue_it(tmp_path):
     resume = StageResume(tmp_path, identity("contrastive", 1, 1))
     resume.directory.mkdir(parents=True)

@@ -244,16 +244,17 @@ class DeepSpeedEngine(Engine):
 def _universal(path: Path) -> Path:
     """DeepSpeed's universal form of the ZeRO checkpoint ``path``: every parameter's weights and optimizer
     moments whole (``zero/<name>/``), which DeepSpeed partitions anew for any number of ranks. Rank 0 makes it
-    beside ``path`` once (in a ``.partial`` folder renamed when complete; the next save removes both), from the
-    files :func:`_refuse_unsafe_files` has read. Collective; a conversion DeepSpeed refuses stops every rank
-    with its reason."""
+    beside ``path`` from the files :func:`_refuse_unsafe_files` has read, anew at every resume (DeepSpeed reads
+    it unchecked, so a folder found there is never trusted), in a ``.partial`` folder renamed when complete;
+    the next save removes it. Collective: whatever stops the conversion stops every rank with its reason."""
     target = path.with_name(f"{path.name}-universal")
     refused = None
-    if dist.is_main() and not target.is_dir():
+    if dist.is_main():
         from deepspeed.checkpoint import ds_to_universal
 
         partial = target.with_name(f"{target.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        for old in (target, partial):
+            shutil.rmtree(old, ignore_errors=True)
         args = argparse.Namespace(input_folder=str(path), output_folder=str(partial), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         try:
@@ -261,8 +262,9 @@ def _universal(path: Path) -> Path:
                 ds_to_universal.main(args)
             partial.rename(target)
             log.info("%s: saved by another number of ranks: converted to DeepSpeed's universal form, %s", path, target)
-        except (AssertionError, KeyError, OSError, RuntimeError, ValueError) as err:
-            refused = f"saved by another number of ranks, and DeepSpeed cannot convert it for this one ({err})"
+        except Exception as err:  # a third-party converter: any failure is this checkpoint's, said on every rank
+            refused = (f"saved by another number of ranks, and DeepSpeed cannot convert it for this one "
+                       f"({type(err).__name__}: {err})")
     refused = dist.gather_objects(refused)[0]
     if refused is not None:
         raise InputError(path, refused)

@@ -119,7 +119,7 @@ def head_probe_report(run, model: NerTagger, epochs: int, lr: float) -> NerRepor
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         probe = run.model_with(model.state_dict())
         optim = replace(run.cfg.finetune.head.optim, epochs=epochs, lr=lr)
-        batches = run.train_batches(optim.batch_size)
+        batches = run.train_batches(optim.batch_size, grad_accum=1)  # the probe's engine: one batch a step
         engine = build_engine(probe, optim, [(list(probe.head.parameters()), 1.0)], len(batches))
         loss = CrfLoss(trains_encoder=False)
         probe.train()

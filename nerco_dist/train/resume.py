@@ -206,7 +206,8 @@ class StageResume:
         latest = json.loads(path.read_text())
         saved = latest["progress"].get("identity")
         changes = self.identity.changes(saved, finished=False)
-        if changes.keys() in ({"world_size"}, {"micro_batches_per_step"}):
+        other_ranks = saved.get("world_size") != self.identity.world_size if isinstance(saved, dict) else False
+        if other_ranks and changes.keys() in ({"world_size"}, {"micro_batches_per_step"}):
             raise InputError(self.directory, self._relaunch(saved))
         if changes:
             log.warning("%s: the resume checkpoint is of another config (%s): starting the %s "

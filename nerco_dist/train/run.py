@@ -181,12 +181,12 @@ class TrainingRun:
         """Dev pieces cut as training cuts them (stage 1 scores its dev InfoNCE on them)."""
         return self.codec.encode(self.splits.dev, split_on_entities=True, source="dev ")
 
-    def train_batches(self, batch_size: int):
-        """This rank's share of the shuffled, length-bucketed batches, in whole optimizer steps
-        (``.sampler.set_epoch`` reshuffles)."""
+    def train_batches(self, batch_size: int, grad_accum: int | None = None):
+        """This rank's share of the shuffled, length-bucketed batches, in whole optimizer steps of ``grad_accum``
+        (default ``distributed.grad_accum``) micro-batches a rank (``.sampler.set_epoch`` reshuffles)."""
         sampler = LengthBucketBatchSampler([p.lattice_len for p in self.train_pieces], batch_size,
                                            seed=self.cfg.run.seed, rank=dist.rank(), world_size=dist.world_size(),
-                                           grad_accum=self.cfg.distributed.grad_accum)
+                                           grad_accum=grad_accum or self.cfg.distributed.grad_accum)
         return self.codec.batches(self.train_pieces, sampler)
 
     def model_with(self, weights: dict) -> NerTagger:

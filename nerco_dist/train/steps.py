@@ -53,7 +53,7 @@ def skip_nonfinite(progress: Progress, limit: int, scalars: Scalars, phase: Phas
     progress.nonfinite += 1
     progress.nonfinite_run += 1
     scalars.add(f"{phase.name}/nonfinite_skipped", progress.nonfinite, progress.stage_step)
-    log.warning("non-finite loss in phase %r, epoch %d, batch %d: step skipped (%d in a row, %d in all)",
+    log.warning("non-finite loss in phase %r, epoch %d, batch %d: not trained on (%d in a row, %d in all)",
                 phase.name, progress.epoch + 1, progress.batch, progress.nonfinite_run, progress.nonfinite)
     if progress.nonfinite_run >= limit:
         raise NonFiniteLoss(f"{progress.nonfinite_run} non-finite losses in a row (phase {phase.name!r}, epoch "

@@ -185,8 +185,8 @@ class StageLoop:
 
     def train_epoch(self, batches, loss_fn: LossFn) -> EpochTrained:
         """This rank's ``batches`` of one epoch, from ``progress.batch`` on (a resumed run skips what it
-        trained). A loss that is not finite on some rank skips the step on every rank; ``max_nonfinite`` in a
-        row abort. A signal stops every rank after the next optimizer step, once the resume checkpoint is
+        trained). A loss that is not finite on some rank skips the micro-batch on every rank; ``max_nonfinite``
+        in a row abort. A signal stops every rank after the next optimizer step, once the resume checkpoint is
         written."""
         progress, phase = self.progress, self.phase
         quiet = {} if dist.is_main() else {"disable": True}  # rank 0 leaves it to tqdm (TQDM_DISABLE=1: off)
@@ -194,6 +194,7 @@ class StageLoop:
                    desc=f"{phase.name} {progress.epoch + 1}/{phase.optim.epochs}", **quiet)
         meter, mean_loss = Throughput(), RunningMean()
         self.engine.model.train()
+        trained = None  # the last micro-batch trained on: see below
         try:
             for batch in itertools.islice(batches, progress.batch, None):
                 batch = {k: v.to(self.run.device) for k, v in batch.items()}
@@ -205,10 +206,21 @@ class StageLoop:
                 bar.update()
                 if not totals.finite:
                     skip_nonfinite(progress, self.run.cfg.distributed.max_nonfinite, self.scalars, phase)
+                else:
+                    progress.nonfinite_run = 0
+                if totals.finite and loss is not None:  # None: no positive pair
+                    stepped, trained = self.step(loss, totals.loss, mean_loss), batch
+                elif self.engine.grad_accum > 1 and trained is not None:
+                    # a micro-batch that trains nothing still counts toward its step, so that steps stay the
+                    # sampler's (an epoch ends on one; a continued run finds whole steps): its place in the
+                    # accumulation is taken by a zero-weighted pass of the last one trained on, through the
+                    # engine like any other, so every rank reduces what it accumulated
+                    zero = self.engine.forward(lambda: loss_fn(self.engine.model, trained)) * 0.0
+                    stepped = self.step(zero, None, mean_loss)
+                else:
                     continue
-                progress.nonfinite_run = 0
                 saved = False
-                if loss is not None and self.step(loss, totals.loss, mean_loss):  # None: no positive pair
+                if stepped:
                     if progress.stage_step % self.run.cfg.run.log_every == 0:
                         self.log_step(loss_fn, totals.loss, mean_loss, meter, bar)
                     saved = self.save_every_n_steps()
@@ -220,9 +232,11 @@ class StageLoop:
             bar.close()
         return EpochTrained(mean_loss.value, meter.overall())
 
-    def step(self, loss: torch.Tensor, value: float, mean_loss: RunningMean) -> bool:
-        """Backward and (at an accumulation boundary) the optimizer step; whether that step was taken."""
-        mean_loss.add(value)
+    def step(self, loss: torch.Tensor, value: float | None, mean_loss: RunningMean) -> bool:
+        """Backward and (at an accumulation boundary) the optimizer step; whether that step was taken.
+        ``value``: the loss for the epoch's mean (None: a stand-in that counts for nothing)."""
+        if value is not None:
+            mean_loss.add(value)
         self.engine.backward(loss)
         self.engine.step()
         if self.engine.at_boundary:

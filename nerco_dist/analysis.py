@@ -19,6 +19,7 @@ import torch
 from .atomic import write_json, write_text
 from .data.dataset import LatticeEncoder
 from .data.readers import Sentence, read_corpus
+from .errors import InputError
 from .eval.metrics import evaluate, f1_by_length, write_length_csv
 from .inference import load_for_inference, model_device, predict, sentence_features
 
@@ -61,9 +62,12 @@ def entity_token_features(codec: LatticeEncoder, model, sentences: list[Sentence
 def analyze(baseline: Path, nerco: Path, data: Path, out: Path, *, stage1: Path | None = None,
             tsne_tokens: int = 1500, seed: int = 0, device: str = "auto") -> dict:
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     sentences = read_corpus(data).sentences
     gold = [s.tags for s in sentences]
+    entity_tokens = sum(t != "O" for tags in gold for t in tags)
+    if entity_tokens < 4:  # refused before anything is written: t-SNE needs 4 points, the scores one entity
+        raise InputError(data, f"{entity_tokens} gold entity characters: the analysis needs at least 4")
+    out.mkdir(parents=True, exist_ok=True)
     models = {"baseline": baseline, "NerCo": nerco}
     reports, by_length, loaded = {}, {}, {}  # loaded: checkpoint -> (codec, model), for the t-SNE too
     for k, (name, path) in enumerate(models.items(), 1):

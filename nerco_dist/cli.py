@@ -142,11 +142,18 @@ def _arrived_lines(stream, window: int) -> Iterator[list[tuple[int, bytes]]]:
     lineno, pending = 0, b""
     while chunk := stream.read1(window):
         *complete, pending = (pending + chunk).split(b"\n")
+        complete = [part for line in complete for part in _cr_parts(line)]
         if complete:
             yield list(enumerate(complete, start=lineno + 1))
             lineno += len(complete)
     if pending:
-        yield [(lineno + 1, pending)]
+        yield list(enumerate(_cr_parts(pending), start=lineno + 1))
+
+
+def _cr_parts(line: bytes) -> list[bytes]:
+    """A line whose ``\\n`` is removed, cut at each lone ``\\r`` (a line break too, as the corpus readers
+    take it); the ``\\r`` of a ``\\r\\n`` is removed."""
+    return (line[:-1] if line.endswith(b"\r") else line).split(b"\r")
 
 
 def _decoded_lines(numbered: list[tuple[int, bytes]], name: str, skip_bad_lines: bool) -> tuple[list[str], int]:

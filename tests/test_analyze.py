@@ -75,3 +75,14 @@ def test_sentence_features_join_pieces(trained):
         alone = sentence_features(codec, model, [Sentence(text[p.start:p.start + p.num_chars], ["O"] * p.num_chars)], 8,
                                        torch.device("cpu"))[0]
         assert abs(whole[p.start:p.start + p.num_chars] - alone).max() < 1e-5
+
+
+def test_analyze_refuses_a_file_with_too_few_entity_characters_before_writing(trained, tmp_path):
+    data = tmp_path / "noent.bmes"
+    data.write_text("中 O\n国 O\n\n北 B-LOC\n京 I-LOC\n", encoding="utf-8")
+    ckpt = str(trained / "best.pt")
+    proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "analyze", "--baseline", ckpt, "--nerco", ckpt,
+                           "--data", str(data), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (f"nerco: error: {data}: 2 gold entity characters: the analysis "
+                                                    "needs at least 4")

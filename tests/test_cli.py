@@ -125,6 +125,15 @@ def test_predict_raw_text_json_lines(trained, tmp_path):
             assert r["text"][e["start"]:e["end"]] == e["mention"]
 
 
+def test_predict_takes_a_lone_cr_as_a_line_break(trained, tmp_path):
+    """As the corpus readers do: a file with old Mac line ends gives a JSON line per line, no entity across."""
+    text = tmp_path / "cr.txt"
+    text.write_bytes("张三毕业于北京大学\r李四，男，汉族\r\n王五\r".encode("utf-8"))
+    proc = subprocess.run([sys.executable, "-m", "nerco_dist.cli", "predict", str(trained / "best.pt"), str(text)],
+                          capture_output=True, text=True, check=True)
+    assert [json.loads(line)["text"] for line in proc.stdout.splitlines()] == ["张三毕业于北京大学", "李四，男，汉族", "王五"]
+
+
 def test_predict_batches_the_arrived_lines_by_length_and_writes_each_answer_once_those_before_it_are(
         trained, tmp_path, monkeypatch):
     """All the lines read at once are sorted by length into batches (not each batch of lines as read), and an

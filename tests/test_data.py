@@ -15,7 +15,7 @@ from nerco_dist.data.dataset import (LabelSet, LatticeEncoder, LengthBucketBatch
                                      collate, lexicon_matches, piece_spans)
 from nerco_dist.data.lexicon import Lexicon, read_word2vec
 from nerco_dist.data.readers import Sentence, read_corpus
-from nerco_dist.data.splits import holdout_split
+from nerco_dist.data.splits import holdout_split, read_splits
 from nerco_dist.data.tags import (Entity, detect_scheme, entities, from_entities, repair_orphan_inside, semantic_class,
                                   to_bio)
 from nerco_dist.errors import InputError
@@ -558,6 +558,27 @@ def test_length_bucket_sampler_gives_each_step_the_same_batches_on_any_ranks_x_a
             assert layouts[ranks] == [sorted(map(tuple, padded[k * per_step:(k + 1) * per_step]))
                                       for k in range(steps)]
         assert len(layouts) >= 2
+
+
+def test_lines_break_at_cr_lf_and_crlf_only_so_other_separators_are_tokens(tmp_path):
+    """U+2028 and U+0085 (breaks to ``str.splitlines``) are characters of the sentence; a lone CR ends a line
+    as LF and CRLF do, so line numbers are those of an editor that honours all three."""
+    path = tmp_path / "c.bmes"
+    path.write_bytes("北 B-LOC\r\n京 E-LOC\r\u2028 O\n\u0085 O\n\n上 S-LOC\r\n".encode("utf-8"))
+    sentences = read_corpus(path).sentences
+    assert [s.chars for s in sentences] == [["北", "京", "\u2028", "\u0085"], ["上"]]
+    assert sentences[0].tags == ["B-LOC", "I-LOC", "O", "O"] and sentences[1].origin == f"{path}:6"
+    path.write_bytes("北 B-LOC\r京 X-LOC\r".encode("utf-8"))
+    with pytest.raises(InputError) as err:
+        read_corpus(path)
+    assert err.value.line == 2
+
+
+def test_a_training_split_the_dev_slice_empties_is_refused(tmp_path):
+    one = tmp_path / "one.bmes"
+    one.write_text("北 B-LOC\n京 I-LOC\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no training sentences left beside the dev slice"):
+        read_splits(one, None, None)
 
 
 def test_holdout_split_is_seeded_and_disjoint():

@@ -117,3 +117,27 @@ def test_the_text_is_streamed_memory_stays_flat_in_its_length(tmp_path):
     extra = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(held) == 15_000 and peaks[1] - peaks[0] < 0.1 * extra, (peaks, extra)
+
+
+def test_spaces_of_a_training_split_are_no_token_and_the_files_read_back(tmp_path):
+    """A CLUENER sentence keeps its spaces as characters; the vectors, like raw lines, drop them, so every file
+    written reads back with the token and the dimension it was written with."""
+    corpus = tmp_path / "c.json"
+    corpus.write_text("\n".join('{"text": "山甲水 在 天地", "label": {}}' for _ in range(5)) + "\n", encoding="utf-8")
+    out = tmp_path / "vec"
+    assert main(["vectors", str(out), "--corpus", str(corpus), "--kinds", "char", "bigram", "--min-count", "1",
+                 "--epochs", "1", "--dim", "4", "--workers", "1"]) == 0
+    chars, vectors = read_word2vec(out / "char.vec")
+    assert set(chars) == set("山甲水在天地") and vectors.shape == (6, 4)
+    bigrams, _ = read_word2vec(out / "bigram.vec")
+    assert set(bigrams) == set(char_bigrams(list("山甲水在天地")))
+
+
+def test_a_byte_order_mark_is_not_part_of_a_word_nor_of_the_header(tmp_path):
+    lexicon = tmp_path / "words.txt"
+    lexicon.write_text("\ufeff北京大学\n清华大学\n", encoding="utf-8")
+    assert [(m.head, m.tail) for m in Lexicon.load(str(lexicon)).match(list("我在北京大学和清华大学"))] == [(2, 5), (7, 10)]
+    vec = tmp_path / "v.vec"
+    vec.write_text("\ufeff2 3\n甲 1 2 3\n乙 4 5 6\n", encoding="utf-8")
+    index, vectors = read_word2vec(vec)
+    assert index == {"甲": 0, "乙": 1} and vectors.tolist() == [[1, 2, 3], [4, 5, 6]]

@@ -81,7 +81,7 @@ def _first_fields(path: Path, skip_word2vec_header: bool = False) -> Iterator[st
     if not path.is_file():
         raise InputError(path, "lexicon file not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first word
             for lineno, line in enumerate(f, start=1):
                 fields = line.split()
                 if not fields:
@@ -97,7 +97,7 @@ def _word2vec_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
     """(line number, token, value fields) of each line of a word2vec text file but its "count dim" header."""
     if not path.is_file():
         raise InputError(path, "vector file not found")
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: nor of the header
         try:
             for lineno, line in enumerate(f, start=1):
                 fields = [x for x in line.rstrip("\n").split(" ") if x]

@@ -59,11 +59,18 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def text_lines(text: str) -> list[str]:
+    """``text`` cut at its line breaks, ``\\r\\n``, ``\\r`` or ``\\n`` (not at the other characters
+    ``str.splitlines`` breaks at, such as U+2028 or U+0085, which a corpus may hold as tokens)."""
+    lines = re.split(r"\r\n|\r|\n", text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def _looks_like_weibo(path: Path) -> bool:
     """Weibo tokens are one character followed by its position digits inside the word (``科0``)."""
     with open(path, "rb") as f:
         head = f.read(8192).decode("utf-8", errors="ignore")
-    tokens = [fields[0] for fields in map(_fields, head.splitlines()[:-1]) if fields]
+    tokens = [fields[0] for fields in map(_fields, text_lines(head)[:-1]) if fields]
     return bool(tokens) and all(_weibo_character(t) is not None for t in tokens)
 
 
@@ -106,7 +113,7 @@ def _conll_sentences(path: Path, text: str, weibo: bool) -> tuple[list[Sentence]
     start = 0  # line of the sentence being read
     chars: list[str] = []
     tags: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(text), start=1):
         fields = _fields(line)
         if not fields:
             if chars:
@@ -281,5 +288,5 @@ def bert_vocab_tokens(bert_dir: str) -> list[str]:
         raise InputError(path, f"model.bert={bert_dir!r} is not a local directory with vocab.txt: download the "
                                "model first (e.g. bert-base-chinese: config.json, weights, vocab.txt) and point "
                                "model.bert at that directory; nothing is downloaded at run time")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [line.rstrip("\n") for line in f]

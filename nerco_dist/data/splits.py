@@ -37,6 +37,9 @@ def read_splits(train: Path, dev: Path | None, test: Path | None, *, corpus_form
     if limit:
         train_sentences, dev_sentences = train_sentences[:limit], dev_sentences[:limit]
         test_sentences = test_sentences[:limit] if test_sentences is not None else None
+    if not train_sentences:
+        raise InputError(train, f"no training sentences left beside the dev slice (data.dev_fraction of "
+                                f"{len(dev_sentences)} sentences): give a dev split or a larger training file")
     splits = Splits(train_sentences, dev_sentences, test_sentences)
     if log.isEnabledFor(logging.INFO):  # rank 0: the other ranks log warnings only
         for name in ("train", "dev", "test"):

@@ -90,7 +90,8 @@ class TokenStream:
     def __init__(self, raw_files: Sequence[Path], corpus_files: Sequence[Path],
                  tokenize: Callable[[list[str]], list[str]], progress: Callable[[int], object] = lambda n: None):
         self.raw_files, self.tokenize, self.progress = list(raw_files), tokenize, progress
-        self.sentences = ["".join(s.chars) for path in corpus_files for s in read_corpus(path).sentences]
+        self.sentences = [text for path in corpus_files for s in read_corpus(path).sentences  # as raw_lines
+                          if (text := "".join(c for c in s.chars if not c.isspace()))]  # reads: no space token
 
     def __iter__(self) -> Iterator[list[str]]:
         for path in self.raw_files:

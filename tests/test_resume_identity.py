@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from nerco_dist import cli
-from nerco_dist.checkpoint import load_checkpoint
+from nerco_dist.checkpoint import load_checkpoint, save_checkpoint
 from nerco_dist.config import Config, load_config
 from nerco_dist.errors import InputError
 from nerco_dist.eval.metrics import evaluate
 from nerco_dist.inference import load_for_inference, predict
 from nerco_dist.train.inputs import read_config_splits
-from nerco_dist.train.resume import Progress, StageIdentity, StageResume
+from nerco_dist.train.resume import Progress, StageIdentity, StageResume, resumed_best
 from nerco_dist.train.run import TrainingRun
 from nerco_dist.train.trainer import train
 
@@ -282,3 +282,21 @@ def test_a_finished_stage_trains_again_under_another_patience_and_scores_another
     reference = evaluate([s.tags for s in test], predict(codec, model, test, cfg.run.eval_batch_size))
     assert rescored[1]["test"] == reference.to_dict() != retrained[1]["test"]
     assert trained(patience_2) == (False, retrained[1])
+
+
+@pytest.mark.parametrize("record, value", [({"dev": {"f1": 0.7}}, 0.7), ({"dev_loss": 3.5}, 3.5)])
+def test_a_best_written_before_the_resume_checkpoint_of_its_epoch_becomes_the_stage_best(tmp_path, record, value):
+    """Killed between writing best.pt for epoch 3 and epoch 3's resume checkpoint: the state names epoch 1 as the
+    best, whose weights best.pt no longer holds. The stage's best becomes epoch 3, weights and score together."""
+    weights = {"w": torch.arange(3.0)}
+    stage = "finetune" if "dev" in record else "contrastive"
+    save_checkpoint(tmp_path / "best.pt", model_state=weights, model_args={}, codec={}, stage=stage, epoch=3, **record)
+    run = type("Run", (), {"stage_dir": lambda self, _: tmp_path})()
+    progress = Progress(epochs_done=2, best=0.5, best_epoch=1, stale=1)
+    best = resumed_best(run, stage, progress)
+    assert torch.equal(best.state["w"], weights["w"])
+    assert (progress.best, progress.best_epoch, progress.stale) == (value, 3, 0)
+    progress = Progress(epochs_done=3, best=value, best_epoch=3, stale=0)  # the checkpoint of epoch 3 written
+    assert torch.equal(resumed_best(run, stage, progress).state["w"], weights["w"]) and progress.best == value
+    with pytest.raises(InputError, match="holds .* epoch 3, but the .* stage being resumed had its best at epoch 1"):
+        resumed_best(run, stage, Progress(epochs_done=4, best=0.5, best_epoch=1))

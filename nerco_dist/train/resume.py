@@ -304,9 +304,11 @@ class BestWeights:
 
 def resumed_best(run, stage: str, progress: Progress) -> BestWeights:
     """A resumed stage's best weights: the best.pt of the runs it continues (the output folder's lock kept
-    every other run out), refused when it is not the epoch the resume state names as the best, or the epoch
-    being trained again (a run killed between writing best.pt and its resume checkpoint)."""
-    if progress.best_epoch < 1:
+    every other run out), refused unless it is the epoch the resume state names as the best, or the epoch
+    being trained again. That one was written by a run killed between writing best.pt and its resume
+    checkpoint: the earlier best's weights are gone, so the stage's best becomes that epoch, with its score
+    (``progress`` updated), and the epoch trained again must beat it."""
+    if progress.best_epoch < 1:  # no best yet: the epoch trained again will be one
         return BestWeights()
     path = run.stage_dir(stage) / "best.pt"
     saved = load_checkpoint(path)
@@ -314,4 +316,7 @@ def resumed_best(run, stage: str, progress: Progress) -> BestWeights:
         raise InputError(path, f"holds {saved.get('stage')} epoch {saved.get('epoch')}, but the {stage} stage "
                                f"being resumed had its best at epoch {progress.best_epoch}: the file was replaced; "
                                "--no-resume trains the stage again")
+    if saved["epoch"] != progress.best_epoch:
+        progress.best = saved["dev_loss"] if "dev_loss" in saved else saved["dev"]["f1"]
+        progress.best_epoch, progress.stale = saved["epoch"], 0
     return BestWeights(saved["model"])

@@ -574,6 +574,18 @@ def test_lines_break_at_cr_lf_and_crlf_only_so_other_separators_are_tokens(tmp_p
     assert err.value.line == 2
 
 
+@pytest.mark.parametrize("tags", [["B-PER", "E-PER", "E-PER"], ["S-PER", "E-PER"], ["B-PER", "E-PER", "M-PER", "E-PER"],
+                                  ["S-LOC", "S-LOC", "B-LOC", "E-LOC"]])
+def test_bmes_read_as_bio_keeps_the_entities_the_file_has(tmp_path, tags):
+    """An E- or S- followed by more of its type ends an entity in BMES, as conlleval reads it: in BIO the next
+    one begins with B-, not I- (which would join the two)."""
+    path = tmp_path / "c.bmes"
+    path.write_text("".join(f"字 {t}\n" for t in tags) + "\n中 M-ORG\n", encoding="utf-8")  # M-: BMES
+    read = read_corpus(path).sentences[0].tags
+    assert entities(read) == entities(tags) and detect_scheme(read) == "BIO"
+    assert read == from_entities(len(tags), entities(tags), "BIO")
+
+
 def test_a_training_split_the_dev_slice_empties_is_refused(tmp_path):
     one = tmp_path / "one.bmes"
     one.write_text("北 B-LOC\n京 I-LOC\n", encoding="utf-8")

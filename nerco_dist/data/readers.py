@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import InputError
-from .tags import (Entity, MixedSchemes, check_type, detect_scheme, from_entities, repair_orphan_inside, split_tag,
-                   to_bio)
+from .tags import (Entity, MixedSchemes, check_type, detect_scheme, entities, from_entities, repair_orphan_inside,
+                   split_tag, to_bio)
 
 log = logging.getLogger("nerco_dist")
 
@@ -97,7 +97,11 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
         raise InputError(path, str(err), first_line[err.tag]) from None
     orphans = 0
     for s in sentences:
-        s.tags, repaired = repair_orphan_inside(to_bio(s.tags))
+        bio, repaired = repair_orphan_inside(to_bio(s.tags))
+        spans = entities(s.tags)
+        # an E-/S- followed by more of its type (E-PER E-PER) is two entities in the file's own scheme, one
+        # in BIO prefix by prefix: the entities as the file has them decide
+        s.tags = bio if entities(bio) == spans else from_entities(len(bio), spans)
         orphans += repaired
     if orphans:
         log.warning("%s: %d %s with I- and no B-; read as B- (as conlleval reads them)", path, orphans,

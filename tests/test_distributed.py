@@ -394,6 +394,36 @@ def test_zero3_fine_tuning_continues_only_on_the_ranks_that_saved_it(tmp_path, d
     assert sorted(p.relative_to(out) for p in (out / "resume").rglob("*")) == saved
 
 
+def test_weights_frozen_in_a_later_phase_resume_as_the_earlier_phase_trained_them(tmp_path, data_root):
+    """``frozen_bert`` trains the embedding tables, ``full`` freezes them: a run of one DeepSpeed process killed
+    inside ``full`` continues with the tables ``frozen_bert`` left (not those the stage started from), and ends
+    with the uninterrupted run's weights."""
+    def command(out: Path) -> list[str]:
+        sets = [f"run.out_dir={out}", "distributed.config=zero2.json", *RUN, "contrastive.enabled=false",
+                "finetune.frozen_bert.optim.epochs=1", "finetune.frozen_bert.optim.batch_size=8",
+                "finetune.full.freeze_embeddings=true"]
+        return [sys.executable, "-m", "nerco_dist.cli", "train", "configs/tiny.yaml",
+                *[a for s in sets for a in ("--set", s)]]
+
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    subprocess.run(command(reference), cwd=REPO, env=env(data_root), capture_output=True, check=True, timeout=300)
+    latest = out / "resume" / "finetune" / "latest.json"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command(out), cwd=REPO, env=env(data_root), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not (latest.is_file() and json.loads(latest.read_text())["progress"]["phase"] == 1):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    resumed = subprocess.run(command(out), cwd=REPO, env=env(data_root), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "finetune: resuming at phase 2" in resumed.stderr, resumed.stderr[-3000:]
+    a, b = (load_checkpoint(d / "last.pt")["model"] for d in (out, reference))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
 def fault_pair(mode: str, out: Path, data_root: Path, *extra: str, zero: int = 2) -> list[subprocess.Popen]:
     """Two ranks of ``nerco train`` (fine-tuning, ZeRO ``zero``) started by hand, a fault injected on rank 1."""
     port = str(free_port())

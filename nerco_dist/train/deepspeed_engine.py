@@ -215,7 +215,24 @@ class DeepSpeedEngine(Engine):
         if loaded is None:
             raise ValueError(f"{path}: DeepSpeed could not load this checkpoint")
         self._load_tables(path)
+        self._frozen_as_loaded()
         return client["nerco"]
+
+    def _frozen_as_loaded(self) -> None:
+        """The frozen weights the checkpoint holds: a later phase's frozen weights were trained in an earlier
+        one (``freeze_embeddings`` after ``frozen_bert``), while those kept at ``__init__`` are the stage's
+        start. Each the checkpoint changed is taken from the module: exact in fp32; under bf16 at bf16's
+        precision, as DeepSpeed keeps no fp32 copy of a frozen weight. Collective under ZeRO 3."""
+        import deepspeed
+
+        for name, p in self.model.named_parameters():
+            if name not in self._frozen:
+                continue
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                loaded = p.detach().float().cpu().clone().reshape(self._frozen[name].shape)
+            kept = self._frozen[name]
+            if not torch.equal(loaded, kept.to(p.dtype).float()):
+                self._frozen[name] = loaded
 
     def _save_tables(self, path: Path) -> None:
         """The tables updated row-wise (replicated: rank 0's) and their optimizer, beside DeepSpeed's files."""

@@ -177,7 +177,7 @@ def test_other_accumulation_on_the_same_ranks_is_another_config(tmp_path, data_r
     with caplog.at_level(logging.INFO, logger="nerco_dist"):
         train(config(tmp_path, "distributed.grad_accum=2", "finetune.full.optim.epochs=1"), stage="finetune")
     assert not resumed_lines(caplog)
-    assert any("(micro_batches_per_step: 1 -> 2): starting the finetune stage afresh" in r.getMessage()
+    assert any("micro_batches_per_step: 1 -> 2): starting the finetune stage afresh" in r.getMessage()
                for r in caplog.records)
 
 

@@ -97,12 +97,10 @@ def read_conll(path: str | Path, weibo: bool = False) -> Corpus:
         raise InputError(path, str(err), first_line[err.tag]) from None
     orphans = 0
     for s in sentences:
-        bio, repaired = repair_orphan_inside(to_bio(s.tags))
-        spans = entities(s.tags)
-        # an E-/S- followed by more of its type (E-PER E-PER) is two entities in the file's own scheme, one
-        # in BIO prefix by prefix: the entities as the file has them decide
-        s.tags = bio if entities(bio) == spans else from_entities(len(bio), spans)
-        orphans += repaired
+        orphans += repair_orphan_inside(to_bio(s.tags))[1]  # counted for the warning below
+        # BIO from the entities as the file's own scheme reads them (an E-/S- followed by more of its type,
+        # E-PER E-PER, is two entities, which a prefix-by-prefix mapping would join)
+        s.tags = from_entities(len(s.tags), entities(s.tags))
     if orphans:
         log.warning("%s: %d %s with I- and no B-; read as B- (as conlleval reads them)", path, orphans,
                     "entity begins" if orphans == 1 else "entities begin")

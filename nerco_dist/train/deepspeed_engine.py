@@ -159,7 +159,6 @@ class DeepSpeedEngine(Engine):
     def full_state_dict(self) -> dict:
         """The model's weights as plain fp32 tensors on every rank (ZeRO partitions and bf16 copies put back
         together from the fp32 master weights). Collective."""
-        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         self.flush_tables()
@@ -169,10 +168,8 @@ class DeepSpeedEngine(Engine):
             if name in self._frozen:
                 continue
             full = safe_get_full_fp32_param(p)  # from the fp32 master weights (None without ZeRO or bf16)
-            if full is None:
-                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                    full = p.detach().clone()
-            state[name] = full.detach().float().reshape(self._eval_model.get_parameter(name).shape).cpu()
+            shape = self._eval_model.get_parameter(name).shape
+            state[name] = full.detach().float().reshape(shape).cpu() if full is not None else _gathered(p, shape)
         keys = self._eval_model.state_dict().keys()
         for name, b in self.model.named_buffers():
             if name in keys:
@@ -223,14 +220,11 @@ class DeepSpeedEngine(Engine):
         one (``freeze_embeddings`` after ``frozen_bert``), while those kept at ``__init__`` are the stage's
         start. Each the checkpoint changed is taken from the module: exact in fp32; under bf16 at bf16's
         precision, as DeepSpeed keeps no fp32 copy of a frozen weight. Collective under ZeRO 3."""
-        import deepspeed
-
         for name, p in self.model.named_parameters():
             if name not in self._frozen:
                 continue
-            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                loaded = p.detach().float().cpu().clone().reshape(self._frozen[name].shape)
             kept = self._frozen[name]
+            loaded = _gathered(p, kept.shape)
             if not torch.equal(loaded, kept.to(p.dtype).float()):
                 self._frozen[name] = loaded
 
@@ -256,6 +250,14 @@ class DeepSpeedEngine(Engine):
         if destroy is not None:
             destroy()
         self._kept_out.restore()
+
+
+def _gathered(p: nn.Parameter, shape: torch.Size) -> torch.Tensor:
+    """A CPU fp32 copy of the whole parameter ``p`` (gathered from its ZeRO-3 partitions: collective there)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+        return p.detach().float().cpu().clone().reshape(shape)
 
 
 def _universal(path: Path) -> Path:

@@ -206,7 +206,7 @@ class StageResume:
         latest = json.loads(path.read_text())
         saved = latest["progress"].get("identity")
         changes = self.identity.changes(saved, finished=False)
-        other_ranks = saved.get("world_size") != self.identity.world_size if isinstance(saved, dict) else False
+        other_ranks = isinstance(saved, dict) and saved.get("world_size") != self.identity.world_size
         if other_ranks and changes.keys() in ({"world_size"}, {"micro_batches_per_step"}):
             raise InputError(self.directory, self._relaunch(saved))
         if changes:
